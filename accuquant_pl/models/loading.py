@@ -1,0 +1,98 @@
+"""Load a user's diffusers model folder (UNet + scheduler config), validating it before any heavy work."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffusers import SchedulerMixin, UNet2DConditionModel, UNet2DModel
+
+SUPPORTED_UNETS: dict[str, type] = {
+    "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
+}
+UNet = UNet2DModel | UNet2DConditionModel
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """Where the parts of a diffusers model live inside a folder."""
+
+    root: Path
+    unet_dir: Path
+    unet_class: str
+    scheduler_config: dict[str, Any] | None
+
+    @property
+    def unet_config(self) -> dict[str, Any]:
+        return json.loads((self.unet_dir / "config.json").read_text())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def inspect_model_folder(path: str | Path) -> ModelFolder:
+    """Check that ``path`` holds a diffusers UNet (a pipeline folder with ``unet/`` or a bare UNet folder).
+
+    Only config files are read, so a wrong path fails fast with an error naming it.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"model folder {str(path)!r} is a file, expected a diffusers folder")
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    config_file = unet_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} has neither unet/config.json nor config.json; "
+            "expected a diffusers save_pretrained folder"
+        )
+    unet_class = _read_json(config_file).get("_class_name")
+    if unet_class not in SUPPORTED_UNETS:
+        raise ValueError(
+            f"model folder {str(path)!r}: {config_file.name} describes {unet_class!r}, not a UNet; "
+            f"supported: {sorted(SUPPORTED_UNETS)}"
+        )
+    if not any(unet_dir.glob("diffusion_pytorch_model*")):
+        raise FileNotFoundError(f"model folder {str(path)!r}: no diffusion_pytorch_model weights in {unet_dir}")
+    scheduler_file = next(
+        (f for f in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json") if f.is_file()),
+        None,
+    )
+    scheduler_config = _read_json(scheduler_file) if scheduler_file else None
+    return ModelFolder(root, unet_dir, unet_class, scheduler_config)
+
+
+def load_unet(path: str | Path) -> UNet:
+    """Load the UNet of a diffusers folder in eval mode, with gradients off."""
+    folder = inspect_model_folder(path)
+    unet = SUPPORTED_UNETS[folder.unet_class].from_pretrained(folder.unet_dir)
+    unet.eval().requires_grad_(False)
+    return unet
+
+
+def load_scheduler_config(path: str | Path) -> dict[str, Any]:
+    """The scheduler config stored with a model folder; an error naming the folder when it has none."""
+    folder = inspect_model_folder(path)
+    if folder.scheduler_config is None:
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} has no scheduler/scheduler_config.json; "
+            "save the pipeline with save_pretrained or add the scheduler config"
+        )
+    return folder.scheduler_config
+
+
+def scheduler_from_config(name: str, config: dict[str, Any], **overrides: Any) -> SchedulerMixin:
+    """Build the named diffusers scheduler from a (possibly different) scheduler's config."""
+    from accuquant_pl.sampling import SCHEDULERS
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(config, **overrides)

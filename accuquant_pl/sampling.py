@@ -1,0 +1,135 @@
+"""One sampling loop for everything (sample grids, calibration trajectories, evaluation), on diffusers schedulers."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    SchedulerMixin,
+)
+from torch import Tensor, nn
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpmsolver++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+
+
+def initial_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Gaussian noise of shape ``(len(seeds), *shape)``, row i drawn from its own CPU generator seeded ``seeds[i]``.
+
+    A per-row generator makes sample i independent of batch size, rank and device, so FP and quantized
+    samples pair up exactly and DDP shards reproduce a single-process run.
+    """
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
+    return torch.stack(rows)
+
+
+@dataclass
+class Conditioning:
+    """What a conditional UNet is told besides (x, t), and the classifier-free guidance to apply."""
+
+    class_labels: Tensor | None = None
+    encoder_hidden_states: Tensor | None = None
+    guidance_scale: float = 1.0
+    """Classifier-free guidance weight s: eps = eps_u + s (eps_c - eps_u); 1.0 means no guidance."""
+    uncond_class_labels: Tensor | None = None
+    uncond_encoder_hidden_states: Tensor | None = None
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def kwargs(self, uncond: bool = False) -> dict[str, Tensor]:
+        labels = self.uncond_class_labels if uncond else self.class_labels
+        states = self.uncond_encoder_hidden_states if uncond else self.encoder_hidden_states
+        out: dict[str, Tensor] = {}
+        if labels is not None:
+            out["class_labels"] = labels
+        if states is not None:
+            out["encoder_hidden_states"] = states
+        return out
+
+    def to(self, device: torch.device) -> Conditioning:
+        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        return Conditioning(**moved)
+
+
+def model_output(unet: nn.Module, x: Tensor, t: Tensor | int, cond: Conditioning | None = None) -> Tensor:
+    """The UNet's prediction that the sampler steps on, with classifier-free guidance when ``cond`` asks for it."""
+    if cond is None:
+        return unet(x, t).sample
+    if not cond.guided:
+        return unet(x, t, **cond.kwargs()).sample
+    # One batched forward over [uncond, cond], as the diffusers pipelines do it.
+    uncond, condk = cond.kwargs(uncond=True), cond.kwargs()
+    if uncond.keys() != condk.keys():
+        raise ValueError("guided sampling needs unconditional inputs for every conditional one")
+    both = {k: torch.cat([uncond[k], condk[k]]) for k in condk}
+    out_u, out_c = unet(torch.cat([x, x]), t, **both).sample.chunk(2)
+    return out_u + cond.guidance_scale * (out_c - out_u)
+
+
+def step_kwargs(scheduler: SchedulerMixin, eta: float, generator: torch.Generator | None) -> dict:
+    """Keyword arguments that this scheduler's ``step`` accepts (not every scheduler takes eta or a generator)."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params and generator is not None:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+@dataclass
+class Trajectory:
+    """States x_S..x_0 of one sampling run, with the timestep and the model output of every step."""
+
+    states: Tensor
+    """(S+1, B, C, H, W): states[0] is the initial noise, states[S] the final sample."""
+    timesteps: Tensor
+    """(S,) the scheduler's timesteps, in the order they were used."""
+    model_outputs: Tensor | None = field(default=None)
+    """(S, B, C, H, W) the (guided) model output at every step, when kept."""
+
+
+@torch.no_grad()
+def sample(
+    unet: nn.Module,
+    scheduler: SchedulerMixin,
+    noise: Tensor,
+    num_inference_steps: int,
+    cond: Conditioning | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    keep_trajectory: bool = False,
+    keep_model_outputs: bool = False,
+) -> Tensor | Trajectory:
+    """Run the sampler from ``noise``; return the final sample, or the whole trajectory when asked."""
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    states, outputs = [x], []
+    extra = step_kwargs(scheduler, eta, generator)
+    for t in scheduler.timesteps:
+        out = model_output(unet, scheduler.scale_model_input(x, t), t, cond)
+        x = scheduler.step(out, t, x, **extra).prev_sample
+        if keep_trajectory:
+            states.append(x)
+            if keep_model_outputs:
+                outputs.append(out)
+    if not keep_trajectory:
+        return x
+    return Trajectory(
+        states=torch.stack(states),
+        timesteps=scheduler.timesteps.detach().cpu().clone(),
+        model_outputs=torch.stack(outputs) if keep_model_outputs else None,
+    )

@@ -1,0 +1,6 @@
+"""accuquant-pl command line: ``python main.py {fit,validate,test,predict} --config configs/<x>.yaml``."""
+
+from accuquant_pl.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from accuquant_pl.sampling import Conditioning, initial_noise, model_output, sample
+from tests.conftest import tiny_unet
+
+
+def test_initial_noise_rows_do_not_depend_on_batch():
+    full = initial_noise([0, 1, 2, 3], (1, 8, 8))
+    part = initial_noise([2, 3], (1, 8, 8))
+    assert torch.equal(full[2:], part)
+    assert not torch.equal(full[0], full[1])
+
+
+def test_sampling_is_deterministic_and_trajectory_is_consistent():
+    unet = tiny_unet().eval()
+    sched = DDIMScheduler.from_config(DDPMScheduler(num_train_timesteps=100).config)
+    noise = initial_noise([0, 1], (1, 8, 8))
+    traj = sample(unet, sched, noise, 5, keep_trajectory=True, keep_model_outputs=True)
+    final = sample(unet, sched, noise, 5)
+    assert traj.states.shape == (6, 2, 1, 8, 8) and traj.model_outputs.shape == (5, 2, 1, 8, 8)
+    assert torch.equal(traj.states[0], noise) and torch.equal(traj.states[-1], final)
+    # Replaying one step from the stored state and output gives the next stored state.
+    sched.set_timesteps(5)
+    k = 2
+    nxt = sched.step(traj.model_outputs[k], traj.timesteps[k], traj.states[k]).prev_sample
+    assert torch.allclose(nxt, traj.states[k + 1], atol=1e-6)
+
+
+def test_guidance_combines_conditional_and_unconditional():
+    torch.manual_seed(0)
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, num_class_embeds=11).eval()
+    x = torch.randn(2, 1, 8, 8)
+    cond = Conditioning(class_labels=torch.tensor([3, 5]), uncond_class_labels=torch.tensor([10, 10]),
+                        guidance_scale=3.0)
+    with torch.no_grad():
+        got = model_output(unet, x, 7, cond)
+        e_c = unet(x, 7, class_labels=cond.class_labels).sample
+        e_u = unet(x, 7, class_labels=cond.uncond_class_labels).sample
+    assert torch.allclose(got, e_u + 3.0 * (e_c - e_u), atol=1e-5)
