@@ -1,0 +1,146 @@
+"""Model conversion: ``quantize``, explicit activation calibration and the round-to-nearest baseline."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .attention import install_quant_processor
+from .layers import QUANT_LAYERS, harden
+from .quantizers import ActivationQuantizer
+from .spec import LayerOverride, LayerQuantConfig, QuantSpec
+from .state import observing
+from .unet import FIRST_LAST_LAYERS, check_unet, skip_split_points
+
+SPEC_ATTR = "accuquant_spec"
+"""Attribute under which :func:`quantize` records the spec on the model (read by serialization)."""
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _resolve_bits(name: str, spec: QuantSpec, base: tuple[int, int], used: set[int]) -> tuple[int, int]:
+    """(weight_bits, act_bits) of module ``name`` after the overrides (later overrides win)."""
+    w_bits, a_bits = base
+    for i, o in enumerate(spec.overrides):
+        if _matches(o.pattern, name):
+            used.add(i)
+            w_bits = o.weight_bits if o.weight_bits is not None else w_bits
+            a_bits = o.act_bits if o.act_bits is not None else a_bits
+    return w_bits, a_bits
+
+
+def _check_overrides_used(overrides: list[LayerOverride], used: set[int]) -> None:
+    unused = [o.pattern for i, o in enumerate(overrides) if i not in used]
+    if unused:
+        raise ValueError(f"override pattern(s) {unused} match no quantizable layer or attention processor")
+
+
+def plan_layers(model: nn.Module, spec: QuantSpec) -> tuple[dict[str, LayerQuantConfig], dict[str, Any]]:
+    """Per-layer configs for every ``nn.Conv2d``/``nn.Linear`` and act configs for every attention
+    processor, without touching the model. Raises on override patterns that match nothing."""
+    check_unet(model)
+    splits = skip_split_points(model) if spec.split_skip else {}
+    used: set[int] = set()
+    layers: dict[str, LayerQuantConfig] = {}
+    processors: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if type(module) in QUANT_LAYERS:
+            base = (spec.weight_bits, spec.act_bits)
+            if name in FIRST_LAST_LAYERS and spec.first_last_bits is not None:
+                base = (spec.first_last_bits, spec.first_last_bits)
+            w_bits, a_bits = _resolve_bits(name, spec, base, used)
+            layers[name] = LayerQuantConfig(spec.weight_config(w_bits), spec.act_config(a_bits), splits.get(name))
+        elif isinstance(module, Attention) and spec.quantize_attention_matmuls:
+            pname = f"{name}.processor"
+            _, a_bits = _resolve_bits(pname, spec, (spec.weight_bits, spec.act_bits), used)
+            processors[pname] = spec.act_config(a_bits)
+    _check_overrides_used(spec.overrides, used)
+    if processors and spec.act_per_channel:
+        # Checked here, before any module is swapped, so a bad spec never leaves a half-converted model.
+        raise ValueError(
+            f"act_per_channel=True but attention matmul operands (e.g. {next(iter(processors))}) have no "
+            "channel axis; set act_per_channel=False or quantize_attention_matmuls=False"
+        )
+    return layers, processors
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def apply_plan(model: nn.Module, layers: dict[str, LayerQuantConfig], processors: dict[str, Any],
+               init_weights: bool = True) -> None:
+    """Swap in quantized layers and processors as planned (weights' grids searched if ``init_weights``)."""
+    for name, config in layers.items():
+        float_module = model.get_submodule(name)
+        qcls = QUANT_LAYERS[type(float_module)]
+        _set_submodule(model, name, qcls.from_module(float_module, config=config, init_weights=init_weights))
+    for pname, act_config in processors.items():
+        attn_name = pname.rpartition(".")[0]
+        install_quant_processor(model.get_submodule(attn_name), act_config, attn_name)
+    for name, m in model.named_modules():
+        if isinstance(m, ActivationQuantizer):
+            m.name = name
+
+
+def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Quantize a diffusers ``UNet2DModel``/``UNet2DConditionModel`` in place and return it.
+
+    Every ``nn.Conv2d``/``nn.Linear`` becomes a quantized layer whose weight grid is initialised now
+    (weights are known); activation quantizers stay uninitialised until :func:`calibrate_activations`.
+    Attention processors are replaced when ``spec.quantize_attention_matmuls``.
+    """
+    layers, processors = plan_layers(model, spec)
+    apply_plan(model, layers, processors)
+    setattr(model, SPEC_ATTR, spec)
+    return model
+
+
+def _forward_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
+    batch = dict(batch)
+    if "x" in batch:  # alias used by the data module
+        batch["sample"] = batch.pop("x")
+    return batch
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches: Iterable[dict[str, Any]], method: str | None = None) -> None:
+    """Initialise every activation quantizer of ``model`` from the statistics of ``batches``.
+
+    Each batch is a dict of forward kwargs (``sample`` or ``x``, ``timestep``, optionally
+    ``encoder_hidden_states`` / ``class_labels``). Activations are observed unquantized; weights are
+    fake-quantized according to the current switches. ``method`` overrides each quantizer's init method.
+    """
+    with observing(model) as quantizers:
+        for q in quantizers:
+            q.reset_observations()
+        for batch in batches:
+            model(**_forward_kwargs(batch))
+    missing = [q.name for q in quantizers if not q.is_off and (q.observer is None or q.observer.seen == 0)]
+    if missing:
+        raise RuntimeError(f"activation quantizers saw no data during calibration: {missing}")
+    for q in quantizers:
+        q.init_from_observations(method)
+
+
+def rtn_quantize(model: nn.Module, spec: QuantSpec, calibration_batches: Iterable[dict[str, Any]]) -> nn.Module:
+    """Round-to-nearest baseline: :func:`quantize` + :func:`calibrate_activations`, no optimisation.
+
+    With ``spec.adaround`` the AdaRound quantizers are hardened to nearest rounding (identical to RTN).
+    """
+    quantize(model, spec)
+    if spec.adaround:
+        harden(model, "nearest")
+    calibrate_activations(model, calibration_batches)
+    return model

@@ -1,0 +1,339 @@
+"""Uniform affine fake-quantization: pure tensor maths plus the weight (RTN) and LSQ activation quantizers.
+
+Conventions (identical to ``torch.fake_quantize_per_{tensor,channel}_affine``):
+``q = clamp(round(x * (1 / scale)) + zero_point, quant_min, quant_max)``, ``x_hat = (q - zero_point) * scale``,
+with round-half-to-even and an integer zero point. Asymmetric ranges are ``[0, 2^b - 1]``, symmetric
+ranges ``[-2^(b-1), 2^(b-1) - 1]`` with ``zero_point = 0``. ``bits == 16`` means "quantization off".
+
+Initialisation functions work on a channels-last 2-D view ``rows: [N, C]`` (``C = 1`` for per-tensor), so
+per-tensor and per-channel share one vectorised code path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .observers import TensorObserver
+
+OFF_BITS = 16
+VALID_BITS = (2, 3, 4, 5, 6, 7, 8, OFF_BITS)
+INIT_METHODS = ("minmax", "percentile", "mse")
+_EPS = torch.finfo(torch.float32).eps
+
+
+def is_off(bits: int) -> bool:
+    """True when ``bits`` means "no quantization" (16)."""
+    return bits >= OFF_BITS
+
+
+def check_bits(bits: int, field: str = "bits") -> None:
+    """Raise ``ValueError`` naming ``field`` unless ``bits`` is in 2..8 or 16."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
+        raise ValueError(f"{field}={bits!r} is invalid: bit widths must be in 2..8, or 16 for 'off'")
+
+
+def check_init_method(method: str, field: str = "method") -> None:
+    """Raise ``ValueError`` unless ``method`` is a known initialisation method."""
+    if method not in INIT_METHODS:
+        raise ValueError(f"{field}={method!r} is not a known init method; choose one of {INIT_METHODS}")
+
+
+def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range ``(quant_min, quant_max)`` of a ``bits``-bit quantizer."""
+    check_bits(bits)
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """Value of ``t`` with its gradient multiplied by ``factor`` (LSQ step-size gradient scaling)."""
+    scaled = t * factor
+    return (t - scaled).detach() + scaled
+
+
+def broadcast_shape(x: torch.Tensor, axis: int | None) -> list[int]:
+    """Shape that broadcasts a per-channel vector along ``axis`` of ``x`` (all ones if per-tensor)."""
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = x.shape[axis]
+    return shape
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` (per-tensor if ``axis`` is None, else per-channel along ``axis``).
+
+    Rounding uses the straight-through estimator, so the gradient w.r.t. ``x`` is 1 inside the integer
+    range and 0 where clamped (as torch's fake_quantize), and w.r.t. ``scale`` it is the LSQ gradient.
+    """
+    shape = broadcast_shape(x, axis)
+    s = scale.to(x.dtype).reshape(shape)
+    zp = zero_point.to(x.dtype).reshape(shape)
+    # x * (1/s) rather than x / s: torch's kernels multiply by the inverse, which matters at rounding ties.
+    q = torch.clamp(round_ste(x * (1.0 / s)) + zp, quant_min, quant_max)
+    return (q - zp) * s
+
+
+def channel_rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Channels-last 2-D view ``[N, C]`` of ``x`` (``C = 1`` when ``axis`` is None)."""
+    if axis is None:
+        return x.reshape(-1, 1)
+    return x.movedim(axis, -1).reshape(-1, x.shape[axis])
+
+
+def minmax_qparams(
+    min_val: torch.Tensor, max_val: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point whose grid covers ``[min_val, max_val]`` (widened to include 0)."""
+    qmin, qmax = quant_range(bits, symmetric)
+    min_val = min_val.float().clamp(max=0.0)
+    max_val = max_val.float().clamp(min=0.0)
+    if symmetric:
+        # Divide by qmax so the positive end is not clipped; the extra negative level stays unused.
+        scale = (torch.maximum(-min_val, max_val) / qmax).clamp_min(_EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = ((max_val - min_val) / (qmax - qmin)).clamp_min(_EPS)
+    zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def init_minmax(rows: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max initialisation per column of ``rows [N, C]``."""
+    return minmax_qparams(rows.amin(dim=0), rows.amax(dim=0), bits, symmetric)
+
+
+def _kth(rows: torch.Tensor, q: float) -> torch.Tensor:
+    # kthvalue instead of torch.quantile: quantile refuses inputs above 16M elements.
+    k = min(max(int(math.ceil(q * rows.shape[0])), 1), rows.shape[0])
+    return rows.kthvalue(k, dim=0).values
+
+
+def init_percentile(
+    rows: torch.Tensor, bits: int, symmetric: bool, percentile: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip at the ``percentile`` (in (0, 1]) of each column (of ``|x|`` if symmetric)."""
+    rows = rows.float()
+    if symmetric:
+        amax = _kth(rows.abs(), percentile)
+        return minmax_qparams(-amax, amax, bits, symmetric)
+    return minmax_qparams(_kth(rows, 1.0 - percentile), _kth(rows, percentile), bits, symmetric)
+
+
+def quant_error(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool,
+                norm: float = 2.0) -> torch.Tensor:
+    """Mean ``|x - Q(x)|^norm`` of each column of ``rows [N, C]`` -> ``[C]``."""
+    qmin, qmax = quant_range(bits, symmetric)
+    with torch.no_grad():
+        err = fake_quantize(rows, scale, zero_point, qmin, qmax, axis=-1) - rows
+    return err.abs().pow(norm).mean(dim=0)
+
+
+def init_mse(
+    rows: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    grid: int = 80,
+    min_ratio: float = 0.2,
+    min_val: torch.Tensor | None = None,
+    max_val: torch.Tensor | None = None,
+    norm: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Search clipping ratios ``linspace(1, min_ratio, grid)`` of the min-max range, best error per column.
+
+    The loop runs over the grid only; every step is vectorised over all channels. Ratio 1 (plain min-max)
+    is always a candidate, so the result never has a larger error than min-max. ``min_val``/``max_val``
+    override the range (e.g. running extremes when ``rows`` is only a sample).
+    """
+    rows = rows.float()
+    lo = rows.amin(dim=0) if min_val is None else min_val.float()
+    hi = rows.amax(dim=0) if max_val is None else max_val.float()
+    best_scale, best_zp = minmax_qparams(lo, hi, bits, symmetric)
+    best_err = quant_error(rows, best_scale, best_zp, bits, symmetric, norm)
+    for ratio in torch.linspace(1.0, min_ratio, grid).tolist()[1:]:
+        scale, zp = minmax_qparams(lo * ratio, hi * ratio, bits, symmetric)
+        err = quant_error(rows, scale, zp, bits, symmetric, norm)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+def init_qparams(rows: torch.Tensor, method: str, bits: int, symmetric: bool, *, percentile: float = 0.9999,
+                 grid: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch to :func:`init_minmax`, :func:`init_percentile` or :func:`init_mse`."""
+    check_init_method(method)
+    if method == "minmax":
+        return init_minmax(rows, bits, symmetric)
+    if method == "percentile":
+        return init_percentile(rows, bits, symmetric, percentile)
+    return init_mse(rows, bits, symmetric, grid)
+
+
+class _AffineQuantizer(nn.Module):
+    """Shared state of a uniform affine quantizer: bits, range, learnable ``scale``, integer ``zero_point``."""
+
+    def __init__(self, bits: int, symmetric: bool, axis: int | None, num_channels: int,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        check_bits(bits)
+        self.bits, self.symmetric, self.axis = bits, symmetric, axis
+        self.quant_min, self.quant_max = quant_range(bits, symmetric)
+        shape = (num_channels,) if axis is not None else ()
+        self.scale = nn.Parameter(torch.ones(shape, device=device))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32, device=device))
+
+    @property
+    def is_off(self) -> bool:
+        """True for 16-bit (identity) quantizers."""
+        return is_off(self.bits)
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Copy ``scale``/``zero_point`` into this quantizer (keeps its device, dtype and Parameter)."""
+        with torch.no_grad():
+            self.scale.copy_(scale.reshape(self.scale.shape))
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+
+    def _lsq_scale(self, x: torch.Tensor) -> torch.Tensor:
+        # LSQ: scale the step-size gradient by 1/sqrt(elements per step size * Qp) to balance it with weights.
+        per_scale = x.numel() // max(self.scale.numel(), 1)
+        return grad_scale(self.scale.clamp_min(_EPS), 1.0 / math.sqrt(per_scale * max(self.quant_max, 1)))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, axis={self.axis}"
+
+
+class WeightQuantizer(_AffineQuantizer):
+    """Round-to-nearest weight quantizer, per-output-channel (``axis=0``) or per-tensor (``axis=None``).
+
+    ``scale`` is an ``nn.Parameter`` (LSQ-style learnable); it is set explicitly by :meth:`init_from_weight`.
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = False, axis: int | None = 0, num_channels: int = 1,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(bits, symmetric, axis, num_channels, device)
+
+    def init_from_weight(self, weight: torch.Tensor, method: str = "mse", *, percentile: float = 0.9999,
+                         grid: int = 80) -> None:
+        """Initialise scale/zero point from the (known) float weight."""
+        if self.is_off:
+            return
+        rows = channel_rows(weight.detach(), self.axis)
+        self.set_qparams(*init_qparams(rows, method, self.bits, self.symmetric, percentile=percentile, grid=grid))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized weight."""
+        if self.is_off:
+            return weight
+        scale = self._lsq_scale(weight)
+        return fake_quantize(weight, scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
+
+
+class ActivationQuantizer(_AffineQuantizer):
+    """LSQ activation quantizer with explicit, statistics-based initialisation.
+
+    Life cycle: ``observe(x)`` over calibration batches (or ``forward`` while ``observing`` is True) ->
+    ``init_from_observations()`` -> forward quantizes. A forward that quantizes before initialisation
+    raises ``RuntimeError``; initialisation never happens as a side effect of a forward.
+    Statistics: running min/max (exact) plus a bounded, approximately uniform sample of values used by
+    the percentile and MSE methods (``max_samples`` values).
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = False, axis: int | None = None, num_channels: int = 1,
+                 init_method: str = "percentile", percentile: float = 0.9999, grid: int = 80,
+                 max_samples: int = 65536, device: torch.device | str | None = None) -> None:
+        super().__init__(bits, symmetric, axis, num_channels, device)
+        check_init_method(init_method, "init_method")
+        self.init_method, self.percentile, self.grid = init_method, percentile, grid
+        self.num_channels, self.max_samples = num_channels, max_samples
+        self.register_buffer("initialized", torch.tensor(is_off(bits), device=device))
+        # Python mirror of the buffer: reading a CUDA bool on every forward would synchronise the device.
+        self._ready = is_off(bits)
+        self.observing = False
+        self.name = ""  # set by the converter; only used in error messages
+        self.observer: TensorObserver | None = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Accumulate calibration statistics of ``x`` (no effect on the quantization parameters)."""
+        if self.is_off:
+            return
+        rows = channel_rows(x.detach(), self.axis)
+        if rows.shape[1] != self.num_channels:
+            raise ValueError(f"{self._label()}: expected {self.num_channels} channels, got {rows.shape[1]}")
+        if self.observer is None:
+            self.observer = TensorObserver(self.num_channels, self._max_rows())
+        self.observer.update(rows)
+
+    def _max_rows(self) -> int:
+        # Keep at least 1024 rows per channel so per-channel percentiles stay meaningful.
+        return max(self.max_samples // self.num_channels, 1024)
+
+    def init_from_observations(self, method: str | None = None) -> None:
+        """Set scale/zero point from the accumulated observations, then drop them."""
+        if self.is_off:
+            return
+        method = method or self.init_method
+        check_init_method(method)
+        if self.observer is None or self.observer.seen == 0:
+            raise RuntimeError(f"{self._label()}: no observations; run calibration data through it first")
+        obs = self.observer
+        if method == "minmax":
+            qparams = minmax_qparams(obs.min_val, obs.max_val, self.bits, self.symmetric)
+        elif method == "percentile":
+            qparams = init_percentile(obs.samples, self.bits, self.symmetric, self.percentile)
+        else:
+            qparams = init_mse(obs.samples, self.bits, self.symmetric, self.grid,
+                               min_val=obs.min_val, max_val=obs.max_val)
+        self.set_qparams(*qparams)
+        self.initialized.fill_(True)
+        self._ready = True
+        self.observer = None
+
+    def calibrate(self, x: torch.Tensor, method: str | None = None) -> None:
+        """Shortcut for ``observe(x)`` followed by ``init_from_observations(method)``."""
+        self.observe(x)
+        self.init_from_observations(method)
+
+    def reset_observations(self) -> None:
+        """Forget accumulated statistics."""
+        self.observer = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.initialized)
+
+    def _label(self) -> str:
+        return f"ActivationQuantizer {self.name!r}" if self.name else "ActivationQuantizer"
+
+    def forward(self, x: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+        """Quantize ``x`` if ``enabled``; while ``observing``, record statistics and return ``x`` unchanged."""
+        if self.observing:
+            self.observe(x)
+            return x
+        if not enabled or self.is_off:
+            return x
+        if not self._ready:
+            raise RuntimeError(
+                f"{self._label()} ({self.bits}-bit) used before initialisation: call "
+                "calibrate_activations(model, batches) or observe() + init_from_observations() first"
+            )
+        scale = self._lsq_scale(x)
+        return fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, init={self.init_method}"

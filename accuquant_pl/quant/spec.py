@@ -1,0 +1,147 @@
+"""Typed quantization specifications: the user-facing :class:`QuantSpec` and per-layer configs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .quantizers import check_bits, check_init_method
+
+
+@dataclass
+class WeightQuantConfig:
+    """How one layer's weight is quantized."""
+
+    bits: int = 8
+    """Weight bit width (2..8, or 16 = off)."""
+    symmetric: bool = False
+    """Symmetric (zero point 0) instead of asymmetric integer range."""
+    per_channel: bool = True
+    """Per-output-channel (axis 0) scales; False = one scale per tensor."""
+    init: str = "mse"
+    """Grid initialisation: 'mse', 'minmax' or 'percentile'."""
+    percentile: float = 0.9999
+    """Percentile used by the 'percentile' init."""
+    mse_grid: int = 80
+    """Number of clipping ratios tried by the 'mse' init."""
+    adaround: bool = False
+    """Learned AdaRound rounding instead of round-to-nearest."""
+
+
+@dataclass
+class ActQuantConfig:
+    """How one activation tensor is quantized."""
+
+    bits: int = 8
+    """Activation bit width (2..8, or 16 = off)."""
+    symmetric: bool = False
+    """Symmetric (zero point 0) instead of asymmetric integer range."""
+    per_channel: bool = False
+    """Per-channel step sizes along the channel axis (only where the tensor has one)."""
+    init: str = "percentile"
+    """Initialisation from calibration statistics: 'percentile', 'mse' or 'minmax'."""
+    percentile: float = 0.9999
+    """Percentile used by the 'percentile' init."""
+    mse_grid: int = 80
+    """Number of clipping ratios tried by the 'mse' init."""
+    max_samples: int = 65536
+    """Bound on the number of activation values kept for percentile/MSE init."""
+
+
+@dataclass
+class LayerQuantConfig:
+    """Quantization of one quantized layer: weight, input activation, optional skip split point."""
+
+    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    act: ActQuantConfig = field(default_factory=ActQuantConfig)
+    split: int | None = None
+    """If set, the input's channels [0:split] and [split:] get separate activation quantizers."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerQuantConfig:
+        """Inverse of ``dataclasses.asdict``."""
+        return cls(WeightQuantConfig(**data["weight"]), ActQuantConfig(**data["act"]), data.get("split"))
+
+
+@dataclass
+class LayerOverride:
+    """Bit widths for the modules whose names match ``pattern``."""
+
+    pattern: str
+    """fnmatch pattern on module names (``*`` crosses dots), or a regex prefixed with ``re:``."""
+    weight_bits: int | None = None
+    """Weight bits for matching layers (None = keep)."""
+    act_bits: int | None = None
+    """Activation bits for matching layers / attention processors (None = keep)."""
+
+
+@dataclass
+class QuantSpec:
+    """What to quantize and how; validated on construction."""
+
+    weight_bits: int = 8
+    """Weight bit width of every layer (2..8, or 16 = off)."""
+    act_bits: int = 8
+    """Input-activation bit width of every layer and of attention matmul operands."""
+    first_last_bits: int | None = 8
+    """Weight and activation bits of the UNet's conv_in and conv_out (None = same as the rest)."""
+    weight_init: str = "mse"
+    """Weight grid initialisation: 'mse', 'minmax' or 'percentile'."""
+    act_init: str = "percentile"
+    """Activation initialisation from calibration statistics: 'percentile', 'mse' or 'minmax'."""
+    act_percentile: float = 0.9999
+    """Percentile for act_init='percentile' (and weight_init='percentile')."""
+    weight_symmetric: bool = False
+    """Symmetric weight quantization."""
+    act_symmetric: bool = False
+    """Symmetric activation quantization (softmax probabilities always use an asymmetric range)."""
+    weight_per_channel: bool = True
+    """Per-output-channel weight scales."""
+    act_per_channel: bool = False
+    """Per-channel activation scales (not possible for attention matmul operands)."""
+    adaround: bool = False
+    """AdaRound weight quantizers (learned rounding) instead of round-to-nearest."""
+    quantize_attention_matmuls: bool = True
+    """Quantize the operands of QK^T and softmax-V through a quantizing attention processor."""
+    split_skip: bool = True
+    """Separate activation quantizers for the two halves of concatenated skip connections."""
+    mse_grid: int = 80
+    """Number of clipping ratios tried by MSE initialisation."""
+    act_max_samples: int = 65536
+    """Bound on activation values kept per quantizer for percentile/MSE initialisation."""
+    overrides: list[LayerOverride] = field(default_factory=list)
+    """Per-name bit-width overrides, applied in order (later ones win)."""
+
+    def __post_init__(self) -> None:
+        self.overrides = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides]
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.act_bits, "act_bits")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        check_init_method(self.weight_init, "weight_init")
+        check_init_method(self.act_init, "act_init")
+        if not 0.0 < self.act_percentile <= 1.0:
+            raise ValueError(f"act_percentile={self.act_percentile!r} must be in (0, 1]")
+        for i, o in enumerate(self.overrides):
+            for name in ("weight_bits", "act_bits"):
+                if getattr(o, name) is not None:
+                    check_bits(getattr(o, name), f"overrides[{i}].{name} (pattern {o.pattern!r})")
+
+    def weight_config(self, bits: int) -> WeightQuantConfig:
+        """Weight config of a layer quantized at ``bits``."""
+        return WeightQuantConfig(bits, self.weight_symmetric, self.weight_per_channel, self.weight_init,
+                                 self.act_percentile, self.mse_grid, self.adaround)
+
+    def act_config(self, bits: int) -> ActQuantConfig:
+        """Activation config of a tensor quantized at ``bits``."""
+        return ActQuantConfig(bits, self.act_symmetric, self.act_per_channel, self.act_init,
+                              self.act_percentile, self.mse_grid, self.act_max_samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
