@@ -57,7 +57,8 @@ def test_predict_writes_grid_and_npz(tmp_path, tiny_model_dir):
     main(["predict", "--config", str(REPO / "configs" / "sample_digits.yaml"),
           "--model.init_args.pretrained", str(tiny_model_dir), "--model.init_args.num_inference_steps", "3",
           "--data.init_args.num_samples", "5", "--data.init_args.batch_size", "2",
-          "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.enable_progress_bar", "false"])
+          "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(tmp_path)])
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (5, 1, 8, 8) and np.abs(images).max() <= 1.0
     assert (out / "samples.png").stat().st_size > 0

@@ -73,7 +73,7 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
 def load_unet(path: str | Path) -> UNet:
     """Load the UNet of a diffusers folder in eval mode, with gradients off."""
     folder = inspect_model_folder(path)
-    unet = SUPPORTED_UNETS[folder.unet_class].from_pretrained(folder.unet_dir)
+    unet = SUPPORTED_UNETS[folder.unet_class].from_pretrained(folder.unet_dir, low_cpu_mem_usage=False)
     unet.eval().requires_grad_(False)
     return unet
 

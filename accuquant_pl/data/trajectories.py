@@ -1,0 +1,319 @@
+"""FP sampler trajectories as calibration data: per-step items (n = 1) and n-step groups (AccuQuant)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from diffusers import SchedulerMixin
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from accuquant_pl.data.trajectory_cache import CacheError, check_cache, key_hash, read_cache, write_cache
+from accuquant_pl.io import sha256_tree
+from accuquant_pl.models.loading import inspect_model_folder, load_scheduler_config, load_unet, scheduler_from_config
+from accuquant_pl.sampling import Conditioning, initial_noise, sample
+
+GroupStarts = Literal["all", "windows"]
+StartWeighting = Literal["uniform", "linear"]
+
+
+def group_starts(num_steps: int, group_size: int, starts: GroupStarts) -> list[int]:
+    """Step indices j at which an n-step group can start: input states[j], target states[j + n]."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if group_size > num_steps:
+        raise ValueError(f"group_size {group_size} is larger than the schedule ({num_steps} steps)")
+    if starts == "all":
+        return list(range(num_steps - group_size + 1))
+    if starts == "windows":
+        return list(range(0, num_steps - group_size + 1, group_size))
+    raise ValueError(f"unknown group_starts {starts!r}; choose 'all' or 'windows'")
+
+
+class TrajectoryGroups(Dataset):
+    """Item (trajectory i, start j): x = states[i, j], the n timesteps from j, target = states[i, j + n]."""
+
+    def __init__(self, tensors: dict[str, Tensor], group_size: int = 1, starts: GroupStarts = "all",
+                 history: int = 0) -> None:
+        self.states, self.timesteps = tensors["states"], tensors["timesteps"]
+        self.outputs = tensors.get("model_outputs")
+        self.class_labels = tensors.get("class_labels")
+        self.prompt_index = tensors.get("prompt_index")
+        self.group_size, self.history = group_size, history
+        if history and self.outputs is None:
+            raise ValueError("a multistep history needs the FP model outputs in the cache (keep_model_outputs)")
+        num_steps = len(self.timesteps)
+        self.starts = group_starts(num_steps, group_size, starts)
+        self.index = [(i, j) for i in range(self.states.shape[0]) for j in self.starts]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        i, j = self.index[item]
+        n = self.group_size
+        out: dict[str, Any] = {
+            "x": self.states[i, j],
+            "target": self.states[i, j + n],
+            "timesteps": self.timesteps[j : j + n],
+            "step_index": j,
+            "trajectory": i,
+        }
+        if self.class_labels is not None:
+            out["class_labels"] = self.class_labels[i]
+        if self.prompt_index is not None:
+            out["prompt_index"] = self.prompt_index[i]
+        if self.history:
+            # FP outputs of the steps just before j (zeros where the schedule has not started yet).
+            hist = torch.zeros((self.history, *self.states.shape[2:]), dtype=self.states.dtype)
+            take = min(j, self.history)
+            if take:
+                hist[self.history - take :] = self.outputs[i, j - take : j]
+            out["history"] = hist
+        return out
+
+    def start_weights(self, weighting: StartWeighting) -> Tensor:
+        if weighting == "uniform":
+            return torch.ones(len(self.index))
+        if weighting == "linear":
+            # Later starts (closer to the image) get more weight: that is where the sample's details settle.
+            return torch.tensor([1.0 + j for _, j in self.index])
+        raise ValueError(f"unknown start_weighting {weighting!r}; choose 'uniform' or 'linear'")
+
+
+class TrajectoryDataModule(L.LightningDataModule):
+    """Samples N FP trajectories once (``prepare_data``, cached on disk) and serves n-step groups from them."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        scheduler: str = "ddim",
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+        num_trajectories: int = 64,
+        seed: int = 0,
+        batch_size: int = 16,
+        group_size: int = 1,
+        group_starts: GroupStarts = "all",
+        start_weighting: StartWeighting = "uniform",
+        class_labels: list[int] | None = None,
+        uncond_class_label: int | None = None,
+        prompt_embeddings: str | None = None,
+        guidance_scale: float = 1.0,
+        keep_model_outputs: bool = True,
+        sampling_batch_size: int = 64,
+        cache_dir: str = ".cache/trajectories",
+        cache_path: str | None = None,
+        rebuild: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            pretrained: FP model folder; None takes the LightningModule's ``pretrained``.
+            scheduler: diffusers sampler of the trajectories (and of the AccuQuant rollout): ddim, ddpm, dpmsolver++, euler.
+            num_inference_steps: sampling steps S of each trajectory.
+            eta: DDIM eta (0 = deterministic).
+            num_trajectories: N, the number of FP trajectories sampled for calibration.
+            seed: trajectory i starts from the noise of seed ``seed + i``.
+            batch_size: calibration items per batch (per device under DDP).
+            group_size: n, steps per item: 1 = per-step items, n > 1 = AccuQuant groups.
+            group_starts: 'all' start positions or non-overlapping 'windows'.
+            start_weighting: how group starts are drawn: 'uniform', or 'linear' (more weight late in the schedule).
+            class_labels: class-conditional models: trajectory i gets ``class_labels[i % len]``.
+            uncond_class_label: class id used as the unconditional input for classifier-free guidance.
+            prompt_embeddings: text-conditional models: a .pt file {'cond': (P, L, D), 'uncond': (L, D)};
+                trajectory i uses prompt ``i % P``.
+            guidance_scale: classifier-free guidance weight s (1.0 = none).
+            keep_model_outputs: store the FP model output of every step (needed by multistep schedulers).
+            sampling_batch_size: trajectories sampled per batch in ``prepare_data``.
+            cache_dir: folder of caches, one sub-folder per configuration key.
+            cache_path: an explicit cache folder (overrides ``cache_dir``); it must match this configuration.
+            rebuild: re-sample a cache whose key or checksum does not match instead of failing.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        for name, value, low in (("num_inference_steps", num_inference_steps, 1), ("num_trajectories", num_trajectories, 1),
+                                 ("batch_size", batch_size, 1), ("group_size", group_size, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if group_size > num_inference_steps:
+            raise ValueError(f"group_size {group_size} is larger than the schedule ({num_inference_steps} steps)")
+        if num_trajectories < batch_size:
+            raise ValueError(f"num_trajectories ({num_trajectories}) is smaller than batch_size ({batch_size}): "
+                             "a batch would hold the same trajectory several times; lower batch_size or sample more")
+        if guidance_scale != 1.0 and class_labels is not None and uncond_class_label is None:
+            raise ValueError("guidance with class_labels needs uncond_class_label")
+        self.save_hyperparameters()
+        self.tensors: dict[str, Tensor] | None = None
+        self.train_set: TrajectoryGroups | None = None
+        self._prompts: dict[str, Tensor] | None = None
+
+    # ----- configuration shared with the calibration module -----
+    @property
+    def model_path(self) -> str:
+        if self.hparams.pretrained is not None:
+            return self.hparams.pretrained
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        path = getattr(getattr(module, "hparams", None), "pretrained", None)
+        if path is None:
+            raise ValueError("TrajectoryDataModule needs `pretrained` (or a LightningModule that has one)")
+        return path
+
+    @property
+    def group_size(self) -> int:
+        return self.hparams.group_size
+
+    def make_scheduler(self) -> SchedulerMixin:
+        """A fresh scheduler with the trajectories' timesteps set."""
+        sched = scheduler_from_config(self.hparams.scheduler, load_scheduler_config(self.model_path))
+        sched.set_timesteps(self.hparams.num_inference_steps)
+        return sched
+
+    def history_length(self) -> int:
+        """How many earlier model outputs the scheduler reads (0 for one-step samplers like DDIM)."""
+        order = getattr(self.make_scheduler().config, "solver_order", 1)
+        return max(int(order) - 1, 0) if self.hparams.scheduler == "dpmsolver++" else 0
+
+    def cache_key(self) -> dict[str, Any]:
+        hp = self.hparams
+        folder = inspect_model_folder(self.model_path)
+        return {
+            "model_sha256": sha256_tree(folder.unet_dir),
+            "scheduler": hp.scheduler,
+            "scheduler_config": folder.scheduler_config,
+            "num_inference_steps": hp.num_inference_steps,
+            "eta": hp.eta,
+            "num_trajectories": hp.num_trajectories,
+            "seed": hp.seed,
+            "class_labels": hp.class_labels,
+            "uncond_class_label": hp.uncond_class_label,
+            "prompt_embeddings_sha256": sha256_tree(Path(hp.prompt_embeddings).parent,
+                                                    lambda p: p.name == Path(hp.prompt_embeddings).name)
+            if hp.prompt_embeddings else None,
+            "guidance_scale": hp.guidance_scale,
+            "keep_model_outputs": hp.keep_model_outputs,
+        }
+
+    def cache_folder(self, key: dict[str, Any]) -> Path:
+        if self.hparams.cache_path:
+            return Path(self.hparams.cache_path)
+        return Path(self.hparams.cache_dir) / key_hash(key)[:16]
+
+    # ----- conditioning -----
+    def prompts(self) -> dict[str, Tensor] | None:
+        if self.hparams.prompt_embeddings is None:
+            return None
+        if self._prompts is None:
+            path = Path(self.hparams.prompt_embeddings)
+            if not path.is_file():
+                raise FileNotFoundError(f"prompt_embeddings file {str(path)!r} does not exist")
+            self._prompts = torch.load(path, map_location="cpu", weights_only=True)
+            if "cond" not in self._prompts:
+                raise ValueError(f"prompt_embeddings {str(path)!r} must hold a 'cond' tensor (P, L, D)")
+        return self._prompts
+
+    def conditioning(self, batch: dict[str, Any]) -> Conditioning | None:
+        """The :class:`Conditioning` of a batch of items (None for unconditional models)."""
+        hp = self.hparams
+        device = batch["x"].device
+        if "class_labels" in batch:
+            labels = batch["class_labels"]
+            uncond = None if hp.uncond_class_label is None else torch.full_like(labels, hp.uncond_class_label)
+            return Conditioning(class_labels=labels, uncond_class_labels=uncond, guidance_scale=hp.guidance_scale)
+        if "prompt_index" in batch:
+            prompts = self.prompts()
+            states = prompts["cond"][batch["prompt_index"].cpu()].to(device)
+            uncond = prompts.get("uncond")
+            uncond = uncond.expand_as(states).to(device) if uncond is not None else None
+            return Conditioning(encoder_hidden_states=states, uncond_encoder_hidden_states=uncond,
+                                guidance_scale=hp.guidance_scale)
+        return None
+
+    def _trajectory_conditioning(self, index: Tensor) -> tuple[dict[str, Tensor], Conditioning | None]:
+        hp = self.hparams
+        extra: dict[str, Tensor] = {}
+        if hp.class_labels:
+            extra["class_labels"] = torch.tensor([hp.class_labels[i % len(hp.class_labels)] for i in index.tolist()])
+        elif hp.prompt_embeddings:
+            extra["prompt_index"] = index % self.prompts()["cond"].shape[0]
+        return extra, self.conditioning({"x": torch.zeros(1), **extra}) if extra else None
+
+    # ----- LightningDataModule -----
+    def prepare_data(self) -> None:
+        key = self.cache_key()
+        folder = self.cache_folder(key)
+        if folder.exists():
+            try:
+                check_cache(folder, key)
+                return
+            except CacheError:
+                if not self.hparams.rebuild:
+                    raise
+        write_cache(folder, key, self._sample_trajectories())
+
+    @torch.no_grad()
+    def _sample_trajectories(self) -> dict[str, Tensor]:
+        hp = self.hparams
+        unet = load_unet(self.model_path)
+        cfg = unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        chunks: dict[str, list[Tensor]] = {"states": [], "model_outputs": [], "class_labels": [], "prompt_index": []}
+        timesteps = None
+        for start in range(0, hp.num_trajectories, hp.sampling_batch_size):
+            index = torch.arange(start, min(start + hp.sampling_batch_size, hp.num_trajectories))
+            extra, cond = self._trajectory_conditioning(index)
+            noise = initial_noise((hp.seed + index).tolist(), (cfg.in_channels, size, size))
+            traj = sample(unet, self.make_scheduler(), noise, hp.num_inference_steps, cond=cond, eta=hp.eta,
+                          generator=torch.Generator().manual_seed(hp.seed + start), keep_trajectory=True,
+                          keep_model_outputs=hp.keep_model_outputs)
+            timesteps = traj.timesteps
+            chunks["states"].append(traj.states.transpose(0, 1))
+            if traj.model_outputs is not None:
+                chunks["model_outputs"].append(traj.model_outputs.transpose(0, 1))
+            for name, value in extra.items():
+                chunks[name].append(value)
+        tensors = {name: torch.cat(parts) for name, parts in chunks.items() if parts}
+        tensors["timesteps"] = timesteps
+        return tensors
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tensors is not None:
+            return
+        key = self.cache_key()
+        folder = self.cache_folder(key)
+        if not folder.exists():
+            raise CacheError(f"no trajectory cache at {folder}; prepare_data() builds it")
+        self.tensors = read_cache(folder, key)
+        hp = self.hparams
+        self.train_set = TrajectoryGroups(self.tensors, hp.group_size, hp.group_starts, self.history_length())
+        if len(self.train_set) < hp.batch_size:
+            raise ValueError(f"only {len(self.train_set)} calibration items for batch_size {hp.batch_size}")
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        weights = self.train_set.start_weights(hp.start_weighting)
+        # A sampler with replacement gives every unit the same number of batches however large the cache is.
+        sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)
+        return DataLoader(self.train_set, batch_size=hp.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=hp.num_workers)
+
+    def calibration_inputs(self, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:
+        """Model inputs (x_k, t_k, conditioning) drawn over all steps, to initialise activation quantizers."""
+        per_step = TrajectoryGroups(self.tensors, 1, "all")
+        gen = torch.Generator().manual_seed(seed)
+        picks = torch.randperm(len(per_step), generator=gen)[:num_samples].tolist()
+        batches = []
+        bs = self.hparams.batch_size
+        for start in range(0, len(picks), bs):
+            items = [per_step[p] for p in picks[start : start + bs]]
+            batch = torch.utils.data.default_collate(items)
+            batches.append(batch)
+        return batches
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.floor(len(self.train_set) / self.hparams.batch_size)
