@@ -116,6 +116,9 @@ def install_quant_processor(attn: Attention, config: ActQuantConfig, name: str =
             f"attention {name!r} uses {type(current).__name__}; only {[c.__name__ for c in SUPPORTED_PROCESSORS]} "
             "can be replaced by the quantized processor (set quantize_attention_matmuls=False)"
         )
+    if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+        # AttnProcessor (whose maths we reproduce) ignores qk-norm while AttnProcessor2_0 applies it.
+        raise NotImplementedError(f"attention {name!r} uses qk_norm, which the quantized processor lacks")
     processor = QuantAttnProcessor(config, device=attn.to_q.weight.device)
     attn.set_processor(processor)
     return processor

@@ -22,6 +22,7 @@ OFF_BITS = 16
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, OFF_BITS)
 INIT_METHODS = ("minmax", "percentile", "mse")
 _EPS = torch.finfo(torch.float32).eps
+_MSE_CHUNK_ELEMS = 2**24  # floats per MSE-search chunk (64 MiB in float32)
 
 
 def is_off(bits: int) -> bool:
@@ -143,6 +144,14 @@ def quant_error(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return err.abs().pow(norm).mean(dim=0)
 
 
+def _grid_errors(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                 norm: float) -> torch.Tensor:
+    """Errors ``[G, C]`` of ``rows [N, C]`` under ``G`` candidate grids ``scale, zero_point [G, C]``."""
+    s, zp = scale.unsqueeze(1), zero_point.unsqueeze(1).to(rows.dtype)
+    q = torch.clamp(torch.round(rows * (1.0 / s)) + zp, qmin, qmax)  # same formula as fake_quantize
+    return ((q - zp) * s - rows).abs().pow(norm).mean(dim=1)
+
+
 def init_mse(
     rows: torch.Tensor,
     bits: int,
@@ -155,23 +164,30 @@ def init_mse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Search clipping ratios ``linspace(1, min_ratio, grid)`` of the min-max range, best error per column.
 
-    The loop runs over the grid only; every step is vectorised over all channels. Ratio 1 (plain min-max)
-    is always a candidate, so the result never has a larger error than min-max. ``min_val``/``max_val``
-    override the range (e.g. running extremes when ``rows`` is only a sample).
+    Vectorised over channels and over chunks of the grid (chunks bound the memory to about
+    ``_MSE_CHUNK_ELEMS`` floats). Ratio 1 (plain min-max) is always a candidate and ties keep the larger
+    range, so the result never has a larger error than min-max. ``min_val``/``max_val`` override the
+    range (e.g. running extremes when ``rows`` is only a sample).
     """
     rows = rows.float()
-    lo = rows.amin(dim=0) if min_val is None else min_val.float()
-    hi = rows.amax(dim=0) if max_val is None else max_val.float()
-    best_scale, best_zp = minmax_qparams(lo, hi, bits, symmetric)
-    best_err = quant_error(rows, best_scale, best_zp, bits, symmetric, norm)
-    for ratio in torch.linspace(1.0, min_ratio, grid).tolist()[1:]:
-        scale, zp = minmax_qparams(lo * ratio, hi * ratio, bits, symmetric)
-        err = quant_error(rows, scale, zp, bits, symmetric, norm)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zp = torch.where(better, zp, best_zp)
-    return best_scale, best_zp
+    qmin, qmax = quant_range(bits, symmetric)
+    lo = (rows.amin(dim=0) if min_val is None else min_val.float()).unsqueeze(0)
+    hi = (rows.amax(dim=0) if max_val is None else max_val.float()).unsqueeze(0)
+    ratios = torch.linspace(1.0, min_ratio, grid, device=rows.device).unsqueeze(1)
+    chunk = max(1, _MSE_CHUNK_ELEMS // max(rows.numel(), 1))
+    best = None
+    with torch.no_grad():
+        for r in ratios.split(chunk):
+            scale, zp = minmax_qparams(lo * r, hi * r, bits, symmetric)  # [g, C]
+            err = _grid_errors(rows, scale, zp, qmin, qmax, norm)
+            idx = err.argmin(dim=0, keepdim=True)  # first minimum: ties keep the larger range
+            cand = (err.gather(0, idx)[0], scale.gather(0, idx)[0], zp.gather(0, idx)[0])
+            if best is None:
+                best = cand
+            else:
+                better = cand[0] < best[0]
+                best = tuple(torch.where(better, c, b) for c, b in zip(cand, best, strict=True))
+    return best[1], best[2]
 
 
 def init_qparams(rows: torch.Tensor, method: str, bits: int, symmetric: bool, *, percentile: float = 0.9999,

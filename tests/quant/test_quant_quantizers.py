@@ -130,15 +130,32 @@ def test_mse_not_worse_than_minmax(bits, symmetric):
         assert (mse < mm).any()
 
 
+def _mse_reference(x: torch.Tensor, bits: int, symmetric: bool, grid: int = 80) -> tuple[float, int]:
+    """Plain python search for one channel (the reference the vectorised search must match)."""
+    qmin, qmax = quant_range(bits, symmetric)
+    best = None
+    for ratio in torch.linspace(1.0, 0.2, grid).tolist():
+        s, z = minmax_qparams(x.min() * ratio, x.max() * ratio, bits, symmetric)
+        err = (fake_quantize(x, s, z, qmin, qmax) - x).pow(2).mean().item()
+        if best is None or err < best[0]:
+            best = (err, s.item(), int(z))
+    return best[1], best[2]
+
+
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
-def test_mse_vectorised_equals_per_channel_loop(symmetric):
+@pytest.mark.parametrize("bits", [3, 8])
+def test_mse_vectorised_equals_per_channel_loop(bits, symmetric, monkeypatch):
     w = torch.randn(7, 3, 3, 3) * torch.rand(7, 1, 1, 1) * 4
+    w[2, 0, 0, 0] = 30.0  # an outlier channel where clipping wins
     rows = channel_rows(w, 0)
-    scale, zp = init_mse(rows, 4, symmetric)
-    for c in range(7):  # reference: each channel searched on its own
-        s_c, z_c = init_mse(w[c].reshape(-1, 1), 4, symmetric)
-        torch.testing.assert_close(scale[c], s_c[0], rtol=0, atol=0)
-        assert zp[c] == z_c[0]
+    scale, zp = init_mse(rows, bits, symmetric)
+    # a tiny chunk forces several grid chunks: the chunked search must agree with the single pass
+    monkeypatch.setattr("accuquant_pl.quant.quantizers._MSE_CHUNK_ELEMS", rows.numel() * 3)
+    scale_chunked, zp_chunked = init_mse(rows, bits, symmetric)
+    assert torch.equal(scale, scale_chunked) and torch.equal(zp, zp_chunked)
+    for c in range(7):
+        s_c, z_c = _mse_reference(w[c].flatten(), bits, symmetric)
+        assert scale[c].item() == pytest.approx(s_c, rel=1e-6) and zp[c].item() == z_c
 
 
 def test_percentile_clips_outliers():
