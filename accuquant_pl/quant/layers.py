@@ -6,6 +6,7 @@ Parameters, so state-dict keys of the float weights do not change.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -81,8 +82,6 @@ class QuantLayerMixin(QuantStateMixin):
 
     def quant_map_entry(self) -> dict[str, Any]:
         """Description of this layer for the JSON quantization map."""
-        from dataclasses import asdict
-
         wq = self.weight_quantizer
         return {
             "class": type(self).__name__,
