@@ -1,0 +1,53 @@
+"""FID/KID tooling: feature extractors (:mod:`.inception`) and metrics plus a stats cache (:mod:`.fid`)."""
+
+from accuquant_pl.metrics.fid import (
+    FeatureStats,
+    ImageSource,
+    RealStatsCache,
+    StatsCacheCorruptError,
+    StatsCacheError,
+    StatsCacheMismatchError,
+    compute_feature_stats,
+    extractor_identity,
+    fid_against_stats,
+    fid_between,
+    fid_from_stats,
+    kid_between,
+    load_stats,
+    make_fid,
+    make_kid,
+    noise_floor,
+    save_stats,
+)
+from accuquant_pl.metrics.inception import (
+    FID_HELPER_INSTALL_HINT,
+    InceptionFeatureExtractor,
+    InceptionWeightsNotFoundError,
+    RandomProjectionFeatures,
+    default_inception_weights_path,
+)
+
+__all__ = [
+    "FID_HELPER_INSTALL_HINT",
+    "FeatureStats",
+    "ImageSource",
+    "InceptionFeatureExtractor",
+    "InceptionWeightsNotFoundError",
+    "RandomProjectionFeatures",
+    "RealStatsCache",
+    "StatsCacheCorruptError",
+    "StatsCacheError",
+    "StatsCacheMismatchError",
+    "compute_feature_stats",
+    "default_inception_weights_path",
+    "extractor_identity",
+    "fid_against_stats",
+    "fid_between",
+    "fid_from_stats",
+    "kid_between",
+    "load_stats",
+    "make_fid",
+    "make_kid",
+    "noise_floor",
+    "save_stats",
+]
