@@ -1,0 +1,147 @@
+import json
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from accuquant_pl.data.trajectories import TrajectoryDataModule, TrajectoryGroups, group_starts
+from accuquant_pl.data.trajectory_cache import CacheError
+
+
+def make_dm(model_dir, tmp_path, **kw):
+    args = dict(pretrained=str(model_dir), num_inference_steps=5, num_trajectories=4, batch_size=2,
+                cache_dir=str(tmp_path / "cache"))
+    args.update(kw)
+    return TrajectoryDataModule(**args)
+
+
+def test_cache_round_trip_and_group_items(tiny_model_dir, tmp_path):
+    dm = make_dm(tiny_model_dir, tmp_path, group_size=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    states = dm.tensors["states"]
+    assert states.shape == (4, 6, 1, 8, 8) and dm.tensors["model_outputs"].shape == (4, 5, 1, 8, 8)
+    item = dm.train_set[len(dm.train_set) - 1]
+    i, j = dm.train_set.index[-1]
+    assert (i, j) == (3, 2)
+    assert torch.equal(item["x"], states[3, 2]) and torch.equal(item["target"], states[3, 5])
+    assert torch.equal(item["timesteps"], dm.tensors["timesteps"][2:5])
+    # The same config finds the cache again instead of re-sampling.
+    again = make_dm(tiny_model_dir, tmp_path, group_size=3)
+    again.prepare_data()
+    again.setup("fit")
+    assert torch.equal(again.tensors["states"], states)
+
+
+def test_trajectories_reproduce_with_same_seed(tiny_model_dir, tmp_path):
+    a = make_dm(tiny_model_dir, tmp_path / "a")
+    b = make_dm(tiny_model_dir, tmp_path / "b", sampling_batch_size=3)
+    for dm in (a, b):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert torch.allclose(a.tensors["states"], b.tensors["states"], atol=1e-6)
+
+
+def test_group_starts():
+    assert group_starts(6, 2, "all") == [0, 1, 2, 3, 4]
+    assert group_starts(6, 2, "windows") == [0, 2, 4]
+    with pytest.raises(ValueError, match="larger than the schedule"):
+        group_starts(6, 7, "all")
+    with pytest.raises(ValueError, match="group_size must be >= 1, got 0"):
+        group_starts(6, 0, "all")
+    with pytest.raises(ValueError, match="'middle'"):
+        group_starts(6, 2, "middle")
+
+
+def test_corrupt_cache_is_rejected_then_rebuilt(tiny_model_dir, tmp_path):
+    dm = make_dm(tiny_model_dir, tmp_path)
+    dm.prepare_data()
+    folder = dm.cache_folder(dm.cache_key())
+    with open(folder / "trajectories.pt", "ab") as f:
+        f.write(b"garbage")
+    with pytest.raises(CacheError, match="corrupt"):
+        make_dm(tiny_model_dir, tmp_path).prepare_data()
+    fixed = make_dm(tiny_model_dir, tmp_path, rebuild=True)
+    fixed.prepare_data()
+    fixed.setup("fit")
+
+
+def test_cache_of_another_configuration_is_rejected(tiny_model_dir, tmp_path):
+    dm = make_dm(tiny_model_dir, tmp_path, cache_path=str(tmp_path / "shared"))
+    dm.prepare_data()
+    other = make_dm(tiny_model_dir, tmp_path, cache_path=str(tmp_path / "shared"), seed=7)
+    with pytest.raises(CacheError, match="seed: cache has 0, config asks 7"):
+        other.prepare_data()
+    with pytest.raises(CacheError, match="another configuration"):
+        other.setup("fit")
+
+
+def test_truncated_manifest_is_rejected(tiny_model_dir, tmp_path):
+    dm = make_dm(tiny_model_dir, tmp_path)
+    dm.prepare_data()
+    manifest = dm.cache_folder(dm.cache_key()) / "manifest.json"
+    manifest.write_text(manifest.read_text()[:20])
+    with pytest.raises(CacheError, match="corrupt manifest.json"):
+        make_dm(tiny_model_dir, tmp_path).setup("fit")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_trajectories": 2, "batch_size": 4}, r"num_trajectories \(2\) is smaller than batch_size \(4\)"),
+    ({"group_size": 0}, "group_size must be >= 1, got 0"),
+    ({"group_size": 9}, "group_size 9 is larger than the schedule"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be >= 1, got 0"),
+])
+def test_bad_settings(tiny_model_dir, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_dm(tiny_model_dir, tmp_path, **kwargs)
+
+
+def test_class_conditional_trajectories(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, num_class_embeds=11)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "m")
+    dm = make_dm(tmp_path / "m", tmp_path, class_labels=[1, 2], uncond_class_label=10, guidance_scale=2.0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.tensors["class_labels"].tolist() == [1, 2, 1, 2]
+    batch = next(iter(dm.train_dataloader()))
+    cond = dm.conditioning(batch)
+    assert cond.guided and torch.equal(cond.uncond_class_labels, torch.full_like(batch["class_labels"], 10))
+
+
+def test_text_conditional_trajectories(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                norm_num_groups=4, cross_attention_dim=6, attention_head_dim=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "m")
+    torch.save({"cond": torch.randn(3, 5, 6), "uncond": torch.zeros(1, 5, 6)}, tmp_path / "prompts.pt")
+    dm = make_dm(tmp_path / "m", tmp_path, prompt_embeddings=str(tmp_path / "prompts.pt"), guidance_scale=3.0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.tensors["prompt_index"].tolist() == [0, 1, 2, 0]
+    batch = next(iter(dm.train_dataloader()))
+    cond = dm.conditioning(batch)
+    assert cond.encoder_hidden_states.shape == (2, 5, 6)
+
+
+def test_start_weighting_prefers_late_steps(tiny_model_dir, tmp_path):
+    dm = make_dm(tiny_model_dir, tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    w = dm.train_set.start_weights("linear")
+    assert w[4] > w[0]
+    with pytest.raises(ValueError, match="'cubic'"):
+        dm.train_set.start_weights("cubic")
+
+
+def test_history_needs_model_outputs(tiny_model_dir, tmp_path):
+    dm = make_dm(tiny_model_dir, tmp_path, keep_model_outputs=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="keep_model_outputs"):
+        TrajectoryGroups(dm.tensors, 1, "all", history=1)
+    assert json.loads((dm.cache_folder(dm.cache_key()) / "manifest.json").read_text())["key"]["keep_model_outputs"] is False
