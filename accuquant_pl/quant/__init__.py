@@ -7,7 +7,14 @@ from .layers import QUANT_LAYERS, QuantConv2d, QuantLayerMixin, QuantLinear, har
 from .quantizers import ActivationQuantizer, WeightQuantizer, fake_quantize, quant_range
 from .serialization import load_quantized, quantization_map, save_quantized
 from .spec import ActQuantConfig, LayerOverride, LayerQuantConfig, QuantSpec, WeightQuantConfig
-from .state import adaround_regularizer, observing, quant_state, set_quant_state, unit_parameters
+from .state import (
+    adaround_regularizer,
+    observing,
+    quant_state,
+    set_adaround_soft,
+    set_quant_state,
+    unit_parameters,
+)
 from .unet import reconstruction_units, skip_split_points
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "rounding_regularizer",
     "rtn_quantize",
     "save_quantized",
+    "set_adaround_soft",
     "set_quant_state",
     "skip_split_points",
     "unit_parameters",

@@ -52,13 +52,15 @@ def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round half to even in the forward pass, identity gradient (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
+    # round(x) + (x - x) rather than x + (round(x) - x): the value is exactly round(x), bit for bit.
+    return torch.round(x).detach() + (x - x.detach())
 
 
 def grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
     """Value of ``t`` with its gradient multiplied by ``factor`` (LSQ step-size gradient scaling)."""
     scaled = t * factor
-    return (t - scaled).detach() + scaled
+    # t + (y - y) keeps the value bit-exact (t - y + y would be off by rounding errors).
+    return t.detach() + (scaled - scaled.detach())
 
 
 def broadcast_shape(x: torch.Tensor, axis: int | None) -> list[int]:
@@ -225,10 +227,11 @@ class _AffineQuantizer(nn.Module):
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
 
-    def _lsq_scale(self, x: torch.Tensor) -> torch.Tensor:
-        # LSQ: scale the step-size gradient by 1/sqrt(elements per step size * Qp) to balance it with weights.
-        per_scale = x.numel() // max(self.scale.numel(), 1)
-        return grad_scale(self.scale.clamp_min(_EPS), 1.0 / math.sqrt(per_scale * max(self.quant_max, 1)))
+    def _lsq_scale(self, elements: int) -> torch.Tensor:
+        # LSQ: scale the step-size gradient by 1/sqrt(N * Qp), N = elements sharing one step size (per
+        # sample for activations), so step sizes learn at a rate comparable to the other parameters.
+        n = max(elements // max(self.scale.numel(), 1), 1)
+        return grad_scale(self.scale.clamp_min(_EPS), 1.0 / math.sqrt(n * max(self.quant_max, 1)))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, axis={self.axis}"
@@ -256,7 +259,7 @@ class WeightQuantizer(_AffineQuantizer):
         """Fake-quantized weight."""
         if self.is_off:
             return weight
-        scale = self._lsq_scale(weight)
+        scale = self._lsq_scale(weight.numel())
         return fake_quantize(weight, scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
 
 
@@ -348,7 +351,7 @@ class ActivationQuantizer(_AffineQuantizer):
                 f"{self._label()} ({self.bits}-bit) used before initialisation: call "
                 "calibrate_activations(model, batches) or observe() + init_from_observations() first"
             )
-        scale = self._lsq_scale(x)
+        scale = self._lsq_scale(x[0].numel() if x.dim() > 1 else x.numel())
         return fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
 
     def extra_repr(self) -> str:

@@ -114,3 +114,16 @@ def test_schedule_values():
     assert sched(100) == (2.0, 0.01)
     betas = [sched(i)[0] for i in range(20, 101)]
     assert betas == sorted(betas, reverse=True)
+
+
+def test_hard_mode_at_init_is_round_to_nearest():
+    from torch import nn
+
+    from accuquant_pl.quant import set_adaround_soft
+
+    w = torch.randn(5, 7)
+    q = _quantizer(w, 3)
+    set_adaround_soft(nn.Sequential(q), False)
+    rtn = WeightQuantizer(3, False, 0, 5)
+    rtn.set_qparams(q.scale, q.zero_point)
+    assert torch.equal(q(w), rtn(w))

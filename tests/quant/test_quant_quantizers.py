@@ -12,12 +12,14 @@ from accuquant_pl.quant.quantizers import (
     WeightQuantizer,
     channel_rows,
     fake_quantize,
+    grad_scale,
     init_minmax,
     init_mse,
     init_percentile,
     minmax_qparams,
     quant_error,
     quant_range,
+    round_ste,
 )
 
 BITS = [2, 3, 4, 5, 6, 7, 8]
@@ -95,14 +97,14 @@ def test_lsq_scale_gradient_finite_and_nonzero():
 
 
 def test_lsq_gradient_scale_factor():
-    """The step size gradient equals the raw LSQ gradient times 1/sqrt(N * Qp)."""
+    """The step size gradient equals the raw LSQ gradient times 1/sqrt(N * Qp), N = features per sample."""
     q = ActivationQuantizer(bits=4)
     x = torch.randn(4, 8)
     q.calibrate(x, "minmax")
     q(x).sum().backward()
     s = q.scale.detach().clone().requires_grad_(True)
     fake_quantize(x, s, q.zero_point, q.quant_min, q.quant_max).sum().backward()
-    torch.testing.assert_close(q.scale.grad, s.grad / (x.numel() * q.quant_max) ** 0.5)
+    torch.testing.assert_close(q.scale.grad, s.grad / (x.shape[1] * q.quant_max) ** 0.5)
 
 
 def test_minmax_covers_range_and_zero_point_integer():
@@ -222,3 +224,11 @@ def test_weight_quantizer_matches_torch_per_channel():
     wq.init_from_weight(w, "mse")
     ref = torch.fake_quantize_per_channel_affine(w, wq.scale.detach(), wq.zero_point, 0, -8, 7)
     torch.testing.assert_close(wq(w), ref, rtol=0, atol=0)
+
+
+def test_ste_helpers_are_value_exact():
+    x = (torch.randn(10000) * 50).requires_grad_(True)
+    assert torch.equal(round_ste(x), torch.round(x))
+    assert torch.equal(grad_scale(x, 0.0123), x)
+    grad_scale(x, 0.5).sum().backward()
+    assert torch.all(x.grad == 0.5)
