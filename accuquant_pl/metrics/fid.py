@@ -180,7 +180,8 @@ def kid_between(
 ) -> tuple[float, float]:
     """KID (mean, std over ``subsets`` random subsets) between two image sources.
 
-    ``subset_size`` is lowered to the size of the smaller set, so small sets work (at least 2 images each).
+    ``subset_size`` is lowered to the size of the smaller set, so small sets work (at least 2 images each);
+    when it reaches the set sizes every subset is the whole set and the std is 0, not an error bar.
     Subsets are drawn from a private RNG seeded with ``seed``: the result is reproducible and the global
     RNG is left untouched.
     """

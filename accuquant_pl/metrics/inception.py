@@ -173,6 +173,8 @@ class InceptionFeatureExtractor(nn.Module):
         self.output_dtype = output_dtype
         self.clamp = clamp
         self.net = torch.jit.load(str(path), map_location="cpu")
+        # Tracks .to(device) even for a plugged-in network without parameters.
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
         # The file was saved in training mode. Its batch norms hard-code training=False, but keep eval()
         # anyway so that any other weights plugged in here behave, and never track gradients.
         self.net.eval()
@@ -190,7 +192,7 @@ class InceptionFeatureExtractor(nn.Module):
         return self
 
     def _device(self) -> torch.device:
-        return next(self.net.parameters()).device
+        return self._device_anchor.device
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
