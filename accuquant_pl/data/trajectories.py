@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,11 +11,16 @@ import lightning as L
 import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from accuquant_pl.data.trajectory_cache import CacheError, check_cache, key_hash, read_cache, write_cache
 from accuquant_pl.io import sha256_tree
-from accuquant_pl.models.loading import inspect_model_folder, load_scheduler_config, load_unet, scheduler_from_config
+from accuquant_pl.models.loading import (
+    inspect_model_folder,
+    load_scheduler_config,
+    load_unet,
+    scheduler_from_config,
+)
 from accuquant_pl.sampling import Conditioning, initial_noise, sample
 
 GroupStarts = Literal["all", "windows"]
@@ -59,6 +65,7 @@ class TrajectoryGroups(Dataset):
         out: dict[str, Any] = {
             "x": self.states[i, j],
             "target": self.states[i, j + n],
+            "targets": self.states[i, j + 1 : j + n + 1],
             "timesteps": self.timesteps[j : j + n],
             "step_index": j,
             "trajectory": i,
@@ -85,12 +92,47 @@ class TrajectoryGroups(Dataset):
         raise ValueError(f"unknown start_weighting {weighting!r}; choose 'uniform' or 'linear'")
 
 
+class StartBatchSampler(Sampler[list[int]]):
+    """Batches of items that share one group start: a start is drawn (weighted), then distinct trajectories.
+
+    Sharing the start lets the sampler's scalar-timestep ``step`` roll a whole batch out at once.
+    Seeded by (seed, epoch): Lightning calls ``set_epoch`` before every epoch, so epoch e draws the same
+    batches in a resumed run as in an uninterrupted one.
+    """
+
+    def __init__(self, groups: TrajectoryGroups, batch_size: int, num_batches: int,
+                 weighting: StartWeighting = "uniform", seed: int = 0) -> None:
+        self.groups, self.batch_size, self.num_batches, self.seed = groups, batch_size, num_batches, seed
+        self.epoch = 0
+        num_trajectories = groups.states.shape[0]
+        if batch_size > num_trajectories:
+            raise ValueError(f"batch_size {batch_size} exceeds the {num_trajectories} trajectories")
+        starts = torch.tensor(groups.starts, dtype=torch.float32)
+        self.start_weights = torch.ones_like(starts) if weighting == "uniform" else 1.0 + starts
+        if weighting not in ("uniform", "linear"):
+            raise ValueError(f"unknown start_weighting {weighting!r}; choose 'uniform' or 'linear'")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        num_starts, num_traj = len(self.groups.starts), self.groups.states.shape[0]
+        for _ in range(self.num_batches):
+            s = int(torch.multinomial(self.start_weights, 1, generator=gen))
+            trajectories = torch.randperm(num_traj, generator=gen)[: self.batch_size]
+            yield [int(i) * num_starts + s for i in trajectories]
+
+
 class TrajectoryDataModule(L.LightningDataModule):
     """Samples N FP trajectories once (``prepare_data``, cached on disk) and serves n-step groups from them."""
 
     def __init__(
         self,
-        pretrained: str | None = None,
+        teacher: str | None = None,
         scheduler: str = "ddim",
         num_inference_steps: int = 50,
         eta: float = 0.0,
@@ -113,7 +155,7 @@ class TrajectoryDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            pretrained: FP model folder; None takes the LightningModule's ``pretrained``.
+            teacher: FP model folder; None takes the LightningModule's ``pretrained``.
             scheduler: diffusers sampler of the trajectories (and of the AccuQuant rollout): ddim, ddpm, dpmsolver++, euler.
             num_inference_steps: sampling steps S of each trajectory.
             eta: DDIM eta (0 = deterministic).
@@ -151,16 +193,18 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.tensors: dict[str, Tensor] | None = None
         self.train_set: TrajectoryGroups | None = None
         self._prompts: dict[str, Tensor] | None = None
+        self.batches_per_epoch: int | None = None
+        """Batches per epoch; the calibration module sets it to its iterations per unit."""
 
     # ----- configuration shared with the calibration module -----
     @property
     def model_path(self) -> str:
-        if self.hparams.pretrained is not None:
-            return self.hparams.pretrained
+        if self.hparams.teacher is not None:
+            return self.hparams.teacher
         module = self.trainer.lightning_module if self.trainer is not None else None
         path = getattr(getattr(module, "hparams", None), "pretrained", None)
         if path is None:
-            raise ValueError("TrajectoryDataModule needs `pretrained` (or a LightningModule that has one)")
+            raise ValueError("TrajectoryDataModule needs `teacher` (or a LightningModule with `pretrained`)")
         return path
 
     @property
@@ -295,11 +339,9 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        weights = self.train_set.start_weights(hp.start_weighting)
-        # A sampler with replacement gives every unit the same number of batches however large the cache is.
-        sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)
-        return DataLoader(self.train_set, batch_size=hp.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=hp.num_workers)
+        sampler = StartBatchSampler(self.train_set, hp.batch_size, self.batches_per_epoch or self.steps_per_epoch,
+                                    hp.start_weighting, seed=hp.seed)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=hp.num_workers)
 
     def calibration_inputs(self, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:
         """Model inputs (x_k, t_k, conditioning) drawn over all steps, to initialise activation quantizers."""

@@ -9,7 +9,7 @@ from accuquant_pl.data.trajectory_cache import CacheError
 
 
 def make_dm(model_dir, tmp_path, **kw):
-    args = dict(pretrained=str(model_dir), num_inference_steps=5, num_trajectories=4, batch_size=2,
+    args = dict(teacher=str(model_dir), num_inference_steps=5, num_trajectories=4, batch_size=2,
                 cache_dir=str(tmp_path / "cache"))
     args.update(kw)
     return TrajectoryDataModule(**args)

@@ -1,0 +1,261 @@
+"""Block-wise reconstruction as a LightningModule: epoch e calibrates reconstruction unit e."""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from accuquant_pl.calibration.objectives import (
+    OBJECTIVES,
+    accuquant_step,
+    check_rollout_scheduler,
+    per_step_loss,
+)
+from accuquant_pl.calibration.rollout import GRADIENT_MODES, Reduction
+from accuquant_pl.models.loading import load_unet
+from accuquant_pl.quant import (
+    AdaRoundQuantizer,
+    AdaRoundSchedule,
+    QuantSpec,
+    adaround_regularizer,
+    calibrate_activations,
+    harden,
+    quantize,
+    reconstruction_units,
+    set_quant_state,
+    unit_parameters,
+)
+
+
+def _rng_state() -> dict[str, Any]:
+    # Plain tensors and numbers only, so the checkpoint loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss], "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
+class BlockReconstruction(L.LightningModule):
+    """Calibrates a quantized copy of an FP diffusers UNet unit by unit (BRECQ / Q-Diffusion / AccuQuant).
+
+    ``setup`` quantizes the student and initialises its activation quantizers from the trajectory cache;
+    every training epoch optimises one reconstruction unit (units before it quantized and frozen, units
+    after it FP by default) and hardens its rounding at the end. ``objective='rtn'`` runs no epochs:
+    round-to-nearest weights with calibrated activation ranges.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "models/digits-ddpm",
+        quant: QuantSpec | None = None,
+        objective: Literal["per_step", "accuquant", "rtn"] = "accuquant",
+        gradient: Literal["exact", "checkpointed", "approx", "stepwise"] = "checkpointed",
+        iterations_per_unit: int = 100,
+        lr_adaround: float = 1e-3,
+        lr_act_scale: float = 4e-5,
+        lr_weight_scale: float = 1e-4,
+        rounding_weight: float = 0.01,
+        rounding_warmup: float = 0.2,
+        beta_start: float = 20.0,
+        beta_end: float = 2.0,
+        loss_reduction: Reduction = "sum_per_sample",
+        later_units: Literal["fp", "quantized"] = "fp",
+        act_calibration_samples: int = 256,
+    ) -> None:
+        """
+        Args:
+            pretrained: the FP diffusers model folder (UNet + scheduler config).
+            quant: the quantization spec (bit widths, initialisation, AdaRound, attention matmuls, overrides).
+            objective: 'per_step' (block-output MSE on independent steps, Q-Diffusion/BRECQ), 'accuquant'
+                (n-step rollout against the FP trajectory; n is the data module's group_size) or 'rtn'
+                (no optimisation).
+            gradient: AccuQuant gradient mode: exact, checkpointed (exact, O(1) activation memory), approx
+                (no gradient through the network input on the recurrent path, O(1)) or stepwise.
+            iterations_per_unit: optimisation steps per reconstruction unit.
+            lr_adaround: Adam learning rate of the AdaRound rounding variables.
+            lr_act_scale: Adam learning rate of the LSQ activation step sizes.
+            lr_weight_scale: Adam learning rate of weight step sizes (round-to-nearest weights only).
+            rounding_weight: weight of the AdaRound rounding regulariser.
+            rounding_warmup: fraction of a unit's iterations before the regulariser switches on.
+            beta_start: regulariser beta at the end of warm-up (annealed linearly to beta_end).
+            beta_end: regulariser beta at the last iteration.
+            loss_reduction: 'sum_per_sample' (squared error summed per sample, BRECQ's scale against the
+                regulariser) or 'mean' (per element).
+            later_units: units after the current one run in 'fp' or 'quantized' with their initial parameters.
+            act_calibration_samples: (x_k, t_k) samples from the trajectories that initialise activation ranges.
+        """
+        super().__init__()
+        if iterations_per_unit < 1 and objective != "rtn":
+            raise ValueError(f"iterations_per_unit must be >= 1 for objective {objective!r}, got {iterations_per_unit}")
+        if objective not in (*OBJECTIVES, "rtn"):
+            raise ValueError(f"unknown objective {objective!r}; choose one of {(*OBJECTIVES, 'rtn')}")
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"unknown gradient mode {gradient!r}; choose one of {GRADIENT_MODES}")
+        if act_calibration_samples < 1:
+            raise ValueError(f"act_calibration_samples must be >= 1, got {act_calibration_samples}")
+        self.save_hyperparameters()
+        self.spec = quant or QuantSpec()
+        self.automatic_optimization = False
+        self.student: nn.Module | None = None
+        self.teacher: nn.Module | None = None  # FP targets of the per-step objective; not part of the checkpoint
+        self.unit_names: list[str] = []
+        self.done_units: list[str] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._lr_schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+        self._rounding_schedule: AdaRoundSchedule | None = None
+        self._iteration = 0
+
+    # ----- model construction (explicit, before any checkpoint is restored) -----
+    def configure_model(self) -> None:
+        if self.student is not None:
+            return
+        teacher = load_unet(self.hparams.pretrained)
+        student = quantize(copy.deepcopy(teacher), self.spec)
+        student.requires_grad_(False)
+        self.student = student
+        self.unit_names = [name for name, _ in reconstruction_units(student)]
+        if self.hparams.objective == "per_step":
+            self.teacher = teacher
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        datamodule = self.trainer.datamodule
+        if stage == "fit":
+            if self.hparams.objective == "accuquant":
+                check_rollout_scheduler(datamodule.make_scheduler(), datamodule.hparams.eta)
+            datamodule.batches_per_epoch = self.hparams.iterations_per_unit
+            wanted = 0 if self.hparams.objective == "rtn" else len(self.unit_names)
+            loop = self.trainer.fit_loop
+            loop.max_epochs = wanted if loop.max_epochs in (None, -1) else min(loop.max_epochs, wanted)
+        batches = datamodule.calibration_inputs(self.hparams.act_calibration_samples)
+        calibrate_activations(self.student, [self._model_inputs(b, datamodule) for b in batches])
+
+    @staticmethod
+    def _model_inputs(batch: dict[str, Any], datamodule: Any) -> dict[str, Any]:
+        inputs = {"sample": batch["x"], "timestep": batch["timesteps"][:, 0]}
+        cond = datamodule.conditioning(batch)
+        if cond is not None:
+            inputs.update(cond.kwargs())
+        return inputs
+
+    def unit(self, index: int) -> nn.Module:
+        return self.student.get_submodule(self.unit_names[index])
+
+    # ----- one epoch = one unit -----
+    def on_train_epoch_start(self) -> None:
+        e = self.current_epoch
+        later_quantized = self.hparams.later_units == "quantized"
+        for i, name in enumerate(self.unit_names):
+            on = i <= e or later_quantized
+            set_quant_state(self.student.get_submodule(name), weight=on, act=on)
+        groups = unit_parameters(self.unit(e))
+        lrs = {"adaround": self.hparams.lr_adaround, "act_scale": self.hparams.lr_act_scale,
+               "weight_scale": self.hparams.lr_weight_scale}
+        param_groups = [{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps]
+        for group in param_groups:
+            for p in group["params"]:
+                p.requires_grad_(True)
+        iters = self.hparams.iterations_per_unit
+        self._optimizer = torch.optim.Adam(param_groups) if param_groups else None
+        self._lr_schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(self._optimizer, T_max=iters)
+                             if self._optimizer else None)
+        self._rounding_schedule = AdaRoundSchedule(iters, self.hparams.rounding_weight, self.hparams.rounding_warmup,
+                                                   self.hparams.beta_start, self.hparams.beta_end)
+        self._iteration = 0
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_text"):
+            experiment.add_text("calib/unit", self.unit_names[e], global_step=e)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if self._iteration >= self.hparams.iterations_per_unit else None
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        e, hp = self.current_epoch, self.hparams
+        unit = self.unit(e)
+        datamodule = self.trainer.datamodule
+        cond = datamodule.conditioning(batch)
+        beta, weight = self._rounding_schedule(self._iteration)
+        if self._optimizer is not None:
+            self._optimizer.zero_grad(set_to_none=True)
+        if hp.objective == "per_step":
+            loss = per_step_loss(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
+                                 batch, cond, hp.loss_reduction)
+            self.manual_backward(loss)
+        else:
+            scheduler = datamodule.make_scheduler()
+            loss = accuquant_step(self.student, scheduler, batch, cond, hp.gradient, hp.loss_reduction)
+        rounding = adaround_regularizer(unit, beta).to(self.device)
+        if weight > 0 and rounding.requires_grad:
+            self.manual_backward(weight * rounding)
+        if self._optimizer is not None:
+            self._optimizer.step()
+            self._lr_schedule.step()
+        self._iteration += 1
+        self.log_dict({"calib/loss": loss, "calib/rounding": rounding.detach(), "calib/unit": float(e)},
+                      prog_bar=True, on_step=True, on_epoch=False)
+        if self._iteration == hp.iterations_per_unit:
+            self._finish_unit(e)
+        return loss
+
+    def _finish_unit(self, e: int) -> None:
+        # Hardened here, inside the last step, so that the epoch-end checkpoint already holds the final rounding.
+        unit = self.unit(e)
+        harden(unit, "learned")
+        for p in unit.parameters():
+            p.requires_grad_(False)
+        self.done_units.append(self.unit_names[e])
+        self._optimizer = None
+
+    def on_train_epoch_end(self) -> None:
+        name = self.unit_names[self.current_epoch]
+        if name not in self.done_units:
+            raise RuntimeError(f"unit {name} got fewer than iterations_per_unit={self.hparams.iterations_per_unit} "
+                               "batches; the data module must yield that many")
+
+    def finalize(self) -> nn.Module:
+        """The calibrated student, fully quantized; units never calibrated (rtn, or a run stopped early by
+        ``max_epochs``) get round-to-nearest rounding. Idempotent."""
+        harden(self.student, "nearest")
+        set_quant_state(self.student, weight=True, act=True)
+        return self.student
+
+    def on_fit_end(self) -> None:
+        self.finalize()
+
+    # ----- checkpoints: done units are hardened, so rebuild that structure before the state dict loads -----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["accuquant"] = {
+            "done_units": list(self.done_units),
+            "rng": _rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        state = checkpoint.get("accuquant")
+        if state is None:
+            raise ValueError("checkpoint has no 'accuquant' section: it was not written by BlockReconstruction")
+        unknown = [n for n in state["done_units"] if n not in self.unit_names]
+        if unknown:
+            raise ValueError(f"checkpoint names units {unknown} that this model does not have")
+        for name in state["done_units"]:
+            for q in self.student.get_submodule(name).modules():
+                if isinstance(q, AdaRoundQuantizer) and not q.hardened and not q.is_off:
+                    q.mark_hardened(tuple(q.alpha.shape))
+        self.done_units = list(state["done_units"])
+        _set_rng_state(state["rng"])
+
+    def configure_optimizers(self) -> None:
+        # One optimiser per unit, built in on_train_epoch_start; Lightning holds none.
+        return None

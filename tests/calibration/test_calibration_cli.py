@@ -1,0 +1,94 @@
+"""Calibration end to end through the CLI on a tiny UNet: every objective, resume, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from accuquant_pl.cli import main
+from accuquant_pl.quantized_model import load_quantized_model
+from tests.conftest import REPO
+
+
+def tiny_args(tmp_path: Path, model_dir: Path, config: str = "digits_w4a8_accuquant.yaml", name: str = "run",
+              **model_args) -> list[str]:
+    root = tmp_path / name
+    override = {
+        "trainer": {
+            "default_root_dir": str(root), "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(root), "name": "tb"}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
+                               "every_n_epochs": 1, "save_on_train_epoch_end": True}},
+                {"class_path": "callbacks.quantized_export.ExportQuantized",
+                 "init_args": {"dirpath": str(root / "quantized")}},
+            ],
+        },
+        "model": {"init_args": {"pretrained": str(model_dir), "iterations_per_unit": 2,
+                                "act_calibration_samples": 8, **model_args}},
+        "data": {"init_args": {"num_inference_steps": 6, "num_trajectories": 4, "batch_size": 4,
+                               "cache_dir": str(tmp_path / "cache")}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return ["fit", "--config", str(REPO / "configs" / config), "--config", str(path)]
+
+
+@pytest.mark.parametrize("config", ["digits_w4a8_accuquant.yaml", "digits_w4a8_qdiff.yaml", "digits_w4a8_rtn.yaml"])
+def test_tiny_calibration_exports_a_loadable_quantized_model(tmp_path, tiny_model_dir, config):
+    cli = main(tiny_args(tmp_path, tiny_model_dir, config))
+    module = cli.model
+    expected = 0 if "rtn" in config else len(module.unit_names)
+    assert len(module.done_units) == expected
+    unet, scheduler_config = load_quantized_model(tmp_path / "run" / "quantized")
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(unet(x, 10).sample, module.student(x, 10).sample)
+    assert scheduler_config["num_train_timesteps"] == 100
+    events = list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard log"
+
+
+def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_model_dir):
+    full = main(tiny_args(tmp_path, tiny_model_dir, name="full"))
+    num_units = len(full.model.unit_names)
+    stop_after = 3
+    main([*tiny_args(tmp_path, tiny_model_dir, name="resumed"), "--trainer.max_epochs", str(stop_after)])
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert len(ckpt["accuquant"]["done_units"]) == stop_after
+    resumed = main([*tiny_args(tmp_path, tiny_model_dir, name="resumed"),
+                    "--ckpt_path", str(tmp_path / "resumed" / "checkpoints" / "last.ckpt")])
+    assert len(resumed.model.done_units) == num_units
+    a = load_file(tmp_path / "full" / "quantized" / "quantized.safetensors")
+    b = load_file(tmp_path / "resumed" / "quantized" / "quantized.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+
+
+def test_zero_iterations_is_rejected(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="iterations_per_unit must be >= 1"):
+        main(tiny_args(tmp_path, tiny_model_dir, iterations_per_unit=0))
+
+
+def test_unknown_gradient_mode_is_named(tmp_path, tiny_model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(tiny_args(tmp_path, tiny_model_dir, gradient="fancy"))
+    assert "fancy" in capsys.readouterr().err
+
+
+def test_unknown_objective_is_named(tmp_path, tiny_model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(tiny_args(tmp_path, tiny_model_dir, objective="magic"))
+    assert "magic" in capsys.readouterr().err
+
+
+def test_stochastic_sampler_is_rejected_for_the_rollout(tmp_path, tiny_model_dir):
+    args = [*tiny_args(tmp_path, tiny_model_dir), "--data.init_args.eta", "1.0"]
+    with pytest.raises(ValueError, match="eta=1.0"):
+        main(args)
