@@ -1,0 +1,107 @@
+"""Quality of RTN, the per-step baseline and AccuQuant on the shipped digits teacher, at equal iteration budgets.
+
+Prints the pixel-space error of final samples against FP samples from the same noise (held-out seeds that
+calibration never saw), plus the digit-classifier view of the samples, and writes JSON for docs/results.md.
+
+    python benchmarks/quality.py                     # W8A8, W4A8, W4A4 x {rtn, per_step, accuquant}
+    python benchmarks/quality.py --bits w4a8 --methods accuquant --group-sizes 1,2,4,8   # group-size ablation
+    python benchmarks/quality.py --bits w4a8 --methods accuquant --gradients exact,checkpointed,approx,stepwise
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from accuquant_pl.calibration.module import BlockReconstruction  # noqa: E402
+from accuquant_pl.data.digits_quality import DigitClassifier  # noqa: E402
+from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
+from accuquant_pl.evaluation import paired_errors, samples_from  # noqa: E402
+from accuquant_pl.io import atomic_write_json  # noqa: E402
+from accuquant_pl.models.loading import load_unet  # noqa: E402
+from accuquant_pl.quant import QuantSpec  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default=str(REPO / "models" / "digits-ddpm"))
+    p.add_argument("--bits", default="w8a8,w4a8,w4a4", help="comma list of wXaY")
+    p.add_argument("--methods", default="rtn,per_step,accuquant", help="comma list of rtn, per_step, accuquant")
+    p.add_argument("--group-sizes", default="4", help="AccuQuant group sizes n (one row each)")
+    p.add_argument("--gradients", default="checkpointed", help="AccuQuant gradient modes (one row each)")
+    p.add_argument("--iters", type=int, default=50, help="iterations per reconstruction unit (all methods)")
+    p.add_argument("--num-trajectories", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (calibration and evaluation)")
+    p.add_argument("--eval-samples", type=int, default=128)
+    p.add_argument("--eval-first-seed", type=int, default=100_000, help="held-out seeds: disjoint from calibration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "docs" / "results" / "quality.json"))
+    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "trajectories"))
+    return p.parse_args()
+
+
+def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient: str) -> torch.nn.Module:
+    w, a = (int(v) for v in bits[1:].split("a"))
+    L.seed_everything(args.seed, verbose=False)
+    dm = TrajectoryDataModule(teacher=args.teacher, num_inference_steps=args.steps,
+                              num_trajectories=args.num_trajectories, seed=args.seed, batch_size=args.batch_size,
+                              group_size=n, cache_dir=args.cache_dir)
+    module = BlockReconstruction(pretrained=args.teacher, quant=QuantSpec(weight_bits=w, act_bits=a,
+                                 adaround=method != "rtn"), objective=method, gradient=gradient,
+                                 iterations_per_unit=args.iters)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, dm)
+    return module.finalize()
+
+
+def main() -> None:
+    args = parse_args()
+    teacher = load_unet(args.teacher)
+    dm = TrajectoryDataModule(teacher=args.teacher, num_inference_steps=args.steps)
+    scheduler = dm.make_scheduler()
+    seeds = list(range(args.eval_first_seed, args.eval_first_seed + args.eval_samples))
+    classifier = DigitClassifier()
+    rows = [{"bits": "fp32", "method": "fp", "n": None, "gradient": None, "final_mse": 0.0, "final_psnr": None,
+             "calib_seconds": 0.0, **classifier.score(samples_from(teacher, scheduler, seeds, args.steps)).as_dict()}]
+    runs = []
+    for bits in args.bits.split(","):
+        for method in args.methods.split(","):
+            if method == "accuquant":
+                runs += [(bits, method, int(n), g) for n in args.group_sizes.split(",") for g in args.gradients.split(",")]
+            else:
+                runs.append((bits, method, 1, "exact"))
+    for bits, method, n, gradient in runs:
+        start = time.time()
+        student = calibrate(args, bits, method, n, gradient)
+        seconds = time.time() - start
+        errors = paired_errors(teacher, student, scheduler, seeds, args.steps)
+        quality = classifier.score(samples_from(student, scheduler, seeds, args.steps)).as_dict()
+        row = {"bits": bits, "method": method, "n": n if method == "accuquant" else None,
+               "gradient": gradient if method == "accuquant" else None, "final_mse": errors.final_mse,
+               "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
+               "per_step": errors.per_step, "accumulated": errors.accumulated}
+        rows.append(row)
+        print(f"{bits} {method} n={n} {gradient}: final MSE {errors.final_mse:.5f} PSNR {errors.final_psnr:.2f} dB "
+              f"({seconds:.0f} s)", flush=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir", "teacher")}
+    atomic_write_json(args.out, {"settings": settings, "torch_threads": torch.get_num_threads(), "rows": rows})
+    print("\n| bits | method | n | gradient | final MSE vs FP | PSNR (dB) | digit confidence | calib time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        psnr = f"{r['final_psnr']:.2f}" if r["final_psnr"] else "-"
+        print(f"| {r['bits']} | {r['method']} | {r['n'] or '-'} | {r['gradient'] or '-'} | {r['final_mse']:.5f} | "
+              f"{psnr} | {r['confidence']:.3f} | {r['calib_seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
