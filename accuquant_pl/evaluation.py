@@ -24,6 +24,10 @@ class PairedErrors:
     """MSE of the quantized vs FP model output on the FP state x_k, for every step k (no accumulation)."""
     accumulated: list[float]
     """MSE of the quantized sampler's own state vs the FP state after every step k."""
+    fp_samples: Tensor
+    """Final FP samples (N, C, H, W), clamped to [-1, 1]."""
+    q_samples: Tensor
+    """Final quantized samples from the same noises, clamped to [-1, 1]."""
 
 
 @torch.no_grad()
@@ -34,10 +38,13 @@ def paired_errors(fp_unet: nn.Module, q_unet: nn.Module, scheduler: SchedulerMix
     sums_step = torch.zeros(num_inference_steps, dtype=torch.float64)
     sums_acc = torch.zeros(num_inference_steps, dtype=torch.float64)
     device = next(fp_unet.parameters()).device
+    finals: dict[str, list[Tensor]] = {"fp": [], "q": []}
     for start in range(0, len(seeds), batch_size):
         noise = initial_noise(seeds[start : start + batch_size], shape).to(device)
         fp = sample(fp_unet, scheduler, noise, num_inference_steps, cond, keep_trajectory=True)
         q = sample(q_unet, scheduler, noise, num_inference_steps, cond, keep_trajectory=True)
+        finals["fp"].append(fp.states[-1].clamp(-1, 1).cpu())
+        finals["q"].append(q.states[-1].clamp(-1, 1).cpu())
         for k, t in enumerate(fp.timesteps):
             x = scheduler.scale_model_input(fp.states[k], t)
             diff = model_output(q_unet, x, t, cond) - model_output(fp_unet, x, t, cond)
@@ -50,6 +57,8 @@ def paired_errors(fp_unet: nn.Module, q_unet: nn.Module, scheduler: SchedulerMix
         final_psnr=10 * math.log10(4.0 / final) if final > 0 else math.inf,
         per_step=(sums_step / n).tolist(),
         accumulated=(sums_acc / n).tolist(),
+        fp_samples=torch.cat(finals["fp"]),
+        q_samples=torch.cat(finals["q"]),
     )
 
 

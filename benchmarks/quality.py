@@ -85,7 +85,7 @@ def main() -> None:
         student = calibrate(args, bits, method, n, gradient)
         seconds = time.time() - start
         errors = paired_errors(teacher, student, scheduler, seeds, args.steps)
-        quality = classifier.score(samples_from(student, scheduler, seeds, args.steps)).as_dict()
+        quality = classifier.score(errors.q_samples).as_dict()
         row = {"bits": bits, "method": method, "n": n if method == "accuquant" else None,
                "gradient": gradient if method == "accuquant" else None, "final_mse": errors.final_mse,
                "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
