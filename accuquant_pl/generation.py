@@ -6,6 +6,7 @@ import lightning as L
 from torch import Tensor
 
 from accuquant_pl.models.loading import load_scheduler_config, load_unet, scheduler_from_config
+from accuquant_pl.quantized_model import load_quantized_model
 from accuquant_pl.sampling import initial_noise, sample
 
 
@@ -15,6 +16,7 @@ class DiffusionSampler(L.LightningModule):
     def __init__(
         self,
         pretrained: str = "models/digits-ddpm",
+        quantized: str | None = None,
         scheduler: str = "ddim",
         num_inference_steps: int = 50,
         eta: float = 0.0,
@@ -23,6 +25,7 @@ class DiffusionSampler(L.LightningModule):
         Args:
             pretrained: local diffusers folder (pipeline folder with unet/ and scheduler/, or a bare UNet folder
                 with scheduler_config.json).
+            quantized: a quantized model folder (``ExportQuantized`` output) to sample from instead of the FP UNet.
             scheduler: sampler: ddim, ddpm, dpmsolver++ or euler (built from the folder's scheduler config).
             num_inference_steps: denoising steps.
             eta: DDIM eta (0 = deterministic).
@@ -31,8 +34,12 @@ class DiffusionSampler(L.LightningModule):
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.save_hyperparameters()
-        self.unet = load_unet(pretrained)
-        self.scheduler = scheduler_from_config(scheduler, load_scheduler_config(pretrained))
+        scheduler_config = None
+        if quantized is not None:
+            self.unet, scheduler_config = load_quantized_model(quantized)
+        else:
+            self.unet = load_unet(pretrained)
+        self.scheduler = scheduler_from_config(scheduler, scheduler_config or load_scheduler_config(pretrained))
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:

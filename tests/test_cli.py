@@ -114,3 +114,25 @@ def test_folder_that_is_not_a_unet(tmp_path):
     with pytest.raises(ValueError, match="AutoencoderKL"):
         main(["predict", "--config", str(REPO / "configs" / "sample_digits.yaml"),
               "--model.init_args.pretrained", str(tmp_path / "vae")])
+
+
+def test_predict_from_a_quantized_folder(tmp_path, tiny_model_dir):
+    import torch
+
+    from accuquant_pl.models import load_unet
+    from accuquant_pl.quant import QuantSpec, rtn_quantize
+    from accuquant_pl.quantized_model import export_quantized, load_quantized_model
+
+    unet = rtn_quantize(load_unet(tiny_model_dir), QuantSpec(weight_bits=4),
+                        [{"sample": torch.randn(4, 1, 8, 8), "timestep": torch.tensor(50)}])
+    export_quantized(unet, tmp_path / "q")
+    out = tmp_path / "samples"
+    cli = main(["predict", "--config", str(REPO / "configs" / "sample_digits.yaml"),
+                "--model.init_args.pretrained", str(tiny_model_dir), "--model.init_args.quantized", str(tmp_path / "q"),
+                "--model.init_args.num_inference_steps", "3", "--data.init_args.num_samples", "2",
+                "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", str(tmp_path)])
+    loaded, _ = load_quantized_model(tmp_path / "q")
+    x = torch.randn(1, 1, 8, 8)
+    assert torch.equal(cli.model.unet(x, 5).sample, loaded(x, 5).sample)
+    assert np.load(out / "samples.npz")["images"].shape == (2, 1, 8, 8)
