@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+
+from accuquant_pl.io import atomic_path
 
 __all__ = [
     "FeatureStats",
@@ -314,7 +314,6 @@ def save_stats(path: str | Path, stats: FeatureStats, dataset_key: str, extracto
     equally valid result.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     manifest = {
         "format": _CACHE_FORMAT,
         "version": _CACHE_VERSION,
@@ -325,22 +324,14 @@ def save_stats(path: str | Path, stats: FeatureStats, dataset_key: str, extracto
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                mean=stats.mean.double().cpu().numpy(),
-                cov=stats.cov.double().cpu().numpy(),
-                num_samples=np.int64(stats.num_samples),
-                manifest=np.str_(json.dumps(manifest, sort_keys=True)),
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            mean=stats.mean.double().cpu().numpy(),
+            cov=stats.cov.double().cpu().numpy(),
+            num_samples=np.int64(stats.num_samples),
+            manifest=np.str_(json.dumps(manifest, sort_keys=True)),
+        )
     return path
 
 

@@ -212,6 +212,8 @@ class InceptionFeatureExtractor(nn.Module):
                     align_corners=False,
                     antialias=False,
                 )
+                if self.clamp:  # interpolation can land one float ulp outside [-1, 1]
+                    chunk = chunk.clamp(-1.0, 1.0)
             out.append(self.net(chunk).to(self.output_dtype))
         if not out:
             return torch.zeros(0, self.num_features, dtype=self.output_dtype, device=device)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from accuquant_pl.io import atomic_path, atomic_write_text
 
 from .adaround import AdaRoundQuantizer
 from .attention import QuantAttnProcessor
@@ -28,19 +28,6 @@ WEIGHTS_NAME = "quantized.safetensors"
 MAP_NAME = "quantization_map.json"
 FORMAT = "accuquant-pl/quantization-map"
 VERSION = 1
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` to a temp file in the same folder, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def quantization_map(model: nn.Module, spec: QuantSpec | None = None) -> dict[str, Any]:
@@ -75,8 +62,9 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, spec: QuantSpec 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     qmap = quantization_map(model, spec)
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
-    _atomic_write(folder / MAP_NAME, lambda p: Path(p).write_text(json.dumps(qmap, indent=2)))
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+    atomic_write_text(folder / MAP_NAME, json.dumps(qmap, indent=2))
 
 
 def _read_map(folder: Path) -> dict[str, Any]:
