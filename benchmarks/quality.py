@@ -25,7 +25,7 @@ from accuquant_pl.calibration.module import BlockReconstruction  # noqa: E402
 from accuquant_pl.data.digits_quality import DigitClassifier  # noqa: E402
 from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
 from accuquant_pl.evaluation import paired_errors, samples_from  # noqa: E402
-from accuquant_pl.io import atomic_write_json  # noqa: E402
+from accuquant_pl.io import atomic_torch_save, atomic_write_json  # noqa: E402
 from accuquant_pl.models.loading import load_unet  # noqa: E402
 from accuquant_pl.quant import QuantSpec  # noqa: E402
 
@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "quality.json"))
     p.add_argument("--cache-dir", default=str(REPO / ".cache" / "trajectories"))
+    p.add_argument("--samples-dir", default=str(REPO / ".cache" / "quality_samples"),
+                   help="final samples of every row (.pt), read by make_results.py for FID")
     return p.parse_args()
 
 
@@ -64,6 +66,13 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
     return module.finalize()
 
 
+def save_samples(folder: Path, name: str, samples: torch.Tensor, seeds: list[int]) -> str:
+    """Keep a row's final samples (with their seeds) so FID can be computed later without resampling."""
+    path = folder / f"{name}.pt"
+    atomic_torch_save({"samples": samples, "seeds": seeds}, path)
+    return str(path)
+
+
 def main() -> None:
     args = parse_args()
     teacher = load_unet(args.teacher)
@@ -71,8 +80,11 @@ def main() -> None:
     scheduler = dm.make_scheduler()
     seeds = list(range(args.eval_first_seed, args.eval_first_seed + args.eval_samples))
     classifier = DigitClassifier()
+    samples_dir = Path(args.samples_dir)
+    fp_samples = samples_from(teacher, scheduler, seeds, args.steps)
     rows = [{"bits": "fp32", "method": "fp", "n": None, "gradient": None, "final_mse": 0.0, "final_psnr": None,
-             "calib_seconds": 0.0, **classifier.score(samples_from(teacher, scheduler, seeds, args.steps)).as_dict()}]
+             "calib_seconds": 0.0, "samples_file": save_samples(samples_dir, "fp", fp_samples, seeds),
+             **classifier.score(fp_samples).as_dict()}]
     runs = []
     for bits in args.bits.split(","):
         for method in args.methods.split(","):
@@ -89,7 +101,9 @@ def main() -> None:
         row = {"bits": bits, "method": method, "n": n if method == "accuquant" else None,
                "gradient": gradient if method == "accuquant" else None, "final_mse": errors.final_mse,
                "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
-               "per_step": errors.per_step, "accumulated": errors.accumulated}
+               "per_step": errors.per_step, "accumulated": errors.accumulated,
+               "samples_file": save_samples(samples_dir, f"{bits}_{method}_n{n}_{gradient}_it{args.iters}",
+                                            errors.q_samples, seeds)}
         rows.append(row)
         print(f"{bits} {method} n={n} {gradient}: final MSE {errors.final_mse:.5f} PSNR {errors.final_psnr:.2f} dB "
               f"({seconds:.0f} s)", flush=True)

@@ -23,7 +23,7 @@ class SeedDataset(Dataset):
 
 
 class SeedDataModule(L.LightningDataModule):
-    """Seeds of the initial noises to sample from (predict / test)."""
+    """Seeds of the initial noises to sample from (predict / validate / test)."""
 
     def __init__(self, num_samples: int = 64, batch_size: int = 64, first_seed: int = 0) -> None:
         """
@@ -45,4 +45,7 @@ class SeedDataModule(L.LightningDataModule):
         return self._loader()
 
     def test_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
         return self._loader()

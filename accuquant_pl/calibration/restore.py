@@ -1,0 +1,43 @@
+"""The quantized UNet held by a calibration checkpoint (a ``BlockReconstruction`` Lightning ``.ckpt``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from accuquant_pl.calibration.module import BlockReconstruction, _rng_state, _set_rng_state
+from accuquant_pl.quant import QuantSpec
+
+
+def is_calibration_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    return "accuquant" in checkpoint and "state_dict" in checkpoint and "hyper_parameters" in checkpoint
+
+
+def student_from_checkpoint(checkpoint: dict[str, Any], pretrained: str | None = None) -> nn.Module:
+    """Rebuild the calibrated student of ``checkpoint`` and finalize it (uncalibrated units: nearest rounding).
+
+    Args:
+        checkpoint: the loaded checkpoint dictionary.
+        pretrained: FP model folder to build the structure from, when it moved since calibration.
+    """
+    if not is_calibration_checkpoint(checkpoint):
+        raise ValueError("not a calibration checkpoint: it lacks the 'accuquant', 'state_dict' or "
+                         "'hyper_parameters' section that BlockReconstruction writes")
+    hparams = dict(checkpoint["hyper_parameters"])
+    if pretrained is not None:
+        hparams["pretrained"] = pretrained
+    if not Path(hparams["pretrained"]).exists():
+        raise FileNotFoundError(f"the checkpoint's FP model folder {hparams['pretrained']!r} does not exist; "
+                                "pass the folder it was calibrated from")
+    if isinstance(hparams.get("quant"), dict):  # the CLI stores the spec as plain data
+        hparams["quant"] = QuantSpec.from_dict(hparams["quant"])
+    module = BlockReconstruction(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+    rng = _rng_state()  # restoring a checkpoint also restores the calibration RNG; evaluation must not see that
+    try:
+        module.on_load_checkpoint(checkpoint)
+    finally:
+        _set_rng_state(rng)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.finalize()

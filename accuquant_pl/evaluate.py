@@ -1,0 +1,148 @@
+"""``validate`` / ``test``: sample quality of a quantized (or the FP) model against FP and real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from accuquant_pl.calibration.restore import is_calibration_checkpoint, student_from_checkpoint
+from accuquant_pl.evaluation import paired_errors, samples_from
+from accuquant_pl.generation import DiffusionSampler
+from accuquant_pl.images import make_grid, save_png
+from accuquant_pl.io import atomic_write_json
+from accuquant_pl.models.loading import load_unet
+from accuquant_pl.plots import plot_error_curves
+from accuquant_pl.sample_metrics import SampleQualityMeter
+
+
+class SampleEvaluation(DiffusionSampler):
+    """Samples one image per seed of the data module with the evaluated model and with the FP teacher from
+    the same noise, then reports FID vs real held-out data, FID2FP32, KID, pixel MSE/PSNR vs FP, the FID
+    noise floor, and the per-step / accumulated error curves (TensorBoard, a JSON file and a PNG plot).
+
+    The model is the ``quantized`` folder, the calibration checkpoint given by ``--ckpt_path`` (converted in
+    ``on_load_checkpoint``), or, with neither, the FP teacher itself (a sanity row: MSE 0, FID2FP32 0).
+    """
+
+    converts_calibration_checkpoints = True  # tells AccuQuantCLI to keep this model config under --ckpt_path
+
+    def __init__(
+        self,
+        pretrained: str = "models/digits-ddpm",
+        quantized: str | None = None,
+        scheduler: str = "ddim",
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+        features: str = "inception",
+        real_dataset: str | None = "digits",
+        kid: bool = True,
+        noise_floor_seed_offset: int = 10_000_000,
+        stats_cache_dir: str | None = ".cache/fid_stats",
+        output_dir: str | None = "outputs/evaluation",
+    ) -> None:
+        """
+        Args:
+            pretrained: the FP diffusers model folder (the teacher the samples are paired with).
+            quantized: a quantized model folder to evaluate; without it (and without --ckpt_path) the FP model.
+            scheduler: sampler: ddim, ddpm, dpmsolver++ or euler.
+            num_inference_steps: denoising steps.
+            eta: DDIM eta (0 = deterministic).
+            features: FID features: 'inception' (standard FID Inception-v3), 'random-projection' (cheap, not
+                perceptual) or the path of a TorchScript extractor.
+            real_dataset: real reference images: 'digits' (held-out split) or a .pt file; null skips FID/KID vs real.
+            kid: also compute KID against the real images.
+            noise_floor_seed_offset: the noise-floor FP set uses seeds shifted by this (disjoint from the test seeds).
+            stats_cache_dir: cache of real-data FID statistics.
+            output_dir: where metrics.json, error_curves.png and samples.png go (null: no files).
+        """
+        super().__init__(pretrained, quantized, scheduler, num_inference_steps, eta)
+        self.teacher = load_unet(pretrained) if quantized is not None else None
+        self.meter: SampleQualityMeter | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._q: list[Tensor] = []
+        self._fp: list[Tensor] = []
+        self._fp_other: list[Tensor] = []
+        self._per_step = torch.zeros(self.hparams.num_inference_steps, dtype=torch.float64)
+        self._accumulated = torch.zeros_like(self._per_step)
+
+    # A calibration checkpoint holds a BlockReconstruction; evaluate its student instead of loading it as ours.
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not is_calibration_checkpoint(checkpoint):
+            raise ValueError("--ckpt_path must be a calibration checkpoint written by BlockReconstruction")
+        if self.teacher is None:
+            self.teacher = load_unet(self.hparams.pretrained)
+        self.unet = student_from_checkpoint(checkpoint, pretrained=self.hparams.pretrained)
+        checkpoint["state_dict"] = self.state_dict()
+
+    def _fp_model(self) -> torch.nn.Module:
+        return self.teacher if self.teacher is not None else self.unet
+
+    def _step(self, seeds: Tensor) -> None:
+        fp_model = self._fp_model()
+        errors = paired_errors(fp_model, self.unet, self.scheduler, seeds.tolist(), self.hparams.num_inference_steps)
+        n = len(seeds)
+        self._per_step += torch.tensor(errors.per_step, dtype=torch.float64) * n
+        self._accumulated += torch.tensor(errors.accumulated, dtype=torch.float64) * n
+        self._q.append(errors.q_samples)
+        self._fp.append(errors.fp_samples)
+        other = (seeds + self.hparams.noise_floor_seed_offset).tolist()
+        self._fp_other.append(samples_from(fp_model, self.scheduler, other, self.hparams.num_inference_steps))
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._step(batch)
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._finish("val")
+        self._reset()
+
+    def _gather(self, parts: list[Tensor]) -> Tensor:
+        local = torch.cat(parts)
+        if self.trainer.world_size == 1:
+            return local
+        return self.all_gather(local).flatten(0, 1).cpu()
+
+    def _finish(self, stage: str) -> None:
+        q, fp, fp_other = self._gather(self._q), self._gather(self._fp), self._gather(self._fp_other)
+        n = len(q)
+        per_step = self.trainer.strategy.reduce(self._per_step.to(self.device), reduce_op="sum").cpu() / n
+        accumulated = self.trainer.strategy.reduce(self._accumulated.to(self.device), reduce_op="sum").cpu() / n
+        hp = self.hparams
+        if self.meter is None:
+            size = self.sample_shape[-1]
+            self.meter = SampleQualityMeter(hp.features, hp.real_dataset, size, hp.stats_cache_dir, hp.kid)
+        quality = self.meter.measure(q, fp, fp_other if len(fp_other) >= 2 else None)
+        figures = {k: v for k, v in quality.as_dict().items() if v is not None}
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in figures.items()}, rank_zero_only=True, sync_dist=False)
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            experiment.add_image(f"{stage}/fp_vs_model", side_by_side(fp, q), global_step=self.global_step)
+            for k, (a, b) in enumerate(zip(per_step.tolist(), accumulated.tolist(), strict=True)):
+                experiment.add_scalars(f"{stage}/error_per_step", {"per_step": a, "accumulated": b}, k)
+        if hp.output_dir and self.trainer.is_global_zero:
+            out = Path(hp.output_dir)
+            model = hp.quantized or ("calibration checkpoint" if self.teacher is not None else "fp")
+            atomic_write_json(out / "metrics.json", {"model": model, "stage": stage, "settings": dict(hp), **figures,
+                                                     "per_step": per_step.tolist(),
+                                                     "accumulated": accumulated.tolist()})
+            plot_error_curves({str(model): (per_step.tolist(), accumulated.tolist())}, out / "error_curves.png")
+            save_png(side_by_side(fp[:32], q[:32]), out / "samples.png")
+        self._reset()
+
+
+def side_by_side(fp: Tensor, q: Tensor, nrow: int = 8) -> Tensor:
+    """(C, H, 2W + pad) grid: FP samples on the left, the evaluated model's from the same noises on the right."""
+    left, right = make_grid(fp[:64], nrow=nrow), make_grid(q[:64], nrow=nrow)
+    pad = torch.ones(left.shape[0], left.shape[1], 4)
+    return torch.cat([left, pad, right], dim=2)
