@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=docs/results
-python benchmarks/quality.py --bits w4a8,w8a8,w4a4 --out $R/quality.json
+python benchmarks/quality.py --bits w4a8 --out $R/quality_w4a8.json
+python benchmarks/quality.py --bits w8a8,w4a4 --out $R/quality_w8a8_w4a4.json
 python benchmarks/quality.py --bits w4a8 --methods accuquant --group-sizes 1,2,8 --out $R/ablation_group_size.json
 python benchmarks/quality.py --bits w4a8 --methods accuquant --gradients exact,approx,stepwise --out $R/ablation_gradient.json
 python benchmarks/quality.py --bits w4a8 --methods per_step --iters 200 --out $R/per_step_200_iters.json
