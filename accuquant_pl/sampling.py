@@ -12,7 +12,9 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    PNDMScheduler,
     SchedulerMixin,
+    UniPCMultistepScheduler,
 )
 from torch import Tensor, nn
 
@@ -21,6 +23,8 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddpm": DDPMScheduler,
     "dpmsolver++": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
+    "pndm": PNDMScheduler,
+    "unipc": UniPCMultistepScheduler,
 }
 
 

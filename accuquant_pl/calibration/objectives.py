@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
+from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
 from accuquant_pl.calibration.capture import block_output
 from accuquant_pl.calibration.rollout import Reduction, rollout, state_loss
+from accuquant_pl.calibration.scheduler_state import SamplerSteps, is_stochastic
 from accuquant_pl.sampling import Conditioning, model_output
 
 Objective = Literal["per_step", "accuquant"]
@@ -34,13 +35,59 @@ def per_step_loss(student: nn.Module, teacher: nn.Module, student_block: nn.Modu
 
 
 def check_rollout_scheduler(scheduler: SchedulerMixin, eta: float) -> None:
-    """The rollout replays and differentiates scheduler steps, so they must be pure functions of (x, output)."""
-    if not isinstance(scheduler, DDIMScheduler) or eta != 0.0:
+    """The rollout replays and differentiates scheduler steps, so they must be deterministic functions of their
+    tensor inputs. Multistep schedulers are fine (their history is primed from the FP cache, see
+    ``scheduler_state.py``); samplers that draw noise (DDPM, DDIM with eta > 0, SDE solvers) are rejected."""
+    if is_stochastic(scheduler, eta):
         raise ValueError(
-            f"the accuquant rollout supports the deterministic DDIM sampler (eta=0); got "
-            f"{type(scheduler).__name__} with eta={eta}. Stochastic and multistep samplers keep state between "
-            "steps that the gradient modes would replay; calibrate with scheduler: ddim"
+            f"the accuquant rollout needs a deterministic sampler; {type(scheduler).__name__} with eta={eta} draws "
+            "noise at every step, and the FP trajectory cache does not store that noise per trajectory and step, "
+            "so the quantized rollout could not meet the FP target with the same noise. Calibrate with a "
+            "deterministic sampler (scheduler: ddim with eta: 0, dpmsolver++, unipc, pndm or euler)"
         )
+
+
+def _group_start(scheduler: SchedulerMixin, batch: dict[str, Any], timesteps: Tensor) -> int:
+    """The schedule index of the batch's first step (``step_index`` of the items, else found from the timestep)."""
+    schedule = scheduler.timesteps.to(timesteps.device)
+    if "step_index" in batch:
+        index = torch.as_tensor(batch["step_index"]).reshape(-1)
+        start = int(index[0])
+        if not bool((index == start).all()):
+            raise ValueError("a rollout batch must share its group start (batch items by start)")
+    else:
+        hits = (schedule == timesteps[0]).nonzero().flatten()
+        if len(hits) != 1:
+            raise ValueError(f"cannot find the batch's first timestep {timesteps[0].item()} once in the scheduler's "
+                             "schedule; give the items' step_index")
+        start = int(hits[0])
+    n = len(timesteps)
+    if not 0 <= start < len(schedule):
+        raise ValueError(f"group start {start} is outside the schedule: steps 0..{len(schedule) - 1} of {len(schedule)}")
+    if start + n > len(schedule):
+        raise ValueError(f"a group of n={n} steps from start {start} runs past the end of the schedule "
+                         f"({len(schedule)} steps)")
+    if not torch.equal(schedule[start : start + n].double(), timesteps.double()):
+        raise ValueError(f"the batch's timesteps {timesteps.tolist()} are not steps {start}..{start + n - 1} of the "
+                         f"scheduler's schedule {schedule[start : start + n].tolist()}: trajectories and rollout must "
+                         "use the same scheduler and num_inference_steps")
+    return start
+
+
+def _history(batch: dict[str, Any], key: str) -> Tensor | None:
+    value = batch.get(key)
+    return None if value is None else value.transpose(0, 1)  # (B, h, ...) -> (h, B, ...)
+
+
+def group_steps(scheduler: SchedulerMixin, batch: dict[str, Any]) -> SamplerSteps:
+    """The sampler steps of a batch's group: ``scheduler`` (timesteps set, not stepped) primed at the group start
+    from the batch's FP history (``history_states`` / ``history_outputs``, (B, h, ...)) when it is multistep."""
+    timesteps = batch["timesteps"][0]
+    if not bool((batch["timesteps"] == timesteps).all()):
+        raise ValueError("a rollout batch must share its timesteps (batch items by group start)")
+    start = _group_start(scheduler, batch, timesteps)
+    return SamplerSteps(scheduler, start, len(timesteps), _history(batch, "history_states"),
+                        _history(batch, "history_outputs"))
 
 
 def accuquant_step(student: nn.Module, scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None,
@@ -48,18 +95,14 @@ def accuquant_step(student: nn.Module, scheduler: SchedulerMixin, batch: dict[st
     """Roll the quantized model out over the batch's n steps from the FP state; backward per ``gradient`` mode.
 
     Every item of a batch starts at the same step (the data module batches by start), so the scheduler's
-    scalar-timestep ``step`` applies to the whole batch.
+    scalar-timestep ``step`` applies to the whole batch. ``scheduler`` (timesteps set, not stepped) is a
+    template: the rollout steps copies primed at the group start from the batch's FP history
+    (``history_states`` / ``history_outputs``, (B, h, ...)) when the sampler is multistep.
     """
-    timesteps = batch["timesteps"][0]
-    if not bool((batch["timesteps"] == timesteps).all()):
-        raise ValueError("a rollout batch must share its timesteps (batch items by group start)")
     targets = batch["targets"].transpose(0, 1)  # (n, B, C, H, W)
+    steps = group_steps(scheduler, batch)
 
     def network(j: int, x: Tensor) -> Tensor:
-        t = timesteps[j]
-        return model_output(student, scheduler.scale_model_input(x, t), t, cond)
+        return model_output(student, steps.scale(j, x), steps.timesteps[j], cond)
 
-    def phi(j: int, x: Tensor, out: Tensor) -> Tensor:
-        return scheduler.step(out, timesteps[j], x).prev_sample
-
-    return rollout(gradient, network, phi, batch["x"], targets, reduction, scale)
+    return rollout(gradient, network, steps, batch["x"], targets, reduction, scale)

@@ -75,12 +75,11 @@ class TrajectoryGroups(Dataset):
         if self.prompt_index is not None:
             out["prompt_index"] = self.prompt_index[i]
         if self.history:
-            # FP outputs of the steps just before j (zeros where the schedule has not started yet).
-            hist = torch.zeros((self.history, *self.states.shape[2:]), dtype=self.states.dtype)
+            # FP inputs and outputs of the (up to `history`) steps before j: a multistep sampler is primed from
+            # them at the group start (calibration/scheduler_state.py). Items of a batch share j, so they collate.
             take = min(j, self.history)
-            if take:
-                hist[self.history - take :] = self.outputs[i, j - take : j]
-            out["history"] = hist
+            out["history_states"] = self.states[i, j - take : j]
+            out["history_outputs"] = self.outputs[i, j - take : j]
         return out
 
     def start_weights(self, weighting: StartWeighting) -> Tensor:
@@ -156,7 +155,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         """
         Args:
             teacher: FP model folder; None takes the LightningModule's ``pretrained``.
-            scheduler: diffusers sampler of the trajectories (and of the AccuQuant rollout): ddim, ddpm, dpmsolver++, euler.
+            scheduler: diffusers sampler of the trajectories (and of the AccuQuant rollout): a name in
+                ``accuquant_pl.sampling.SCHEDULERS`` (ddim, ddpm, dpmsolver++, unipc, pndm, euler).
             num_inference_steps: sampling steps S of each trajectory.
             eta: DDIM eta (0 = deterministic).
             num_trajectories: N, the number of FP trajectories sampled for calibration.
@@ -218,9 +218,10 @@ class TrajectoryDataModule(L.LightningDataModule):
         return sched
 
     def history_length(self) -> int:
-        """How many earlier model outputs the scheduler reads (0 for one-step samplers like DDIM)."""
-        order = getattr(self.make_scheduler().config, "solver_order", 1)
-        return max(int(order) - 1, 0) if self.hparams.scheduler == "dpmsolver++" else 0
+        """How many FP steps before a group start prime the sampler there (0 for one-step samplers like DDIM)."""
+        from accuquant_pl.calibration.scheduler_state import history_steps
+
+        return history_steps(self.make_scheduler())
 
     def cache_key(self) -> dict[str, Any]:
         hp = self.hparams

@@ -1,0 +1,176 @@
+"""The real sampler's steps for an AccuQuant group that starts mid-trajectory (docs/METHOD.md, "Multistep schedulers").
+
+A diffusers scheduler is a state machine: multistep solvers (DPM-Solver++, UniPC, PNDM) keep the converted
+outputs of earlier steps, a warm-up counter, the previous (corrected) sample, a step index. A group that
+starts at schedule step k must see the state the sampler has there. :func:`prime` reconstructs it with the
+scheduler's *own* ``step``: it replays the steps before k on the FP states and model outputs stored in the
+trajectory cache (results discarded, side effects kept). No solver maths is copied here, so any deterministic
+scheduler works; for a few known ones a short replay window suffices (:func:`history_steps`).
+
+:class:`SamplerSteps` is the rollout's ``phi`` for one group: step j is taken on a copy of the primed
+scheduler after replaying the group's own earlier steps j' < j (the quantized states and outputs, with their
+autograd graph), so every call is a pure function of its tensor inputs and the gradient modes may replay and
+differentiate it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    SchedulerMixin,
+)
+from torch import Tensor
+
+from accuquant_pl.sampling import step_kwargs
+
+# Schedulers whose step reads nothing from earlier steps except their position in the schedule.
+ONE_STEP: tuple[type[SchedulerMixin], ...] = (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler)
+
+
+def history_steps(scheduler: SchedulerMixin) -> int:
+    """How many FP steps before a group start :func:`prime` must replay for ``scheduler`` (timesteps set).
+
+    0 for one-step samplers; ``solver_order - 1`` for DPM-Solver multistep (its state is the last outputs and a
+    warm-up counter that saturates); the whole schedule otherwise: UniPC's corrector chains the previous
+    corrected sample through every step, and for an unknown scheduler a full replay is the safe choice.
+    ``tests/calibration/test_multistep.py`` checks every window against the sampler at every start.
+    """
+    if isinstance(scheduler, ONE_STEP):
+        return 0
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        return int(scheduler.config.solver_order) - 1
+    return len(scheduler.timesteps)
+
+
+def _num_steps(scheduler: SchedulerMixin) -> int:
+    if getattr(scheduler, "timesteps", None) is None or getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError(f"{type(scheduler).__name__} has no timesteps; call set_timesteps before priming it")
+    return len(scheduler.timesteps)
+
+
+def _position(scheduler: SchedulerMixin, index: int) -> SchedulerMixin:
+    """Tell a fresh scheduler that its next step is schedule step ``index`` (diffusers' public ``set_begin_index``;
+    schedulers without it take their position from the timestep, or keep none)."""
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(index)
+    return scheduler
+
+
+def _step(scheduler: SchedulerMixin, out: Tensor, t: Tensor, x: Tensor, kwargs: dict) -> Tensor:
+    """One sampler step with the call sequence of ``sampling.sample`` (``scale_model_input`` first: some
+    schedulers track that it was called)."""
+    with torch.no_grad():
+        scheduler.scale_model_input(x.detach(), t)
+    return scheduler.step(out, t, x, **kwargs).prev_sample
+
+
+@torch.no_grad()
+def prime(scheduler: SchedulerMixin, start: int, states: Tensor | None = None, outputs: Tensor | None = None,
+          **kwargs) -> SchedulerMixin:
+    """Bring ``scheduler`` (fresh, timesteps set) to schedule step ``start`` as the sampler is there, in place.
+
+    ``states`` and ``outputs`` are (h, B, ...): the FP sampler's inputs x and model outputs at steps
+    ``start - h .. start - 1`` (h >= ``min(start, history_steps(scheduler))``); they are fed to the scheduler's
+    own ``step`` (extra ``kwargs`` go to it too) and its results are discarded. Returns ``scheduler``.
+    """
+    num_steps = _num_steps(scheduler)
+    if not 0 <= start < num_steps:
+        raise ValueError(f"group start {start} is outside the schedule: steps 0..{num_steps - 1} of {num_steps}")
+    h = 0 if outputs is None else len(outputs)
+    if (states is None) != (outputs is None) or (states is not None and len(states) != h):
+        raise ValueError("priming needs the FP states and model outputs of the same steps")
+    needed = min(start, history_steps(scheduler))
+    if h < needed:
+        raise ValueError(
+            f"{type(scheduler).__name__} needs the FP states and model outputs of the {needed} steps before group "
+            f"start {start} to resume the sampler there; got {h}. Build the trajectory cache with "
+            "keep_model_outputs=True and serve the history with the items (TrajectoryDataModule does)"
+        )
+    if h > start:
+        raise ValueError(f"{h} history steps given for group start {start}: there are only {start} steps before it")
+    first = start - h
+    _position(scheduler, first)
+    for i in range(h):
+        _step(scheduler, outputs[i], scheduler.timesteps[first + i], states[i], kwargs)
+    return scheduler
+
+
+def is_stochastic(scheduler: SchedulerMixin, eta: float = 0.0) -> bool:
+    """Whether ``scheduler.step`` (with ``eta`` where it takes one) draws noise: two runs of the whole schedule on a
+    tiny input with different generators and global seeds are compared. ``scheduler`` is not modified."""
+    runs = []
+    for seed in (0, 1):
+        sched = copy.deepcopy(scheduler)
+        x = torch.full((1, 1, 2, 2), 0.5)
+        states = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            extra = step_kwargs(sched, eta, torch.Generator().manual_seed(seed))
+            for t in sched.timesteps:
+                out = 0.1 * sched.scale_model_input(x, t) + 0.05
+                x = sched.step(out, t, x, **extra).prev_sample
+                states.append(x)
+        runs.append(torch.stack(states))
+    return not torch.equal(runs[0], runs[1])
+
+
+class SamplerSteps:
+    """The real sampler's steps ``start .. start + n - 1`` of one group, primed from the FP trajectory cache.
+
+    ``scale(j, x)`` is the model input at the group's step j (``scale_model_input``); calling the object,
+    ``steps(j, x, out, past_states, past_outputs)``, returns that step's ``prev_sample``, where ``past_*``
+    are the group's own inputs and outputs of steps 0..j-1 (what the rollout fed the sampler before).
+    ``scheduler`` is used as a template (timesteps set, not stepped) and never modified.
+    """
+
+    reads_history = True
+    """Marks a rollout ``phi`` that takes the group's earlier states and outputs (see ``rollout.py``)."""
+
+    def __init__(self, scheduler: SchedulerMixin, start: int, n: int, history_states: Tensor | None = None,
+                 history_outputs: Tensor | None = None, **kwargs) -> None:
+        num_steps = _num_steps(scheduler)
+        if n < 1:
+            raise ValueError(f"group size n must be >= 1, got {n}")
+        if not 0 <= start < num_steps:
+            raise ValueError(f"group start {start} is outside the schedule: steps 0..{num_steps - 1} of {num_steps}")
+        if start + n > num_steps:
+            raise ValueError(f"a group of n={n} steps from start {start} runs past the end of the schedule "
+                             f"({num_steps} steps); the largest start is {num_steps - n}")
+        self.start, self.n, self.kwargs = start, n, kwargs
+        self.template = copy.deepcopy(scheduler)
+        self.memoryless = history_steps(scheduler) == 0
+        self.base = prime(copy.deepcopy(scheduler), start, history_states, history_outputs, **kwargs)
+        self.timesteps = scheduler.timesteps[start : start + n]
+        self._scalers: dict[int, SchedulerMixin] = {}
+
+    def positioned(self, j: int) -> SchedulerMixin:
+        """A fresh copy of the template whose next step is the group's step j (no history)."""
+        return _position(copy.deepcopy(self.template), self.start + j)
+
+    def scale(self, j: int, x: Tensor) -> Tensor:
+        if j not in self._scalers:
+            self._scalers[j] = self.positioned(j)
+        return self._scalers[j].scale_model_input(x, self.timesteps[j])
+
+    def scheduler_before(self, j: int, past_states: Sequence[Tensor], past_outputs: Sequence[Tensor]) -> SchedulerMixin:
+        """A scheduler in the state the sampler has before the group's step j, after the group's own steps < j."""
+        if len(past_states) != j or len(past_outputs) != j:
+            raise ValueError(f"step {j} of a group needs the {j} earlier states and outputs; got "
+                             f"{len(past_states)} and {len(past_outputs)}")
+        if self.memoryless:
+            return self.positioned(j)
+        sched = copy.deepcopy(self.base)
+        for i in range(j):
+            _step(sched, past_outputs[i], self.timesteps[i], past_states[i], self.kwargs)
+        return sched
+
+    def __call__(self, j: int, x: Tensor, out: Tensor, past_states: Sequence[Tensor] = (),
+                 past_outputs: Sequence[Tensor] = ()) -> Tensor:
+        return _step(self.scheduler_before(j, past_states, past_outputs), out, self.timesteps[j], x, self.kwargs)
