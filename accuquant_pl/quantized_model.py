@@ -1,4 +1,17 @@
-"""A self-contained quantized model folder: quantized tensors + quantization map + UNet and scheduler configs."""
+"""A self-contained, deployable quantized model folder, and loading it back for diffusers pipelines.
+
+Folder layout (everything a user needs; copy the folder, nothing else):
+
+* ``quantized.safetensors``: packed integer weights (``<layer>.qweight``: int4 two per byte, or int8/uint8),
+  per-channel ``weight_scale`` / ``weight_zero_point``, activation quantizer parameters, and the float tensors
+  that stay float (biases, norms).
+* ``quantization_map.json``: per layer bits, range, storage, shape and config; attention processors; the
+  ``QuantSpec``; the SHA-256 of the safetensors file (a truncated or modified file is refused).
+* ``unet_config.json``: the diffusers UNet config. ``scheduler_config.json``: the scheduler it was trained with.
+
+Folders of the earlier fake-quantized format (float weights + quantizer state, map format
+``accuquant-pl/quantization-map``) still load, through :func:`accuquant_pl.quant.load_quantized`.
+"""
 
 from __future__ import annotations
 
@@ -6,42 +19,173 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from accuquant_pl.io import atomic_directory
+from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, sha256_file
 from accuquant_pl.models.loading import SUPPORTED_UNETS, UNet
-from accuquant_pl.quant import QuantSpec, load_quantized, save_quantized
+from accuquant_pl.quant import QuantSpec, load_quantized
+from accuquant_pl.quant import serialization as fake_quant_format
+from accuquant_pl.quant.convert import SPEC_ATTR
+from accuquant_pl.quant.deployed_model import build_deployed, load_deployed_state, set_execution
+from accuquant_pl.quant.freeze import frozen_state
 
+WEIGHTS_NAME = "quantized.safetensors"
+MAP_NAME = "quantization_map.json"
 UNET_CONFIG = "unet_config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
+FORMAT = "accuquant-pl/packed-quantized-model"
+VERSION = 1
 
 
 def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | None = None,
                      scheduler_config: dict[str, Any] | None = None) -> Path:
-    """Write ``folder`` (replaced atomically): everything :func:`load_quantized_model` needs, and nothing else."""
+    """Freeze a calibrated model into packed integer weights and write ``folder`` (replaced atomically).
+
+    Raises ``ValueError`` (and writes nothing) if an AdaRound quantizer is still soft, an activation quantizer
+    is uncalibrated or quantization is switched off somewhere: the folder always holds a final model.
+    """
     folder = Path(folder)
+    spec = spec or getattr(model, SPEC_ATTR, None)
+    layers, processors, tensors = frozen_state(model)
     with atomic_directory(folder) as tmp:
-        save_quantized(model, tmp, spec)
-        (tmp / UNET_CONFIG).write_text(model.to_json_string())
+        with atomic_path(tmp / WEIGHTS_NAME) as weights:
+            save_file(tensors, weights, metadata={"format": FORMAT})
+        qmap = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_class": type(model).__name__,
+            "spec": spec.to_dict() if spec is not None else None,
+            "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(tmp / WEIGHTS_NAME), "tensors": len(tensors)},
+            "layers": layers,
+            "attention_processors": processors,
+        }
+        atomic_write_text(tmp / MAP_NAME, json.dumps(qmap, indent=2) + "\n")
+        atomic_write_text(tmp / UNET_CONFIG, model.to_json_string())
         if scheduler_config is not None:
-            (tmp / SCHEDULER_CONFIG).write_text(json.dumps(dict(scheduler_config), indent=2, default=list))
+            atomic_write_text(tmp / SCHEDULER_CONFIG, json.dumps(dict(scheduler_config), indent=2, default=list))
     return folder
 
 
-def load_quantized_model(folder: str | Path) -> tuple[UNet, dict[str, Any] | None]:
-    """The quantized UNet of an exported folder (eval mode, no gradients) and its scheduler config."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"quantized model folder {str(folder)!r} does not exist")
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"quantized model folder {str(path.parent)!r} has no {path.name}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the folder is damaged") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def _unet_class(folder: Path) -> tuple[type[nn.Module], dict[str, Any]]:
     config_file = folder / UNET_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"quantized model folder {str(folder)!r} has no {UNET_CONFIG}")
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file)
     cls_name = config.get("_class_name")
     if cls_name not in SUPPORTED_UNETS:
         raise ValueError(f"{config_file}: {cls_name!r} is not a supported UNet ({sorted(SUPPORTED_UNETS)})")
-    unet = SUPPORTED_UNETS[cls_name].from_config(config)
+    return SUPPORTED_UNETS[cls_name], config
+
+
+def _read_tensors(folder: Path, qmap: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"quantized model folder {str(folder)!r} has no {WEIGHTS_NAME}")
+    recorded = qmap.get("weights", {}).get("sha256")
+    if recorded is None:
+        raise ValueError(f"{folder / MAP_NAME} records no checksum of {WEIGHTS_NAME}; the map is damaged")
+    if sha256_file(path) != recorded:
+        raise ValueError(f"{path} does not match the SHA-256 recorded in {MAP_NAME}: the file was truncated or "
+                         "modified after export; re-export the model")
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def _load_packed(folder: Path, qmap: dict[str, Any], execution: str) -> nn.Module:
+    unet_cls, config = _unet_class(folder)
+    if qmap.get("model_class") != unet_cls.__name__:
+        raise ValueError(f"{MAP_NAME} was written for {qmap.get('model_class')!r} but {UNET_CONFIG} "
+                         f"describes {unet_cls.__name__!r}")
+    for key in ("layers", "attention_processors"):
+        if not isinstance(qmap.get(key), dict):
+            raise ValueError(f"{folder / MAP_NAME} has no {key!r} section; the map is damaged")
+    model = build_deployed(unet_cls, config, qmap["layers"], qmap["attention_processors"])
+    load_deployed_state(model, _read_tensors(folder, qmap))
+    if qmap.get("spec") is not None:
+        setattr(model, SPEC_ATTR, QuantSpec.from_dict(qmap["spec"]))
+    model.eval().requires_grad_(False)
+    set_execution(model, execution)
+    return model
+
+
+def _load_fake_quant(folder: Path) -> nn.Module:
+    unet_cls, config = _unet_class(folder)
+    unet = unet_cls.from_config(config)
     load_quantized(unet, folder)
-    unet.eval().requires_grad_(False)
-    scheduler_file = folder / SCHEDULER_CONFIG
-    return unet, (json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else None)
+    return unet.eval().requires_grad_(False)
+
+
+def load_quantized_unet(folder: str | Path, execution: str = "dequant") -> UNet:
+    """The quantized UNet of an exported folder, in eval mode without gradients; a drop-in ``unet`` for
+    diffusers pipelines (``DDIMPipeline(unet=..., scheduler=...)``, or a conditional pipeline's ``unet``).
+
+    Args:
+        folder: a folder written by :func:`export_quantized` (or by the earlier fake-quantized export).
+        execution: ``dequant`` (packed weights, dequantized per forward; bit-identical to the calibrated
+            model), ``cached`` (dequantized once: float speed and memory, bit-identical) or ``int``
+            (int8 GEMMs via ``torch._int_mm``, equal up to float rounding). Ignored for fake-quantized folders.
+
+    A missing file, a map that does not fit the UNet config, a missing, extra or reshaped tensor, a modified
+    or truncated weights file: each raises ``FileNotFoundError`` / ``ValueError`` naming the problem.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"quantized model folder {str(folder)!r} does not exist")
+    _unet_class(folder)  # the config is checked first: it says what the folder is meant to hold
+    qmap = _read_json(folder / MAP_NAME)
+    fmt, version = qmap.get("format"), qmap.get("version")
+    if (fmt, version) == (FORMAT, VERSION):
+        return _load_packed(folder, qmap, execution)
+    if (fmt, version) == (fake_quant_format.FORMAT, fake_quant_format.VERSION):
+        return _load_fake_quant(folder)
+    raise ValueError(f"{folder / MAP_NAME}: format {fmt!r} v{version} is neither {FORMAT} v{VERSION} nor "
+                     f"{fake_quant_format.FORMAT} v{fake_quant_format.VERSION}")
+
+
+def load_scheduler_config_of(folder: str | Path) -> dict[str, Any] | None:
+    """The scheduler config saved in a quantized model folder, or None if it has none."""
+    path = Path(folder) / SCHEDULER_CONFIG
+    return _read_json(path) if path.is_file() else None
+
+
+def load_quantized_model(folder: str | Path, execution: str = "dequant") -> tuple[UNet, dict[str, Any] | None]:
+    """The quantized UNet of an exported folder (see :func:`load_quantized_unet`) and its scheduler config."""
+    unet = load_quantized_unet(folder, execution)
+    return unet, load_scheduler_config_of(folder)
+
+
+def quantized_pipeline(folder: str | Path, scheduler: str = "ddim", execution: str = "dequant") -> Any:
+    """A diffusers ``DDIMPipeline`` (``scheduler="ddim"``) or ``DDPMPipeline`` (``"ddpm"``) around the quantized
+    ``UNet2DModel`` of ``folder``, its scheduler built from the saved scheduler config.
+
+    Conditional UNets need the rest of their pipeline (VAE, text encoder): pass
+    ``load_quantized_unet(folder)`` as ``unet=`` to that pipeline instead.
+    """
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    kinds = {"ddim": (DDIMPipeline, DDIMScheduler), "ddpm": (DDPMPipeline, DDPMScheduler)}
+    if scheduler not in kinds:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(kinds)}")
+    unet, scheduler_config = load_quantized_model(folder, execution)
+    if not isinstance(unet, UNet2DModel):
+        raise TypeError(f"{folder} holds a {type(unet).__name__}; pass load_quantized_unet(folder) as the unet of "
+                        "its own pipeline (it needs a VAE / text encoder this folder does not have)")
+    if scheduler_config is None:
+        raise FileNotFoundError(f"quantized model folder {str(folder)!r} has no {SCHEDULER_CONFIG}")
+    pipeline_cls, scheduler_cls = kinds[scheduler]
+    return pipeline_cls(unet=unet, scheduler=scheduler_cls.from_config(scheduler_config))

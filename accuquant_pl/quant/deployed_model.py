@@ -1,0 +1,147 @@
+"""A whole deployed UNet: structure rebuilt from a quantization map, strictly checked tensors, execution switch.
+
+The structure is built on the meta device (no float weights are allocated or randomly initialised) and the
+loaded tensors are assigned into it, so a deployed model holds the packed integer weights and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .attention import install_quant_processor
+from .convert import SPEC_ATTR, _set_submodule
+from .deployed import DEPLOYED_LAYERS, DeployedLayer, WeightFormat
+from .freeze import frozen_state
+from .layers import QUANT_CLASSES, QUANT_LAYERS
+from .quantizers import ActivationQuantizer
+from .spec import ActQuantConfig, LayerQuantConfig, QuantSpec
+
+_FLOAT_OF = {q.__name__: f for f, q in QUANT_LAYERS.items()}
+
+
+def _layer_parts(name: str, entry: dict[str, Any]) -> tuple[type[nn.Module], WeightFormat, LayerQuantConfig]:
+    """Float type, weight format and config of one map entry; ``ValueError`` naming the layer if malformed."""
+    try:
+        if entry["class"] not in QUANT_CLASSES:
+            raise ValueError(f"unknown class {entry['class']!r}")
+        fmt = WeightFormat.from_dict(entry["weight"])
+        config = LayerQuantConfig.from_dict(entry["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"quantization map entry of layer {name!r} is malformed: {err!r}") from err
+    if (config.weight.bits, config.weight.symmetric) != (fmt.bits, fmt.symmetric):
+        raise ValueError(f"quantization map entry of layer {name!r}: weight format ({fmt.bits} bits) disagrees "
+                         f"with its config ({config.weight.bits} bits)")
+    return _FLOAT_OF[entry["class"]], fmt, config
+
+
+def build_deployed(unet_cls: type[nn.Module], config: dict[str, Any], layers: dict[str, Any],
+                   processors: dict[str, Any]) -> nn.Module:
+    """The deployed structure of ``unet_cls(config)`` on the meta device (load tensors with
+    :func:`load_deployed_state`). Raises ``ValueError`` naming any map entry the model cannot take."""
+    with torch.device("meta"):
+        model = unet_cls.from_config(config)
+    # Processors first: installing one reads its attention's to_q device, still a plain meta Linear here.
+    for pname, entry in processors.items():
+        attn_name = pname.removesuffix(".processor")
+        attn = dict(model.named_modules()).get(attn_name)
+        if not pname.endswith(".processor") or not isinstance(attn, Attention):
+            raise ValueError(f"attention processor {pname!r} of the quantization map is not in the model")
+        try:
+            act = ActQuantConfig(**entry["config"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"quantization map entry of processor {pname!r} is malformed: {err!r}") from err
+        install_quant_processor(attn, act, attn_name)
+    modules = dict(model.named_modules())
+    for name, entry in layers.items():
+        float_type, fmt, layer_config = _layer_parts(name, entry)
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"layer {name!r} of the quantization map does not exist in the model")
+        if type(module) is not float_type:
+            raise ValueError(f"layer {name!r}: the map expects {float_type.__name__}, "
+                             f"the model has {type(module).__name__}")
+        try:
+            deployed = DEPLOYED_LAYERS[float_type](module, fmt, layer_config, device="meta")
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from err
+        _set_submodule(model, name, deployed)
+    for name, m in model.named_modules():
+        if isinstance(m, ActivationQuantizer):
+            m.name = name
+    return model
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"tensors do not match the quantization map: missing {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+                         f"{' ...' if len(unexpected) > 10 else ''}")
+    for key, t in tensors.items():
+        want = expected[key]
+        if t.shape != want.shape or t.dtype != want.dtype:
+            raise ValueError(f"tensor {key!r}: saved {t.dtype} {tuple(t.shape)}, "
+                             f"the quantization map needs {want.dtype} {tuple(want.shape)}")
+
+
+def load_deployed_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Check ``tensors`` against ``model``'s structure (names, shapes, dtypes, integer ranges, calibration)
+    and assign them. Every problem raises ``ValueError`` naming the tensor or layer."""
+    _check_tensors(model, tensors)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"tensors {left[:10]} were not loaded (not persistent in this model class)")
+    for name, m in model.named_modules():
+        if isinstance(m, DeployedLayer):
+            try:
+                m.validate()
+            except ValueError as err:
+                raise ValueError(f"layer {name!r}: {err}") from err
+        elif isinstance(m, ActivationQuantizer) and not m.is_off and not bool(m.initialized):
+            raise ValueError(f"activation quantizer {name!r} is not calibrated (initialized is False)")
+
+
+def deployed_layers(model: nn.Module) -> list[tuple[str, DeployedLayer]]:
+    """All deployed layers under ``model`` as ``(name, layer)``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DeployedLayer)]
+
+
+def set_execution(model: nn.Module, mode: str) -> dict[str, str]:
+    """Set every deployed layer to ``dequant``, ``cached`` or ``int``; returns ``{layer: reason}`` for the
+    layers that ``int`` could not run (they execute ``dequant``)."""
+    fallbacks = {}
+    for name, layer in deployed_layers(model):
+        if layer.set_execution(mode) != mode:
+            fallbacks[name] = layer.fallback_reason
+    return fallbacks
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (counted once) plus what the execution modes derive from them."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.data_ptr() or id(t)] = t.numel() * t.element_size()
+    return sum(seen.values()) + sum(layer.derived_bytes() for _, layer in deployed_layers(model))
+
+
+def freeze(model: nn.Module, execution: str = "dequant") -> nn.Module:
+    """The deployed (packed integer) form of a calibrated model, in memory; ``model`` is not modified.
+
+    With ``execution="dequant"`` or ``"cached"`` its outputs are bit-identical to ``model``'s.
+    """
+    layers, processors, tensors = frozen_state(model)
+    deployed = build_deployed(type(model), dict(model.config), layers, processors)
+    load_deployed_state(deployed, tensors)
+    spec: QuantSpec | None = getattr(model, SPEC_ATTR, None)
+    if spec is not None:
+        setattr(deployed, SPEC_ATTR, spec)
+    deployed.eval().requires_grad_(False)
+    set_execution(deployed, execution)
+    return deployed
