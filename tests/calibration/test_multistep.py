@@ -351,3 +351,27 @@ def test_stochastic_samplers_are_rejected_with_a_clear_error():
         assert is_stochastic(sched, eta)
         with pytest.raises(ValueError, match=rf"{type(sched).__name__} with eta={eta} draws noise"):
             check_rollout_scheduler(sched, eta)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "unipc"])
+def test_tiny_accuquant_calibration_with_a_multistep_sampler_through_the_cli(tmp_path, tiny_model_dir, scheduler):
+    from accuquant_pl.cli import main
+    from accuquant_pl.quantized_model import load_quantized_model
+    from tests.calibration.test_calibration_cli import tiny_args
+
+    args = [*tiny_args(tmp_path, tiny_model_dir, gradient="checkpointed"), "--data.init_args.scheduler", scheduler,
+            "--data.init_args.group_size", "3"]
+    cli = main(args)
+    module = cli.model
+    assert len(module.done_units) == len(module.unit_names)
+    dm = cli.datamodule
+    assert type(dm.make_scheduler()).__name__ == type(make_scheduler(scheduler)).__name__
+    assert dm.train_set.history == history_steps(dm.make_scheduler()) > 0
+    loss = cli.trainer.callback_metrics["calib/loss"]
+    assert torch.isfinite(loss) and loss > 0
+    unet, _ = load_quantized_model(tmp_path / "run" / "quantized")
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(unet(x, 10).sample, module.student(x, 10).sample)
