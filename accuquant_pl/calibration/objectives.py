@@ -41,7 +41,7 @@ def check_rollout_scheduler(scheduler: SchedulerMixin, eta: float) -> None:
     if is_stochastic(scheduler, eta):
         raise ValueError(
             f"the accuquant rollout needs a deterministic sampler; {type(scheduler).__name__} with eta={eta} draws "
-            "noise at every step, and the FP trajectory cache does not store that noise per trajectory and step, "
+            "noise in its steps, and the FP trajectory cache does not store that noise per trajectory and step, "
             "so the quantized rollout could not meet the FP target with the same noise. Calibrate with a "
             "deterministic sampler (scheduler: ddim with eta: 0, dpmsolver++, unipc, pndm or euler)"
         )
@@ -101,8 +101,9 @@ def accuquant_step(student: nn.Module, scheduler: SchedulerMixin, batch: dict[st
     """
     targets = batch["targets"].transpose(0, 1)  # (n, B, C, H, W)
     steps = group_steps(scheduler, batch)
+    timesteps = batch["timesteps"][0]  # equal to steps.timesteps, on the batch's device
 
     def network(j: int, x: Tensor) -> Tensor:
-        return model_output(student, steps.scale(j, x), steps.timesteps[j], cond)
+        return model_output(student, steps.scale(j, x), timesteps[j], cond)
 
     return rollout(gradient, network, steps, batch["x"], targets, reduction, scale)
