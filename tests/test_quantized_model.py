@@ -39,3 +39,16 @@ def test_config_of_another_class(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "AutoencoderKL"}))
     with pytest.raises(ValueError, match="AutoencoderKL"):
         load_quantized_model(tmp_path / "q")
+
+
+def test_folders_of_the_earlier_fake_quantized_format_still_load(tmp_path):
+    from accuquant_pl.quant import save_quantized
+
+    model = _rtn_model()
+    save_quantized(model, tmp_path / "old")  # float weights + quantizer state, as exported before packing
+    (tmp_path / "old" / "unet_config.json").write_text(model.to_json_string())
+    loaded, scheduler_config = load_quantized_model(tmp_path / "old")
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 3).sample, model(x, 3).sample)
+    assert scheduler_config is None
