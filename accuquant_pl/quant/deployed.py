@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .int_matmul import INT32_SAFE_K, affine_int_mm, int8_shift, to_int8
+from .int_matmul import INT32_SAFE_K, affine_int_mm, int8_shift, to_int8, with_ones_row
 from .layers import make_act_quantizer
 from .packing import storage_dtype, storage_kind, stored_numel, unpack_weight
 from .quantizers import ActivationQuantizer, is_off, quant_range
@@ -88,7 +88,7 @@ class WeightFormat:
 class _IntPlan:
     """Precomputed int8 weight slices per input segment (one per activation quantizer)."""
 
-    segments: list[tuple[int, int, ActivationQuantizer, torch.Tensor, torch.Tensor]]  # k0, k1, quantizer, w8, w_sum
+    segments: list[tuple[int, int, ActivationQuantizer, torch.Tensor, torch.Tensor]]  # c0, c1, quantizer, w8 + ones row, w_sum
     zw: torch.Tensor  # int32 [N]
     sw: torch.Tensor  # float [N]
 
@@ -202,9 +202,6 @@ class DeployedLayer(nn.Module):
     def _int_unsupported_op(self) -> str | None:
         return None
 
-    def _reduction_per_channel(self) -> int:
-        return 1
-
     def set_execution(self, mode: str) -> str:
         """Switch to ``dequant``, ``cached`` or ``int``; returns the mode actually used (``int`` may fall back)."""
         if mode not in EXECUTION_MODES:
@@ -224,18 +221,20 @@ class DeployedLayer(nn.Module):
     def _int_plan(self) -> _IntPlan:
         n = self.fmt.shape[0]
         shift = int8_shift(quant_range(self.fmt.bits, self.fmt.symmetric)[1])
-        w8 = to_int8(self.levels().reshape(n, -1), shift)
+        w8 = to_int8(self.levels(), shift)
         zw = (self.weight_zero_point.to(torch.int32) - shift).reshape(-1).expand(n).contiguous()
         sw = self.weight_scale.float().reshape(-1).expand(n).contiguous()
-        per = self._reduction_per_channel()
         segments = []
         for c0, c1, q in self._segments():
-            k0, k1 = c0 * per, c1 * per
-            if k1 - k0 > INT32_SAFE_K:
-                raise ValueError(f"reduction length {k1 - k0} is too long for exact int32 accumulation")
-            w_seg = w8[:, k0:k1].contiguous()
-            segments.append((k0, k1, q, w_seg, w_seg.sum(dim=1, dtype=torch.int32)))
+            w_seg = self._weight_rows(w8, c0, c1)
+            if w_seg.shape[1] > INT32_SAFE_K:
+                raise ValueError(f"reduction length {w_seg.shape[1]} is too long for exact int32 accumulation")
+            segments.append((c0, c1, q, with_ones_row(w_seg), w_seg.sum(dim=1, dtype=torch.int32)))
         return _IntPlan(segments, zw, sw)
+
+    def _weight_rows(self, w8: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        """``[N, K]`` int8 weight rows of input channels ``c0:c1``, in the order the int forward lays out K."""
+        return w8[:, c0:c1].contiguous()
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to(device / dtype) moves the saved tensors; rebuild the derived ones (cache, int8 plan) from them.
@@ -291,29 +290,42 @@ class DeployedConv2d(DeployedLayer):
             return f"padding {self.padding!r} / {self.padding_mode!r}"
         return None
 
-    def _reduction_per_channel(self) -> int:
-        return self.kernel_size[0] * self.kernel_size[1]
+    def _weight_rows(self, w8: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        # K ordered (kh, kw, channel): the im2col below gathers channels-last slices, channels innermost.
+        return w8[:, c0:c1].permute(0, 2, 3, 1).reshape(w8.shape[0], -1).contiguous()
+
+    def _im2col(self, x8: torch.Tensor, zx: int) -> torch.Tensor:
+        """``[B * Ho * Wo, kh * kw * C]`` int8 patches of channels-last ``x8`` (padded with the level ``zx``)."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        if ph or pw:
+            # Pad with the zero point's level: it dequantizes to 0.0, like the zero padding of the float conv.
+            x8 = F.pad(x8, (0, 0, pw, pw, ph, ph), value=zx)
+        b, h, w, c = x8.shape
+        ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if (kh, kw, sh, sw) == (1, 1, 1, 1):
+            return x8.reshape(b * ho * wo, c)
+        # One strided slice per kernel tap, concatenated on the channel axis: copies whole channel rows,
+        # several times faster than F.unfold + transpose on CPU.
+        taps = [x8[:, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw, :]
+                for i in range(kh) for j in range(kw)]
+        return torch.cat(taps, dim=-1).reshape(b * ho * wo, kh * kw * c)
 
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._int
-        b, _, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        b, _, h, w = x.shape
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         out = None
-        for k0, k1, q, w8, w_sum in plan.segments:
-            c0, c1 = k0 // (kh * kw), k1 // (kh * kw)
+        for c0, c1, q, w8, w_sum in plan.segments:
             levels, zx = self._act_levels(x[:, c0:c1], q)
-            # Pad with the zero point's level: it dequantizes to 0.0, like the zero padding of the float conv.
-            levels = F.pad(levels, (pw, pw, ph, ph), value=float(zx))
-            cols = F.unfold(levels, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # [B, K_seg, L]
-            cols = cols.transpose(1, 2).reshape(b * ho * wo, k1 - k0).to(torch.int8)
+            cols = self._im2col(levels.to(torch.int8).permute(0, 2, 3, 1), int(zx))
             part = affine_int_mm(cols, zx, w8, plan.zw, w_sum).to(torch.float32) * q.scale.detach().clamp_min(_EPS)
             out = part if out is None else out + part
         out = out * plan.sw
         if self.bias is not None:
             out = out + self.bias.float()
-        return out.reshape(b, ho * wo, -1).transpose(1, 2).reshape(b, -1, ho, wo).to(x.dtype)
+        return out.reshape(b, ho, wo, -1).permute(0, 3, 1, 2).contiguous().to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int is not None:
@@ -340,8 +352,8 @@ class DeployedLinear(DeployedLayer):
         plan = self._int
         rows = x.reshape(-1, x.shape[-1])
         out = None
-        for k0, k1, q, w8, w_sum in plan.segments:
-            levels, zx = self._act_levels(rows[:, k0:k1], q)
+        for c0, c1, q, w8, w_sum in plan.segments:
+            levels, zx = self._act_levels(rows[:, c0:c1], q)
             part = affine_int_mm(levels.to(torch.int8), zx, w8, plan.zw, w_sum).to(torch.float32)
             part = part * q.scale.detach().clamp_min(_EPS)
             out = part if out is None else out + part

@@ -24,20 +24,27 @@ def to_int8(levels: torch.Tensor, shift: int) -> torch.Tensor:
     return (levels - shift).to(torch.int8)
 
 
-def affine_int_mm(x: torch.Tensor, zx: torch.Tensor, w: torch.Tensor, zw: torch.Tensor,
+def with_ones_row(w: torch.Tensor) -> torch.Tensor:
+    """``[N + 1, K]`` int8: ``w`` plus a row of ones, so that one ``_int_mm`` also yields the row sums of x."""
+    return torch.cat([w, w.new_ones(1, w.shape[1])])
+
+
+def affine_int_mm(x: torch.Tensor, zx: torch.Tensor, w_ext: torch.Tensor, zw: torch.Tensor,
                   w_sum: torch.Tensor) -> torch.Tensor:
     """Exact ``sum_k (x[m, k] - zx) (w[n, k] - zw[n])`` as int32 ``[M, N]``.
 
     Args:
         x: int8 ``[M, K]`` activation levels (shifted into int8).
         zx: int32 scalar tensor, the activation zero point (same shift).
-        w: int8 ``[N, K]`` weight levels (shifted into int8); passed transposed, as ``_int_mm`` accepts.
+        w_ext: int8 ``[N + 1, K]`` weight levels (shifted into int8) from :func:`with_ones_row`; passed
+            transposed, as ``_int_mm`` accepts.
         zw: int32 ``[N]`` weight zero points (same shift).
         w_sum: int32 ``[N]``, ``w.sum(1)`` precomputed once per layer.
     """
     k = x.shape[1]
     if k > INT32_SAFE_K:
         raise ValueError(f"reduction length {k} could overflow int32; use dequantized execution")
-    acc = torch._int_mm(x, w.t())
-    x_sum = x.sum(dim=1, dtype=torch.int32)
-    return acc - x_sum[:, None] * zw[None, :] - zx * w_sum[None, :] + k * zx * zw[None, :]
+    acc = torch._int_mm(x, w_ext.t())
+    # The ones row gives sum_k x[m, k] from the same GEMM (a separate int8 sum would upcast and copy x).
+    acc, x_sum = acc[:, :-1], acc[:, -1:]
+    return acc - x_sum * zw + (k * zw - w_sum) * zx

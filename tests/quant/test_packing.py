@@ -22,7 +22,7 @@ from accuquant_pl.quant import (
 )
 from accuquant_pl.quant.deployed import WeightFormat
 from accuquant_pl.quant.freeze import freeze_layer
-from accuquant_pl.quant.int_matmul import affine_int_mm, int8_shift, to_int8
+from accuquant_pl.quant.int_matmul import affine_int_mm, int8_shift, to_int8, with_ones_row
 from accuquant_pl.quant.packing import storage_dtype, stored_numel
 from accuquant_pl.quant.spec import ActQuantConfig, WeightQuantConfig
 
@@ -97,7 +97,8 @@ def test_affine_int_mm_is_exact(shift_x, shift_w):
     qw = torch.randint(0, 256 if shift_w else 128, (5, 13), generator=g)
     zx, zw = torch.tensor(37), torch.randint(0, 100, (5,), generator=g)
     x8, w8 = to_int8(qx, shift_x), to_int8(qw, shift_w)
-    out = affine_int_mm(x8, (zx - shift_x).int(), w8, (zw - shift_w).int(), w8.sum(1, dtype=torch.int32))
+    out = affine_int_mm(x8, (zx - shift_x).int(), with_ones_row(w8), (zw - shift_w).int(),
+                        w8.sum(1, dtype=torch.int32))
     assert out.dtype == torch.int32
     assert torch.equal(out.long(), (qx - zx) @ (qw - zw[:, None]).T)
     assert int8_shift(255) == 128 and int8_shift(127) == 0
