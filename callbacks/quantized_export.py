@@ -1,4 +1,4 @@
-"""Write the calibrated model as a quantized model folder when ``fit`` ends."""
+"""Write the calibrated model as a deployable quantized model folder (packed integer weights) when ``fit`` ends."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from accuquant_pl.quantized_model import export_quantized
 
 
 class ExportQuantized(L.Callback):
-    """Exports ``pl_module.student`` with :func:`accuquant_pl.quantized_model.export_quantized` at ``on_fit_end``."""
+    """Exports ``pl_module.student`` with :func:`accuquant_pl.quantized_model.export_quantized` at ``on_fit_end``.
+
+    The folder holds integer weights (int4 packed two per byte, or int8), per-channel scales and zero points,
+    the activation quantizers, the quantization map and the scheduler config; load it with
+    ``accuquant_pl.load_quantized(dirpath)`` (a drop-in diffusers ``unet``) or ``predict --model.init_args.quantized``.
+    """
 
     def __init__(self, dirpath: str = "outputs/quantized") -> None:
         """
