@@ -190,6 +190,9 @@ class DeployedLayer(nn.Module):
         """Why ``int`` execution cannot run this layer (None if it can)."""
         if self.fmt.is_off:
             return "weight is not quantized"
+        if self.qweight.device.type != "cpu":
+            # CUDA's _int_mm needs M > 16 and K, N multiples of 8; only the CPU kernel takes any shape.
+            return f"int execution runs on CPU tensors, not {self.qweight.device.type}"
         if self.fmt.axis not in (0, None):
             return f"weight scales along axis {self.fmt.axis}"
         for _, _, q in self._segments():
