@@ -94,7 +94,8 @@ def _read_tensors(folder: Path, qmap: dict[str, Any]) -> dict[str, torch.Tensor]
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"quantized model folder {str(folder)!r} has no {WEIGHTS_NAME}")
-    recorded = qmap.get("weights", {}).get("sha256")
+    weights = qmap.get("weights")
+    recorded = weights.get("sha256") if isinstance(weights, dict) else None
     if recorded is None:
         raise ValueError(f"{folder / MAP_NAME} records no checksum of {WEIGHTS_NAME}; the map is damaged")
     if sha256_file(path) != recorded:

@@ -132,7 +132,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def freeze(model: nn.Module, execution: str = "dequant") -> nn.Module:
-    """The deployed (packed integer) form of a calibrated model, in memory; ``model`` is not modified.
+    """The deployed (packed integer) form of a calibrated model, in memory, on its device; ``model`` is not modified.
 
     With ``execution="dequant"`` or ``"cached"`` its outputs are bit-identical to ``model``'s.
     """
@@ -142,6 +142,7 @@ def freeze(model: nn.Module, execution: str = "dequant") -> nn.Module:
     spec: QuantSpec | None = getattr(model, SPEC_ATTR, None)
     if spec is not None:
         setattr(deployed, SPEC_ATTR, spec)
-    deployed.eval().requires_grad_(False)
+    first = next(model.parameters(), None)
+    deployed.to(first.device if first is not None else "cpu").eval().requires_grad_(False)
     set_execution(deployed, execution)
     return deployed

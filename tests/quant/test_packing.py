@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -155,3 +156,16 @@ def test_int_execution_falls_back_where_it_cannot_run():
         assert torch.equal(deployed(x), layer(x))
     with pytest.raises(ValueError, match="unknown execution"):
         deployed.set_execution("fast")
+
+
+def test_moving_a_deployed_layer_rebuilds_its_execution_state():
+    layer, x = _quant_layer("conv", 4, False)
+    deployed = _deploy(layer)
+    with torch.no_grad():
+        ref = layer(x)
+        for mode in ("cached", "int"):
+            deployed.set_execution(mode)
+            moved = copy.deepcopy(deployed).to(torch.float64)  # the float cache / int8 plan follow the move
+            out = moved(x.double())
+            assert out.dtype == torch.float64 and moved.execution == mode
+            torch.testing.assert_close(out.float(), ref, rtol=1e-5, atol=1e-5)
