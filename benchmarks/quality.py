@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--group-sizes", default="4", help="AccuQuant group sizes n (one row each)")
     p.add_argument("--gradients", default="checkpointed", help="AccuQuant gradient modes (one row each)")
     p.add_argument("--iters", type=int, default=50, help="iterations per reconstruction unit (all methods)")
+    p.add_argument("--rounding-weight", type=float, default=None,
+                   help="AdaRound regulariser weight (default: BlockReconstruction's)")
     p.add_argument("--num-trajectories", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (calibration and evaluation)")
@@ -59,7 +61,8 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
                               group_size=n, cache_dir=args.cache_dir)
     module = BlockReconstruction(pretrained=args.teacher, quant=QuantSpec(weight_bits=w, act_bits=a,
                                  adaround=method != "rtn"), objective=method, gradient=gradient,
-                                 iterations_per_unit=args.iters)
+                                 iterations_per_unit=args.iters,
+                                 **({} if args.rounding_weight is None else {"rounding_weight": args.rounding_weight}))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(module, dm)
@@ -102,7 +105,9 @@ def main() -> None:
                "gradient": gradient if method == "accuquant" else None, "final_mse": errors.final_mse,
                "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
                "per_step": errors.per_step, "accumulated": errors.accumulated,
-               "samples_file": save_samples(samples_dir, f"{bits}_{method}_n{n}_{gradient}_it{args.iters}",
+               "rounding_weight": args.rounding_weight,
+               "samples_file": save_samples(samples_dir, f"{bits}_{method}_n{n}_{gradient}_it{args.iters}"
+                                            f"_rw{args.rounding_weight}",
                                             errors.q_samples, seeds)}
         rows.append(row)
         print(f"{bits} {method} n={n} {gradient}: final MSE {errors.final_mse:.5f} PSNR {errors.final_psnr:.2f} dB "
