@@ -40,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=50, help="iterations per reconstruction unit (all methods)")
     p.add_argument("--rounding-weight", type=float, default=None,
                    help="AdaRound regulariser weight (default: BlockReconstruction's)")
+    p.add_argument("--lr-adaround", type=float, default=None,
+                   help="Adam learning rate of the rounding variables (default: BlockReconstruction's)")
     p.add_argument("--num-trajectories", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (calibration and evaluation)")
@@ -62,7 +64,8 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
     module = BlockReconstruction(pretrained=args.teacher, quant=QuantSpec(weight_bits=w, act_bits=a,
                                  adaround=method != "rtn"), objective=method, gradient=gradient,
                                  iterations_per_unit=args.iters,
-                                 **({} if args.rounding_weight is None else {"rounding_weight": args.rounding_weight}))
+                                 **{k: v for k, v in (("rounding_weight", args.rounding_weight),
+                                                      ("lr_adaround", args.lr_adaround)) if v is not None})
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(module, dm)
@@ -105,9 +108,9 @@ def main() -> None:
                "gradient": gradient if method == "accuquant" else None, "final_mse": errors.final_mse,
                "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
                "per_step": errors.per_step, "accumulated": errors.accumulated,
-               "rounding_weight": args.rounding_weight,
+               "rounding_weight": args.rounding_weight, "lr_adaround": args.lr_adaround,
                "samples_file": save_samples(samples_dir, f"{bits}_{method}_n{n}_{gradient}_it{args.iters}"
-                                            f"_rw{args.rounding_weight}",
+                                            f"_rw{args.rounding_weight}_lr{args.lr_adaround}",
                                             errors.q_samples, seeds)}
         rows.append(row)
         print(f"{bits} {method} n={n} {gradient}: final MSE {errors.final_mse:.5f} PSNR {errors.final_psnr:.2f} dB "
