@@ -9,6 +9,7 @@ quality.py kept under .cache/quality_samples (FID, FID2FP32, KID, noise floor: r
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from accuquant_pl.calibration.module import BlockReconstruction  # noqa: E402
 from accuquant_pl.data.digits_quality import DigitClassifier  # noqa: E402
 from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
 from accuquant_pl.evaluation import samples_from  # noqa: E402
@@ -26,11 +28,15 @@ from accuquant_pl.models.loading import load_unet  # noqa: E402
 from accuquant_pl.plots import plot_error_curves  # noqa: E402
 from accuquant_pl.sample_metrics import SampleQualityMeter, real_images  # noqa: E402
 
+# rows record a knob only when it was overridden; the rest ran with BlockReconstruction's defaults
+DEFAULTS = {k: v.default for k, v in inspect.signature(BlockReconstruction.__init__).parameters.items()}
+
 TABLES = {
     "quality": "Main comparison (equal iteration budget: {iters} iterations per unit for every method)",
     "ablation_group_size": "AccuQuant group-size ablation (W4A8, checkpointed gradient)",
     "ablation_gradient": "AccuQuant gradient-mode ablation (W4A8, n = 4)",
     "per_step_200_iters": "Per-step baseline at 4x the iterations (200 per unit): roughly AccuQuant n = 4's compute",
+    "sensitivity": "Sensitivity to the AdaRound regulariser weight and rounding learning rate (W4A8)",
 }
 
 
@@ -48,7 +54,7 @@ def load_runs(folder: Path) -> dict[str, list[dict]]:
     """Rows per table; ``quality`` gathers every quality*.json (the runs may be split by bit width)."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(folder.glob("*.json")):
-        table = "quality" if path.stem.startswith("quality") else path.stem
+        table = next((t for t in ("quality", "sensitivity") if path.stem.startswith(t)), path.stem)
         if table not in TABLES:
             continue
         data = json.loads(path.read_text())
@@ -102,16 +108,18 @@ def main() -> None:
         if not rows:
             continue
         lines += [f"## {title.format(iters=rows[0]['settings']['iters'])}", "",
-                  "| bits | method | n | gradient | it/unit | final MSE vs FP | PSNR (dB) | FID2FP32 | FID | KID | "
-                  "digit conf. | calib (s) | threads |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| bits | method | n | gradient | it/unit | rounding weight | lr rounding | final MSE vs FP | PSNR (dB) | "
+                  "FID2FP32 | FID | KID | digit conf. | calib (s) | threads |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             samples = torch.load(r["samples_file"], weights_only=True)
             if samples["seeds"] != seeds:
                 raise SystemExit(f"{r['samples_file']} holds other seeds than the FP reference")
             q = meter.measure(samples["samples"], fp["samples"])
             it = "-" if r["method"] in ("fp", "rtn") else r["settings"]["iters"]
-            lines.append(f"| {r['bits']} | {r['method']} | {r['n'] or '-'} | {r['gradient'] or '-'} | {it} | "
+            rw, lr = (r.get("rounding_weight") or DEFAULTS["rounding_weight"],
+                      r.get("lr_adaround") or DEFAULTS["lr_adaround"]) if it != "-" else ("-", "-")
+            lines.append(f"| {r['bits']} | {r['method']} | {r['n'] or '-'} | {r['gradient'] or '-'} | {it} | {rw} | {lr} | "
                          f"{r['final_mse']:.5f} | {fmt(r['final_psnr'])} | {fmt(q.fid2fp32)} | {fmt(q.fid)} | "
                          f"{fmt(q.kid, 4)} | {r['confidence']:.3f} | {r['calib_seconds']:.0f} | {r['threads']} |")
             if table == "quality" and r["bits"] == "w4a8" and r["method"] != "fp":
