@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import random
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor, nn
 
 from accuquant_pl.calibration.objectives import (
@@ -133,6 +135,11 @@ class BlockReconstruction(L.LightningModule):
         self.configure_model()
         datamodule = self.trainer.datamodule
         if stage == "fit":
+            if self.trainer.precision == "16-mixed":
+                # The rollouts call backward themselves and the per-unit optimisers are plain torch ones, so a
+                # float16 GradScaler would never scale the losses nor unscale the gradients.
+                raise ValueError("precision '16-mixed' needs a gradient scaler that block reconstruction does not "
+                                 "apply; use 'bf16-mixed' (or 32)")
             if self.hparams.objective == "accuquant":
                 check_rollout_scheduler(datamodule.make_scheduler(), datamodule.hparams.eta)
             datamodule.batches_per_epoch = self.hparams.iterations_per_unit
@@ -141,6 +148,14 @@ class BlockReconstruction(L.LightningModule):
             loop.max_epochs = wanted if loop.max_epochs in (None, -1) else min(loop.max_epochs, wanted)
         batches = datamodule.calibration_inputs(self.hparams.act_calibration_samples)
         calibrate_activations(self.student, [self._model_inputs(b, datamodule) for b in batches])
+        if stage == "fit":
+            # Every quantization parameter this fit may train requires grad from here until the first epoch
+            # narrows it to that epoch's unit: a data-parallel strategy (DDP) wraps the module after ``setup``
+            # and refuses a module with no trainable parameter (see ``_average_gradients``).
+            for unit in self.unit_names:
+                for params in unit_parameters(self.student.get_submodule(unit)).values():
+                    for p in params:
+                        p.requires_grad_(True)
 
     @staticmethod
     def _model_inputs(batch: dict[str, Any], datamodule: Any) -> dict[str, Any]:
@@ -160,6 +175,7 @@ class BlockReconstruction(L.LightningModule):
         for i, name in enumerate(self.unit_names):
             on = i <= e or later_quantized
             set_quant_state(self.student.get_submodule(name), weight=on, act=on)
+        self.student.requires_grad_(False)  # only this epoch's unit trains
         groups = unit_parameters(self.unit(e))
         lrs = {"adaround": self.hparams.lr_adaround, "act_scale": self.hparams.lr_act_scale,
                "weight_scale": self.hparams.lr_weight_scale}
@@ -181,7 +197,18 @@ class BlockReconstruction(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         return -1 if self._iteration >= self.hparams.iterations_per_unit else None
 
+    def _reducer_off(self) -> AbstractContextManager:
+        # The strategy's ``block_backward_sync`` (DDP's ``no_sync``): backward passes inside leave DDP's reducer
+        # idle, ``_average_gradients`` synchronises instead. Lightning re-enables the reducer after every
+        # manual-optimisation forward, hence a context per training step.
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        with self._reducer_off():
+            return self._training_step(batch)
+
+    def _training_step(self, batch: dict[str, Any]) -> Tensor:
         e, hp = self.current_epoch, self.hparams
         unit = self.unit(e)
         datamodule = self.trainer.datamodule
@@ -200,14 +227,55 @@ class BlockReconstruction(L.LightningModule):
         if weight > 0 and rounding.requires_grad:
             self.manual_backward(weight * rounding)
         if self._optimizer is not None:
+            self._average_gradients()
             self._optimizer.step()
             self._lr_schedule.step()
         self._iteration += 1
+        # sync_dist: the logged loss is the mean over the ranks' shards of the global batch.
         self.log_dict({"calib/loss": loss, "calib/rounding": rounding.detach(), "calib/unit": float(e)},
-                      prog_bar=True, on_step=True, on_epoch=False)
+                      prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         if self._iteration == hp.iterations_per_unit:
             self._finish_unit(e)
         return loss
+
+    def _average_gradients(self) -> None:
+        """Average the current unit's gradients over the ranks of a data-parallel strategy (no-op on one).
+
+        DDP's own gradient synchronisation cannot serve block reconstruction: its reducer is built once, when
+        the strategy wraps the module, over the parameters that require grad at that moment, and it expects
+        one backward per forward, reaching every registered parameter. Here the trainable set changes every
+        epoch (one unit each), AdaRound's V is dropped when a unit hardens, and a training step calls backward
+        several times (rounding regulariser, approx / stepwise rollouts). So training steps run under DDP's
+        ``no_sync`` (``_reducer_off``) and, before every optimiser step, the unit's gradients go through one
+        ``strategy.reduce(mean)`` of a flat buffer. Each rank's loss is a mean over its equal-sized shard of
+        the global batch, so the mean of the ranks' gradients is the gradient of the global batch; the
+        rounding regulariser's gradient is the same on every rank and averages to itself. Every rank then
+        takes the same Adam step from the same state, and the ranks stay identical (checked per unit).
+        """
+        if self.trainer.world_size <= 1:
+            return
+        params = [p for group in self._optimizer.param_groups for p in group["params"]]
+        # Every rank sends a buffer of the same size (zeros for a missing gradient), so no rank can wait on a
+        # collective the others skip; a parameter without a gradient keeps None, as on one device.
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+        offset = 0
+        for p in params:
+            if p.grad is not None:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def _check_ranks_agree(self, e: int) -> None:
+        """Raise if the ranks of a data-parallel run ended unit ``e`` with different quantization states."""
+        if self.trainer.world_size <= 1:
+            return
+        unit = self.unit(e)
+        local = torch.stack([t.detach().double().sum() for t in (*unit.parameters(), *unit.buffers())]
+                            or [torch.zeros((), dtype=torch.float64)]).cpu()
+        gathered = self.all_gather(local.to(self.device)).cpu()
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError(f"ranks disagree on unit {self.unit_names[e]} after calibrating it: their gradient "
+                               "averaging or their data is not consistent")
 
     def _finish_unit(self, e: int) -> None:
         # Hardened here, inside the last step, so that the epoch-end checkpoint already holds the final rounding.
@@ -217,6 +285,7 @@ class BlockReconstruction(L.LightningModule):
             p.requires_grad_(False)
         self.done_units.append(self.unit_names[e])
         self._optimizer = None
+        self._check_ranks_agree(e)
 
     def on_train_epoch_end(self) -> None:
         name = self.unit_names[self.current_epoch]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,9 +12,16 @@ import lightning as L
 import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from accuquant_pl.data.trajectory_cache import CacheError, check_cache, key_hash, read_cache, write_cache
+from accuquant_pl.data.trajectory_cache import (
+    MANIFEST_FILE,
+    CacheError,
+    check_cache,
+    key_hash,
+    read_cache,
+    write_cache,
+)
 from accuquant_pl.io import sha256_tree
 from accuquant_pl.models.loading import (
     inspect_model_folder,
@@ -91,21 +99,38 @@ class TrajectoryGroups(Dataset):
         raise ValueError(f"unknown start_weighting {weighting!r}; choose 'uniform' or 'linear'")
 
 
-class StartBatchSampler(Sampler[list[int]]):
+class StartBatchSampler(BatchSampler):
     """Batches of items that share one group start: a start is drawn (weighted), then distinct trajectories.
 
     Sharing the start lets the sampler's scalar-timestep ``step`` roll a whole batch out at once.
     Seeded by (seed, epoch): Lightning calls ``set_epoch`` before every epoch, so epoch e draws the same
     batches in a resumed run as in an uninterrupted one.
+
+    Data-parallel runs (``num_replicas`` ranks): every rank draws the same global batch of
+    ``batch_size * num_replicas`` distinct trajectories at one start and keeps its own contiguous
+    ``batch_size`` slice, so the ranks see different items, the same start and the same number of batches,
+    and together they see exactly the batch that one process with ``batch_size * num_replicas`` would.
+    Under a Lightning data-parallel strategy the rank and world size come from the ``DistributedSampler``
+    that Lightning injects through ``sampler`` (that is why this is a ``BatchSampler``); only its
+    ``num_replicas`` and ``rank`` are read.
     """
 
     def __init__(self, groups: TrajectoryGroups, batch_size: int, num_batches: int,
-                 weighting: StartWeighting = "uniform", seed: int = 0) -> None:
+                 weighting: StartWeighting = "uniform", seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 sampler: Iterable[int] | None = None) -> None:
+        if isinstance(sampler, DistributedSampler):
+            num_replicas, rank = sampler.num_replicas, sampler.rank
+        super().__init__(sampler if sampler is not None else range(len(groups)), batch_size, drop_last=False)
         self.groups, self.batch_size, self.num_batches, self.seed = groups, batch_size, num_batches, seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         num_trajectories = groups.states.shape[0]
-        if batch_size > num_trajectories:
-            raise ValueError(f"batch_size {batch_size} exceeds the {num_trajectories} trajectories")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        if batch_size * num_replicas > num_trajectories:
+            per = f" ({batch_size} per device x {num_replicas} devices)" if num_replicas > 1 else ""
+            raise ValueError(f"batch_size {batch_size * num_replicas}{per} exceeds the {num_trajectories} "
+                             "trajectories")
         starts = torch.tensor(groups.starts, dtype=torch.float32)
         self.start_weights = torch.ones_like(starts) if weighting == "uniform" else 1.0 + starts
         if weighting not in ("uniform", "linear"):
@@ -120,9 +145,10 @@ class StartBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         num_starts, num_traj = len(self.groups.starts), self.groups.states.shape[0]
+        first = self.rank * self.batch_size
         for _ in range(self.num_batches):
             s = int(torch.multinomial(self.start_weights, 1, generator=gen))
-            trajectories = torch.randperm(num_traj, generator=gen)[: self.batch_size]
+            trajectories = torch.randperm(num_traj, generator=gen)[first : first + self.batch_size]
             yield [int(i) * num_starts + s for i in trajectories]
 
 
@@ -333,15 +359,34 @@ class TrajectoryDataModule(L.LightningDataModule):
         if not folder.exists():
             raise CacheError(f"no trajectory cache at {folder}; prepare_data() builds it")
         self.tensors = read_cache(folder, key)
+        self._check_ranks_share_cache(folder)
         hp = self.hparams
         self.train_set = TrajectoryGroups(self.tensors, hp.group_size, hp.group_starts, self.history_length())
         if len(self.train_set) < hp.batch_size:
             raise ValueError(f"only {len(self.train_set)} calibration items for batch_size {hp.batch_size}")
 
+    def _check_ranks_share_cache(self, folder: Path) -> None:
+        # prepare_data builds the cache on one process per node (Lightning's default); every rank then reads
+        # it here. Ranks on nodes without a shared filesystem read their own node's copy: make sure all copies
+        # hold the same tensors, or the ranks would calibrate on different trajectories.
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return
+        local = json.loads((folder / MANIFEST_FILE).read_text())["sha256"]
+        first = trainer.strategy.broadcast(local, src=0)
+        if local != first:
+            raise CacheError(f"rank {trainer.global_rank} read trajectory cache {folder} with sha256 {local[:12]}..., "
+                             f"rank 0 read {first[:12]}...: build the cache once on a filesystem every node "
+                             "shares (or copy rank 0's cache to every node)")
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
+        # Rank and world size of a data-parallel strategy; Lightning also injects a DistributedSampler with
+        # the same values into the batch sampler (see StartBatchSampler).
+        shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
         sampler = StartBatchSampler(self.train_set, hp.batch_size, self.batches_per_epoch or self.steps_per_epoch,
-                                    hp.start_weighting, seed=hp.seed)
+                                    hp.start_weighting, seed=hp.seed, num_replicas=shard.get("num_replicas", 1),
+                                    rank=shard.get("rank", 0))
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=hp.num_workers)
 
     def calibration_inputs(self, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:
