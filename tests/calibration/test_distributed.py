@@ -171,7 +171,9 @@ def test_ddp_w4a8_matches_one_process_within_adams_noise(tmp_path, tiny_model_di
     a, b = logged_losses(two), logged_losses(tmp_path / "one")
     diff = (a - b).abs() / b.abs()
     assert float(diff[:2].max()) < 1e-5, "first unit: nothing upstream is quantized yet, only float order differs"
-    assert float(diff.median()) < 1e-4  # measured 1.7e-6; the same shard on both ranks gives 6e-2
+    # Median over all steps: 1.7e-6 to 9e-4 in repeated runs (1 vs 2 threads on one process: 1.2e-3); the same
+    # shard on both ranks gives 6e-2.
+    assert float(diff.median()) < 1e-2
     assert rel(outputs(two / "quantized"), outputs(tmp_path / "one" / "quantized")) < 0.06  # measured 2.1e-2
 
 
