@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import (
@@ -68,19 +69,63 @@ class Conditioning:
         return Conditioning(**moved)
 
 
+def _needs_encoder_states(unet: nn.Module | None) -> bool:
+    """True for UNets whose ``forward`` requires ``encoder_hidden_states`` (``UNet2DConditionModel``)."""
+    if unet is None:
+        return False
+    param = inspect.signature(unet.forward).parameters.get("encoder_hidden_states")
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def network_inputs(unet: nn.Module | None, x: Tensor, t: Tensor | int, cond: Conditioning | None = None) -> dict[str, Any]:
+    """The keyword arguments (``sample``, ``timestep``, conditioning) that :func:`model_output` gives ``unet``.
+
+    Under classifier-free guidance this is the doubled batch ``[uncond, cond]`` that the diffusers pipelines
+    feed the network (a per-item timestep vector is doubled with it); calibration uses it too, so that activation
+    ranges and block-output losses see what the guided sampler makes the network see. A
+    ``UNet2DConditionModel`` conditioned on class labels alone gets ``encoder_hidden_states=None``.
+    """
+    inputs: dict[str, Any] = {"sample": x, "timestep": t}
+    if cond is not None and cond.guided:
+        uncond, condk = cond.kwargs(uncond=True), cond.kwargs()
+        if uncond.keys() != condk.keys():
+            raise ValueError("guided sampling needs unconditional inputs for every conditional one")
+        inputs["sample"] = torch.cat([x, x])
+        if isinstance(t, Tensor) and t.ndim > 0 and t.numel() == x.shape[0] and x.shape[0] > 1:
+            inputs["timestep"] = torch.cat([t, t])
+        inputs.update({k: torch.cat([uncond[k], condk[k]]) for k in condk})
+    elif cond is not None:
+        inputs.update(cond.kwargs())
+    if "encoder_hidden_states" not in inputs and _needs_encoder_states(unet):
+        inputs["encoder_hidden_states"] = None
+    return inputs
+
+
 def model_output(unet: nn.Module, x: Tensor, t: Tensor | int, cond: Conditioning | None = None) -> Tensor:
-    """The UNet's prediction that the sampler steps on, with classifier-free guidance when ``cond`` asks for it."""
-    if cond is None:
-        return unet(x, t).sample
-    if not cond.guided:
-        return unet(x, t, **cond.kwargs()).sample
-    # One batched forward over [uncond, cond], as the diffusers pipelines do it.
-    uncond, condk = cond.kwargs(uncond=True), cond.kwargs()
-    if uncond.keys() != condk.keys():
-        raise ValueError("guided sampling needs unconditional inputs for every conditional one")
-    both = {k: torch.cat([uncond[k], condk[k]]) for k in condk}
-    out_u, out_c = unet(torch.cat([x, x]), t, **both).sample.chunk(2)
+    """The UNet's prediction that the sampler steps on, with classifier-free guidance when ``cond`` asks for it:
+    eps_u + s (eps_c - eps_u), from one batched forward over [uncond, cond] as the diffusers pipelines do it."""
+    inputs = network_inputs(unet, x, t, cond)
+    out = unet(inputs.pop("sample"), inputs.pop("timestep"), **inputs).sample
+    if cond is None or not cond.guided:
+        return out
+    out_u, out_c = out.chunk(2)
     return out_u + cond.guidance_scale * (out_c - out_u)
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module | None, latents: Tensor) -> Tensor:
+    """Images from a latent sampler's final states, as the diffusers latent pipelines decode them:
+    ``vae.decode(latents / scaling_factor + shift_factor)`` (AutoencoderKL; a VQModel quantizes them to its
+    codebook inside ``decode``, as LDMPipeline does). ``vae=None`` (a pixel-space model) returns ``latents``."""
+    if vae is None:
+        return latents
+    cfg = vae.config
+    z = latents / getattr(cfg, "scaling_factor", 1.0)
+    shift = getattr(cfg, "shift_factor", None)
+    if shift is not None:
+        z = z + shift
+    param = next(vae.parameters())
+    return vae.decode(z.to(param.device, param.dtype)).sample.to(latents.dtype)
 
 
 def step_kwargs(scheduler: SchedulerMixin, eta: float, generator: torch.Generator | None) -> dict:

@@ -33,6 +33,7 @@ from accuquant_pl.quant import (
     set_quant_state,
     unit_parameters,
 )
+from accuquant_pl.sampling import network_inputs
 
 
 def _rng_state() -> dict[str, Any]:
@@ -147,7 +148,7 @@ class BlockReconstruction(L.LightningModule):
             loop = self.trainer.fit_loop
             loop.max_epochs = wanted if loop.max_epochs in (None, -1) else min(loop.max_epochs, wanted)
         batches = datamodule.calibration_inputs(self.hparams.act_calibration_samples)
-        calibrate_activations(self.student, [self._model_inputs(b, datamodule) for b in batches])
+        calibrate_activations(self.student, [self._model_inputs(b, datamodule, self.student) for b in batches])
         if stage == "fit":
             # Every quantization parameter this fit may train requires grad from here until the first epoch
             # narrows it to that epoch's unit: a data-parallel strategy (DDP) wraps the module after ``setup``
@@ -158,12 +159,9 @@ class BlockReconstruction(L.LightningModule):
                         p.requires_grad_(True)
 
     @staticmethod
-    def _model_inputs(batch: dict[str, Any], datamodule: Any) -> dict[str, Any]:
-        inputs = {"sample": batch["x"], "timestep": batch["timesteps"][:, 0]}
-        cond = datamodule.conditioning(batch)
-        if cond is not None:
-            inputs.update(cond.kwargs())
-        return inputs
+    def _model_inputs(batch: dict[str, Any], datamodule: Any, unet: nn.Module | None = None) -> dict[str, Any]:
+        # What the sampler feeds the network: under guidance the doubled [uncond, cond] batch (sampling.py).
+        return network_inputs(unet, batch["x"], batch["timesteps"][:, 0], datamodule.conditioning(batch))
 
     def unit(self, index: int) -> nn.Module:
         return self.student.get_submodule(self.unit_names[index])

@@ -11,26 +11,22 @@ from torch import Tensor, nn
 from accuquant_pl.calibration.capture import block_output
 from accuquant_pl.calibration.rollout import Reduction, rollout, state_loss
 from accuquant_pl.calibration.scheduler_state import SamplerSteps, is_stochastic
-from accuquant_pl.sampling import Conditioning, model_output
+from accuquant_pl.sampling import Conditioning, model_output, network_inputs
 
 Objective = Literal["per_step", "accuquant"]
 OBJECTIVES = ("per_step", "accuquant")
 
 
-def _forward_kwargs(x: Tensor, t: Tensor, cond: Conditioning | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"sample": x, "timestep": t}
-    if cond is not None:
-        kwargs.update(cond.kwargs())
-    return kwargs
-
-
 def per_step_loss(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
                   batch: dict[str, Any], cond: Conditioning | None, reduction: Reduction) -> Tensor:
-    """Block-output MSE on (x_k, t_k): the quantized model's block on its own input vs the FP block on the FP input."""
+    """Block-output MSE on (x_k, t_k): the quantized model's block on its own input vs the FP block on the FP input.
+
+    Under classifier-free guidance the network inputs are the sampler's doubled [uncond, cond] batch
+    (``network_inputs``), so both halves of what the guided sampler evaluates are reconstructed."""
     x, t = batch["x"], batch["timesteps"][:, 0]
     with torch.no_grad():
-        target = block_output(teacher, teacher_block, **_forward_kwargs(x, t, cond))
-    out = block_output(student, student_block, **_forward_kwargs(x, t, cond))
+        target = block_output(teacher, teacher_block, **network_inputs(teacher, x, t, cond))
+    out = block_output(student, student_block, **network_inputs(student, x, t, cond))
     return state_loss(out, target, reduction)
 
 

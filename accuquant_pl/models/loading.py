@@ -1,4 +1,5 @@
-"""Load a user's diffusers model folder (UNet + scheduler config), validating it before any heavy work."""
+"""Load a user's diffusers model folder (UNet + scheduler config, and the autoencoder of a latent model),
+validating it before any heavy work."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusers import SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel, UNet2DModel, VQModel
 
 SUPPORTED_UNETS: dict[str, type] = {
     "UNet2DModel": UNet2DModel,
     "UNet2DConditionModel": UNet2DConditionModel,
 }
 UNet = UNet2DModel | UNet2DConditionModel
+SUPPORTED_VAES: dict[str, type] = {
+    "AutoencoderKL": AutoencoderKL,  # Stable Diffusion, LDM-KL: pipeline component ``vae``
+    "VQModel": VQModel,  # LDM-4/8 (CompVis/ldm-*): pipeline component ``vqvae``
+}
+VAE_SUBFOLDERS = ("vae", "vqvae")
+Autoencoder = AutoencoderKL | VQModel
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,14 @@ class ModelFolder:
     unet_dir: Path
     unet_class: str
     scheduler_config: dict[str, Any] | None
+    vae_dir: Path | None = None
+    """The autoencoder of a latent diffusion pipeline folder (``vae/`` or ``vqvae/``); None for pixel space."""
+    vae_class: str | None = None
+
+    @property
+    def latent(self) -> bool:
+        """Whether the UNet works in an autoencoder's latent space (the folder has ``vae/`` or ``vqvae/``)."""
+        return self.vae_dir is not None
 
     @property
     def unet_config(self) -> dict[str, Any]:
@@ -67,7 +82,24 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
         None,
     )
     scheduler_config = _read_json(scheduler_file) if scheduler_file else None
-    return ModelFolder(root, unet_dir, unet_class, scheduler_config)
+    vae_dir, vae_class = _inspect_vae(root, path) if unet_dir != root else (None, None)
+    return ModelFolder(root, unet_dir, unet_class, scheduler_config, vae_dir, vae_class)
+
+
+def _inspect_vae(root: Path, path: str | Path) -> tuple[Path | None, str | None]:
+    """The autoencoder sub-folder of a pipeline folder (``vae/`` or ``vqvae/``), checked like the UNet's."""
+    for name in VAE_SUBFOLDERS:
+        config_file = root / name / "config.json"
+        if not config_file.is_file():
+            continue
+        vae_class = _read_json(config_file).get("_class_name")
+        if vae_class not in SUPPORTED_VAES:
+            raise ValueError(f"model folder {str(path)!r}: {name}/config.json describes {vae_class!r}; "
+                             f"supported autoencoders: {sorted(SUPPORTED_VAES)}")
+        if not any((root / name).glob("diffusion_pytorch_model*")):
+            raise FileNotFoundError(f"model folder {str(path)!r}: no diffusion_pytorch_model weights in {root / name}")
+        return root / name, vae_class
+    return None, None
 
 
 def load_unet(path: str | Path) -> UNet:
@@ -76,6 +108,18 @@ def load_unet(path: str | Path) -> UNet:
     unet = SUPPORTED_UNETS[folder.unet_class].from_pretrained(folder.unet_dir, low_cpu_mem_usage=False)
     unet.eval().requires_grad_(False)
     return unet
+
+
+def load_vae(path: str | Path) -> Autoencoder | None:
+    """The autoencoder of a latent diffusion folder (``vae/`` AutoencoderKL or ``vqvae/`` VQModel) in eval mode
+    with gradients off, or None when the folder has none (a pixel-space model). It stays in full precision:
+    calibration works on the UNet's latent trajectories, the autoencoder only decodes samples for evaluation."""
+    folder = inspect_model_folder(path)
+    if folder.vae_dir is None:
+        return None
+    vae = SUPPORTED_VAES[folder.vae_class].from_pretrained(folder.vae_dir, low_cpu_mem_usage=False)
+    vae.eval().requires_grad_(False)
+    return vae
 
 
 def load_scheduler_config(path: str | Path) -> dict[str, Any]:
