@@ -87,6 +87,7 @@ def main() -> None:
     seeds = list(range(args.eval_first_seed, args.eval_first_seed + args.eval_samples))
     classifier = DigitClassifier()
     samples_dir = Path(args.samples_dir)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir", "teacher")}
     fp_samples = samples_from(teacher, scheduler, seeds, args.steps)
     rows = [{"bits": "fp32", "method": "fp", "n": None, "gradient": None, "final_mse": 0.0, "final_psnr": None,
              "calib_seconds": 0.0, "samples_file": save_samples(samples_dir, "fp", fp_samples, seeds),
@@ -115,8 +116,8 @@ def main() -> None:
         rows.append(row)
         print(f"{bits} {method} n={n} {gradient}: final MSE {errors.final_mse:.5f} PSNR {errors.final_psnr:.2f} dB "
               f"({seconds:.0f} s)", flush=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir", "teacher")}
-    atomic_write_json(args.out, {"settings": settings, "torch_threads": torch.get_num_threads(), "rows": rows})
+        # written after every row, so an interrupted sweep keeps what it measured
+        atomic_write_json(args.out, {"settings": settings, "torch_threads": torch.get_num_threads(), "rows": rows})
     print("\n| bits | method | n | gradient | final MSE vs FP | PSNR (dB) | digit confidence | calib time (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
