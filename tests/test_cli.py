@@ -66,9 +66,12 @@ def test_predict_writes_grid_and_npz(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_shipped_config_parses(config, capsys):
-    subcommand = "predict" if "sample" in config.name else "fit"
+    subcommand = "predict" if "sample" in config.name else "test" if "evaluate" in config.name else "fit"
+    configs = ["--config", str(config)]
+    if config.stem.endswith("_ddp"):  # an override composed onto its base config
+        configs = ["--config", str(config.with_name(config.stem.removesuffix("_ddp") + ".yaml")), *configs]
     with pytest.raises(SystemExit) as exit_info:
-        main([subcommand, "--config", str(config), "--print_config"])
+        main([subcommand, *configs, "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"]
