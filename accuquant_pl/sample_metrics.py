@@ -120,9 +120,17 @@ class SampleQualityMeter:
         self.cache = RealStatsCache(stats_cache_dir, self.extractor) if stats_cache_dir else None
         self._real_features: Tensor | None = None
         self._real_stats: FeatureStats | None = None
+        self._feature_cache: dict[int, tuple[Tensor, Tensor]] = {}
 
     def features(self, images: Tensor) -> Tensor:
-        return self.extractor(images.float())
+        # The FP reference set is measured against every model: extract its features once. The tensor itself
+        # is kept with its features, so its id cannot be reused by another tensor while cached.
+        hit = self._feature_cache.get(id(images))
+        if hit is not None and hit[0] is images:
+            return hit[1]
+        features = self.extractor(images.float())
+        self._feature_cache[id(images)] = (images, features)
+        return features
 
     def _real(self) -> tuple[FeatureStats, Tensor | None]:
         if self._real_stats is not None and (self._real_features is not None or not self.kid):
