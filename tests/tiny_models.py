@@ -1,0 +1,110 @@
+"""Tiny random diffusers models of the classes the shipped configs expect, saved as local pipeline folders.
+
+Conditional and latent counterparts of ``tests/conftest.py``'s ``tiny_unet``: pixel-space RGB (the CIFAR-10 DDPM
+layout), latent (UNet2DModel + VQModel in vqvae/, the LDM layout, or AutoencoderKL in vae/), class-conditional
+and text-conditional UNet2DConditionModel, and prompt-embedding files. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
+from torch import nn
+
+TEXT_DIM = 16  # cross-attention width of the tiny text-conditional UNet (the "text encoder" output size)
+PROMPT_TOKENS = 5
+
+
+def rgb_unet(sample_size: int = 8, channels: int = 3, seed: int = 0, num_class_embeds: int | None = None) -> UNet2DModel:
+    """UNet2DModel with one attention level (google/ddpm-cifar10-32's block types, in miniature)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1, norm_num_groups=4, attention_head_dim=8, num_class_embeds=num_class_embeds,
+    )
+
+
+def class_conditional_unet(num_classes: int = 11, channels: int = 3, seed: int = 0) -> UNet2DConditionModel:
+    """UNet2DConditionModel conditioned on class labels only (class embedding, no cross-attention)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D", layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
+        num_class_embeds=num_classes,
+    )
+
+
+def text_conditional_unet(channels: int = 4, seed: int = 0) -> UNet2DConditionModel:
+    """UNet2DConditionModel with cross-attention on prompt embeddings (Stable Diffusion's block types)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1, cross_attention_dim=TEXT_DIM, norm_num_groups=4, attention_head_dim=4,
+    )
+
+
+def kl_vae(latent_channels: int = 4, seed: int = 1) -> AutoencoderKL:
+    """AutoencoderKL, factor 2 (8x8 latents <-> 16x16 RGB), Stable Diffusion's scaling factor."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+        latent_channels=latent_channels, norm_num_groups=4, layers_per_block=1, sample_size=16,
+        scaling_factor=0.18215,
+    )
+
+
+def vq_vae(latent_channels: int = 3, seed: int = 1) -> VQModel:
+    """VQModel, factor 2, a 32-entry codebook (the LDM-4 autoencoder's type)."""
+    torch.manual_seed(seed)
+    return VQModel(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+        latent_channels=latent_channels, num_vq_embeddings=32, vq_embed_dim=latent_channels, norm_num_groups=4,
+        layers_per_block=1, sample_size=16,
+    )
+
+
+def save_pipeline(folder: Path, unet: nn.Module, vae: nn.Module | None = None, vae_name: str = "vae",
+                  scheduler: str = "ddpm") -> Path:
+    """A pipeline folder as save_pretrained writes it: unet/, scheduler/ and, for a latent model, vae/ or vqvae/."""
+    unet.save_pretrained(folder / "unet")
+    sched = (DDPMScheduler if scheduler == "ddpm" else DDIMScheduler)(num_train_timesteps=100)
+    sched.save_pretrained(folder / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(folder / vae_name)
+    return folder
+
+
+def write_prompts(path: Path, num_prompts: int = 3, seed: int = 2) -> Path:
+    """A prompt-embedding file {'cond': (P, L, D), 'uncond': (L, D)} for ``text_conditional_unet``."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.save({"cond": torch.randn(num_prompts, PROMPT_TOKENS, TEXT_DIM, generator=gen),
+                "uncond": torch.randn(PROMPT_TOKENS, TEXT_DIM, generator=gen)}, path)
+    return path
+
+
+def model_folder(kind: str, root: Path) -> Path:
+    """A tiny folder of the layout a config family expects: 'digits', 'cifar10', 'ldm', 't2i', 'class'."""
+    folder = root / f"tiny-{kind}"
+    if folder.exists():
+        return folder
+    if kind == "digits":
+        from tests.conftest import tiny_unet
+
+        return save_pipeline(folder, tiny_unet())
+    if kind == "cifar10":
+        return save_pipeline(folder, rgb_unet())
+    if kind == "ldm":
+        return save_pipeline(folder, rgb_unet(channels=3), vq_vae(3), "vqvae", scheduler="ddim")
+    if kind == "t2i":
+        write_prompts(root / "prompts.pt")
+        return save_pipeline(folder, text_conditional_unet(), kl_vae(4), "vae", scheduler="ddim")
+    if kind == "class":
+        return save_pipeline(folder, class_conditional_unet())
+    raise ValueError(f"unknown tiny model kind {kind!r}")
