@@ -70,11 +70,20 @@ def vq_vae(latent_channels: int = 3, seed: int = 1) -> VQModel:
     )
 
 
+# Stable Diffusion v1.x's scheduler settings (StableDiffusionPipeline rewrites other steps_offset / clip_sample).
+SD_SCHEDULER = {"steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085, "beta_end": 0.012}
+
+
 def save_pipeline(folder: Path, unet: nn.Module, vae: nn.Module | None = None, vae_name: str = "vae",
                   scheduler: str = "ddpm") -> Path:
-    """A pipeline folder as save_pretrained writes it: unet/, scheduler/ and, for a latent model, vae/ or vqvae/."""
+    """A pipeline folder as save_pretrained writes it: unet/, scheduler/ and, for a latent model, vae/ or vqvae/.
+    ``scheduler``: 'ddpm', 'ddim' (defaults, 100 training steps) or 'sd' (DDIM with Stable Diffusion's settings)."""
     unet.save_pretrained(folder / "unet")
-    sched = (DDPMScheduler if scheduler == "ddpm" else DDIMScheduler)(num_train_timesteps=100)
+    if scheduler == "sd":
+        sched = DDIMScheduler(num_train_timesteps=100, **SD_SCHEDULER)
+    else:
+        sched = (DDPMScheduler if scheduler == "ddpm" else DDIMScheduler)(num_train_timesteps=100)
     sched.save_pretrained(folder / "scheduler")
     if vae is not None:
         vae.save_pretrained(folder / vae_name)
@@ -104,7 +113,7 @@ def model_folder(kind: str, root: Path) -> Path:
         return save_pipeline(folder, rgb_unet(channels=3), vq_vae(3), "vqvae", scheduler="ddim")
     if kind == "t2i":
         write_prompts(root / "prompts.pt")
-        return save_pipeline(folder, text_conditional_unet(), kl_vae(4), "vae", scheduler="ddim")
+        return save_pipeline(folder, text_conditional_unet(), kl_vae(4), "vae", scheduler="sd")
     if kind == "class":
         return save_pipeline(folder, class_conditional_unet())
     raise ValueError(f"unknown tiny model kind {kind!r}")

@@ -214,7 +214,11 @@ class BlockReconstruction(L.LightningModule):
         beta, weight = self._rounding_schedule(self._iteration)
         if self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
-        if hp.objective == "per_step":
+        if self._optimizer is None:
+            # Nothing to calibrate in this unit (e.g. a class-embedding table, which is not quantized): the
+            # objective would have no gradient to take, so its iterations only advance the schedule.
+            loss = torch.zeros((), device=self.device)
+        elif hp.objective == "per_step":
             loss = per_step_loss(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
                                  batch, cond, hp.loss_reduction)
             self.manual_backward(loss)
