@@ -348,3 +348,49 @@ def test_latent_predict_decodes_like_ldm_pipeline(tmp_path):
     assert sampler.vae is not None
     ours = (sampler.predict_step(torch.tensor([0, 1, 2]), 0) + 1) / 2
     assert_close(ours.permute(0, 2, 3, 1), torch.from_numpy(theirs), "decoded images")
+
+
+def test_encode_prompts_tool_matches_stable_diffusion_encode_prompt(tmp_path):
+    """tools/encode_prompts.py writes what StableDiffusionPipeline.encode_prompt computes (tiny CLIP, own vocab)."""
+    pytest.importorskip("transformers")
+    try:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    except ImportError:
+        pytest.skip("StableDiffusionPipeline does not import")
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from tools.encode_prompts import main as encode_main
+
+    folder = save_pipeline(tmp_path / "sd", text_conditional_unet(), kl_vae(4), "vae", scheduler="sd")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for word in ("a", "photo", "of", "cat", "red", "car"):
+        vocab[f"{word}</w>"] = len(vocab)
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(f"{ch}</w>", len(vocab))
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=5)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=5,
+                                           bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    encoder.save_pretrained(folder / "text_encoder")
+    prompts = ["a photo of a cat", "red car", "a dog"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    encode_main([str(folder), str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "p.pt"), "--device", "cpu"])
+    written = torch.load(tmp_path / "p.pt", weights_only=True)
+    pipe = StableDiffusionPipeline(vae=load_vae(folder), text_encoder=encoder, tokenizer=tokenizer,
+                                   unet=load_unet(folder), scheduler=DDIMScheduler.from_config(load_scheduler_config(folder)),
+                                   safety_checker=None, feature_extractor=None, image_encoder=None,
+                                   requires_safety_checker=False)
+    cond, uncond = pipe.encode_prompt(prompts, torch.device("cpu"), 1, True, negative_prompt=[""] * 3)
+    assert_close(written["cond"], cond, "prompt embeddings", atol=1e-6)
+    assert_close(written["uncond"].expand_as(uncond), uncond, "negative prompt embeddings", atol=1e-6)
+    assert written["prompts"] == prompts
+    # The file feeds the trajectories directly.
+    dm = data_module(tmp_path, folder, group_size=2, prompt_embeddings=str(tmp_path / "p.pt"), guidance_scale=GUIDANCE)
+    assert dm.tensors["states"].shape[:2] == (2, STEPS + 1) and dm.tensors["prompt_index"].tolist() == [0, 1]
