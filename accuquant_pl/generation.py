@@ -77,7 +77,10 @@ class DiffusionSampler(L.LightningModule):
         else:
             self.unet = load_unet(pretrained)
         self.scheduler = scheduler_from_config(scheduler, scheduler_config or load_scheduler_config(pretrained))
-        self.vae = load_vae(pretrained) if decode else None
+        # A quantized folder holds the UNet only: a latent model decodes with ``pretrained``'s autoencoder (a
+        # quantized folder sampled without its FP folder at hand keeps working, without decoding, as before).
+        has_fp_folder = quantized is None or Path(pretrained).expanduser().exists()
+        self.vae = load_vae(pretrained) if decode and has_fp_folder else None
         self._prompts = load_prompt_embeddings(prompt_embeddings) if prompt_embeddings is not None else None
         if guidance_scale != 1.0 and self._prompts is not None and "uncond" not in self._prompts:
             raise ValueError(f"guidance needs an 'uncond' embedding in {prompt_embeddings!r}")
