@@ -21,6 +21,7 @@ from accuquant_pl.metrics import (
     InceptionFeatureExtractor,
     RandomProjectionFeatures,
     RealStatsCache,
+    compute_feature_stats,
     fid_between,
     fid_from_stats,
     kid_between,
@@ -70,10 +71,7 @@ class _Precomputed(nn.Module):
 
 
 def _stats(features: Tensor) -> FeatureStats:
-    f = features.double()
-    mean = f.mean(0)
-    centred = f - mean
-    return FeatureStats(mean=mean, cov=centred.T @ centred / (f.shape[0] - 1), num_samples=f.shape[0])
+    return compute_feature_stats(features, _Precomputed(features.shape[1]))
 
 
 @dataclass
