@@ -109,7 +109,8 @@ class BlockReconstruction(L.LightningModule):
         if act_calibration_samples < 1:
             raise ValueError(f"act_calibration_samples must be >= 1, got {act_calibration_samples}")
         self.save_hyperparameters()
-        self.spec = quant or QuantSpec()
+        # A checkpoint's hyper_parameters (load_from_checkpoint, evaluation of --ckpt_path) hold the spec as plain data.
+        self.spec = QuantSpec.from_dict(quant) if isinstance(quant, dict) else (quant or QuantSpec())
         self.automatic_optimization = False
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None  # FP targets of the per-step objective; not part of the checkpoint

@@ -8,7 +8,6 @@ from typing import Any
 from torch import nn
 
 from accuquant_pl.calibration.module import BlockReconstruction, _rng_state, _set_rng_state
-from accuquant_pl.quant import QuantSpec
 
 
 def is_calibration_checkpoint(checkpoint: dict[str, Any]) -> bool:
@@ -31,8 +30,6 @@ def student_from_checkpoint(checkpoint: dict[str, Any], pretrained: str | None =
     if not Path(hparams["pretrained"]).exists():
         raise FileNotFoundError(f"the checkpoint's FP model folder {hparams['pretrained']!r} does not exist; "
                                 "pass the folder it was calibrated from")
-    if isinstance(hparams.get("quant"), dict):  # the CLI stores the spec as plain data
-        hparams["quant"] = QuantSpec.from_dict(hparams["quant"])
     module = BlockReconstruction(**{k: v for k, v in hparams.items() if not k.startswith("_")})
     rng = _rng_state()  # restoring a checkpoint also restores the calibration RNG; evaluation must not see that
     try:
