@@ -147,7 +147,9 @@ def _compare_ddp_to_one_process(tmp_path: Path, model_dir: Path, objective: str)
     assert len(ref.model.done_units) == len(ref.model.unit_names)
     a, b = logged_losses(two), logged_losses(tmp_path / "one")
     assert a.shape == b.shape == (2 * len(ref.model.unit_names),)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    # Only the order of the float reductions differs: CI measured 1.3e-5 relative on a loss of 3.6e-5 (4.8e-10
+    # absolute); a broken gradient average (the same shard on both ranks) gives 6e-2.
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
     assert rel(outputs(two / "quantized"), outputs(tmp_path / "one" / "quantized")) < 1e-5
     assert_same_codes(two / "quantized", tmp_path / "one" / "quantized")
     ckpt = torch.load(two / "checkpoints" / "last.ckpt", weights_only=False)
@@ -170,7 +172,7 @@ def test_ddp_w4a8_matches_one_process_within_adams_noise(tmp_path, tiny_model_di
     main(config(tmp_path, tiny_model_dir, "one", batch_size=8, act_bits=8))
     a, b = logged_losses(two), logged_losses(tmp_path / "one")
     diff = (a - b).abs() / b.abs()
-    assert float(diff[:2].max()) < 1e-5, "first unit: nothing upstream is quantized yet, only float order differs"
+    assert float(diff[:2].max()) < 1e-4, "first unit: nothing upstream is quantized yet, only float order differs"
     # Median over all steps: 1.7e-6 to 9e-4 in repeated runs (1 vs 2 threads on one process: 1.2e-3); the same
     # shard on both ranks gives 6e-2.
     assert float(diff.median()) < 1e-2
