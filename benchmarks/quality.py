@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--methods", default="rtn,per_step,accuquant", help="comma list of rtn, per_step, accuquant")
     p.add_argument("--group-sizes", default="4", help="AccuQuant group sizes n (one row each)")
     p.add_argument("--gradients", default="checkpointed", help="AccuQuant gradient modes (one row each)")
+    p.add_argument("--rollout-target", default="state", choices=("state", "block_output"),
+                   help="what AccuQuant matches along its rollout (block_output needs --gradients stepwise)")
     p.add_argument("--iters", type=int, default=50, help="iterations per reconstruction unit (all methods)")
     p.add_argument("--rounding-weight", type=float, default=None,
                    help="AdaRound regulariser weight (default: BlockReconstruction's)")
@@ -63,6 +65,7 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
                               group_size=n, cache_dir=args.cache_dir)
     module = BlockReconstruction(pretrained=args.teacher, quant=QuantSpec(weight_bits=w, act_bits=a,
                                  adaround=method != "rtn"), objective=method, gradient=gradient,
+                                 rollout_target=args.rollout_target,
                                  iterations_per_unit=args.iters,
                                  **{k: v for k, v in (("rounding_weight", args.rounding_weight),
                                                       ("lr_adaround", args.lr_adaround)) if v is not None})
@@ -105,16 +108,19 @@ def main() -> None:
         seconds = time.time() - start
         errors = paired_errors(teacher, student, scheduler, seeds, args.steps)
         quality = classifier.score(errors.q_samples).as_dict()
-        row = {"bits": bits, "method": method, "n": n if method == "accuquant" else None,
-               "gradient": gradient if method == "accuquant" else None, "final_mse": errors.final_mse,
+        aq = method == "accuquant"
+        target = f"_{args.rollout_target}" if aq and args.rollout_target != "state" else ""
+        row = {"bits": bits, "method": method, "n": n if aq else None,
+               "gradient": gradient if aq else None, "rollout_target": args.rollout_target if aq else None,
+               "final_mse": errors.final_mse,
                "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
                "per_step": errors.per_step, "accumulated": errors.accumulated,
                "rounding_weight": args.rounding_weight, "lr_adaround": args.lr_adaround,
-               "samples_file": save_samples(samples_dir, f"{bits}_{method}_n{n}_{gradient}_it{args.iters}"
+               "samples_file": save_samples(samples_dir, f"{bits}_{method}{target}_n{n}_{gradient}_it{args.iters}"
                                             f"_rw{args.rounding_weight}_lr{args.lr_adaround}",
                                             errors.q_samples, seeds)}
         rows.append(row)
-        print(f"{bits} {method} n={n} {gradient}: final MSE {errors.final_mse:.5f} PSNR {errors.final_psnr:.2f} dB "
+        print(f"{bits} {method}{target} n={n} {gradient}: final MSE {errors.final_mse:.5f} PSNR {errors.final_psnr:.2f} dB "
               f"({seconds:.0f} s)", flush=True)
         # written after every row, so an interrupted sweep keeps what it measured
         atomic_write_json(args.out, {"settings": settings, "torch_threads": torch.get_num_threads(), "rows": rows})

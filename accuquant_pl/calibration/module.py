@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from accuquant_pl.calibration.objectives import (
     OBJECTIVES,
+    ROLLOUT_TARGETS,
+    accuquant_block_step,
     accuquant_step,
     check_rollout_scheduler,
     per_step_loss,
@@ -65,6 +67,7 @@ class BlockReconstruction(L.LightningModule):
         quant: QuantSpec | None = None,
         objective: Literal["per_step", "accuquant", "rtn"] = "accuquant",
         gradient: Literal["exact", "checkpointed", "approx", "stepwise"] = "checkpointed",
+        rollout_target: Literal["state", "block_output"] = "state",
         iterations_per_unit: int = 100,
         lr_adaround: float = 1e-3,
         lr_act_scale: float = 4e-5,
@@ -86,6 +89,9 @@ class BlockReconstruction(L.LightningModule):
                 (no optimisation).
             gradient: AccuQuant gradient mode: exact, checkpointed (exact, O(1) activation memory), approx
                 (no gradient through the network input on the recurrent path, O(1)) or stepwise.
+            rollout_target: what the AccuQuant rollout is matched on: 'state' (the sampler state after the n
+                steps, against the FP trajectory) or 'block_output' (the calibrated block's output at each of
+                the n rollout states, against the FP block on the FP states; needs gradient 'stepwise').
             iterations_per_unit: optimisation steps per reconstruction unit.
             lr_adaround: Adam learning rate of the AdaRound rounding variables.
             lr_act_scale: Adam learning rate of the LSQ activation step sizes.
@@ -106,6 +112,11 @@ class BlockReconstruction(L.LightningModule):
             raise ValueError(f"unknown objective {objective!r}; choose one of {(*OBJECTIVES, 'rtn')}")
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown gradient mode {gradient!r}; choose one of {GRADIENT_MODES}")
+        if rollout_target not in ROLLOUT_TARGETS:
+            raise ValueError(f"unknown rollout_target {rollout_target!r}; choose one of {ROLLOUT_TARGETS}")
+        if objective == "accuquant" and rollout_target == "block_output" and gradient != "stepwise":
+            raise ValueError(f"rollout_target 'block_output' takes its gradient step by step with the rollout's states "
+                             f"held constant, which is gradient 'stepwise'; got gradient {gradient!r}")
         if act_calibration_samples < 1:
             raise ValueError(f"act_calibration_samples must be >= 1, got {act_calibration_samples}")
         self.save_hyperparameters()
@@ -113,7 +124,7 @@ class BlockReconstruction(L.LightningModule):
         self.spec = QuantSpec.from_dict(quant) if isinstance(quant, dict) else (quant or QuantSpec())
         self.automatic_optimization = False
         self.student: nn.Module | None = None
-        self.teacher: nn.Module | None = None  # FP targets of the per-step objective; not part of the checkpoint
+        self.teacher: nn.Module | None = None  # FP block-output targets; not part of the checkpoint
         self.unit_names: list[str] = []
         self.done_units: list[str] = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -130,8 +141,13 @@ class BlockReconstruction(L.LightningModule):
         student.requires_grad_(False)
         self.student = student
         self.unit_names = [name for name, _ in reconstruction_units(student)]
-        if self.hparams.objective == "per_step":
+        if self._block_targets:
             self.teacher = teacher
+
+    @property
+    def _block_targets(self) -> bool:
+        hp = self.hparams
+        return hp.objective == "per_step" or (hp.objective == "accuquant" and hp.rollout_target == "block_output")
 
     def setup(self, stage: str) -> None:
         self.configure_model()
@@ -225,7 +241,12 @@ class BlockReconstruction(L.LightningModule):
             self.manual_backward(loss)
         else:
             scheduler = datamodule.make_scheduler()
-            loss = accuquant_step(self.student, scheduler, batch, cond, hp.gradient, hp.loss_reduction)
+            if hp.rollout_target == "block_output":
+                loss = accuquant_block_step(self.student, self.teacher, unit,
+                                            self.teacher.get_submodule(self.unit_names[e]), scheduler, batch, cond,
+                                            hp.loss_reduction)
+            else:
+                loss = accuquant_step(self.student, scheduler, batch, cond, hp.gradient, hp.loss_reduction)
         rounding = adaround_regularizer(unit, beta).to(self.device)
         if weight > 0 and rounding.requires_grad:
             self.manual_backward(weight * rounding)

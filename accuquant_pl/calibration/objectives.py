@@ -8,13 +8,15 @@ import torch
 from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
-from accuquant_pl.calibration.capture import block_output
+from accuquant_pl.calibration.capture import block_output, run_capturing
 from accuquant_pl.calibration.rollout import Reduction, rollout, state_loss
 from accuquant_pl.calibration.scheduler_state import SamplerSteps, is_stochastic
 from accuquant_pl.sampling import Conditioning, model_output, network_inputs
 
 Objective = Literal["per_step", "accuquant"]
 OBJECTIVES = ("per_step", "accuquant")
+RolloutTarget = Literal["state", "block_output"]
+ROLLOUT_TARGETS = ("state", "block_output")
 
 
 def per_step_loss(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
@@ -103,3 +105,47 @@ def accuquant_step(student: nn.Module, scheduler: SchedulerMixin, batch: dict[st
         return model_output(student, steps.scale(j, x), timesteps[j], cond)
 
     return rollout(gradient, network, steps, batch["x"], targets, reduction, scale)
+
+
+def accuquant_block_step(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
+                         scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None,
+                         reduction: Reduction, scale: float = 1.0) -> Tensor:
+    """AccuQuant with block-output targets (``rollout_target='block_output'``, docs/METHOD.md).
+
+    The quantized model is rolled out over the batch's n steps from the FP state x_k, as for the state
+    target; at every step j the calibrated block's output on the quantized rollout's state xq_j is matched
+    to the FP block's output on the FP trajectory's state x_j. The block therefore learns on the inputs the
+    quantized sampler actually produces after j steps of its own error, against what the FP sampler computes
+    there. The gradient stops at the block's input (the rollout's states are constants, as in the per-step
+    objective), each step's graph is freed by its backward (O(1) memory in n), and the loss is the mean over
+    the n steps, so that n = 1 is exactly the per-step objective on group starts.
+    """
+    targets = batch["targets"].transpose(0, 1)  # (n, B, C, H, W): FP states after each step
+    steps = group_steps(scheduler, batch)
+    timesteps = batch["timesteps"][0]
+    n = len(timesteps)
+    fp_states = [batch["x"], *targets[:-1]]
+    x = batch["x"]
+    states: list[Tensor] = []
+    outputs: list[Tensor] = []
+    total = torch.zeros((), device=x.device)
+    for j in range(n):
+        t = timesteps[j]
+        with torch.no_grad():
+            target = block_output(teacher, teacher_block, **network_inputs(teacher, steps.scale(j, fp_states[j]), t,
+                                                                          cond))
+        if j == n - 1:  # the last state is not stepped on: the forward can stop at the block
+            block = block_output(student, student_block, **network_inputs(student, steps.scale(j, x), t, cond))
+        else:
+            out, block = run_capturing(student_block, lambda x=x, j=j, t=t: model_output(student, steps.scale(j, x), t,
+                                                                                         cond))
+        loss = state_loss(block, target, reduction) / n
+        (loss * scale).backward()
+        total = total + loss.detach()
+        if j < n - 1:
+            with torch.no_grad():
+                x_next = steps(j, x, out.detach(), tuple(states), tuple(outputs))
+            states.append(x)
+            outputs.append(out.detach())
+            x = x_next
+    return total

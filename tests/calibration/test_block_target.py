@@ -1,0 +1,171 @@
+"""AccuQuant with block-output targets (objectives.accuquant_block_step, rollout_target='block_output').
+
+Set-up: a tiny UNet2DModel quantized W4A8 with AdaRound (theta = AdaRound V + activation step sizes), a tiny
+FP teacher, a real DDIMScheduler (eta = 0, 10 steps). The references are computed by hand from
+``block_output`` and ``scheduler.step``, without ``accuquant_block_step``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from torch import Tensor, nn
+
+from accuquant_pl.calibration.capture import block_output, run_capturing
+from accuquant_pl.calibration.memory import SavedTensorBytes
+from accuquant_pl.calibration.module import BlockReconstruction
+from accuquant_pl.calibration.objectives import accuquant_block_step, per_step_loss
+from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, unit_parameters
+from tests.conftest import tiny_unet
+
+START = 2
+UNIT = "down_blocks.1.attentions.0"  # an attention unit in the middle of the network
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def ddim() -> DDIMScheduler:
+    sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    sched.set_timesteps(10)
+    return sched
+
+
+def quantized(teacher: nn.Module) -> nn.Module:
+    student = quantize(copy.deepcopy(teacher), QuantSpec(weight_bits=4, act_bits=8, adaround=True))
+    gen = torch.Generator().manual_seed(5)
+    calibrate_activations(student, [{"sample": torch.randn(4, 1, 8, 8, generator=gen), "timestep": t}
+                                    for t in ddim().timesteps[::2]])
+    student.requires_grad_(False)
+    for params in unit_parameters(student.get_submodule(UNIT)).values():
+        for p in params:
+            p.requires_grad_(True)
+    return student
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[nn.Module, nn.Module]:
+    teacher = tiny_unet(seed=0).eval().requires_grad_(False)
+    return quantized(teacher), teacher
+
+
+def batch_for(teacher: nn.Module, n: int, size: int = 4) -> dict[str, Tensor]:
+    """A data-module batch: FP start states at step START and the FP states after each of the n steps."""
+    sched = ddim()
+    x = torch.randn(size, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    targets, state = [], x
+    with torch.no_grad():
+        for j in range(n):
+            t = sched.timesteps[START + j]
+            state = sched.step(teacher(state, t).sample, t, state).prev_sample
+            targets.append(state)
+    timesteps = sched.timesteps[START:START + n]
+    return {"x": x, "timesteps": timesteps[None].expand(size, -1), "targets": torch.stack(targets, 1),
+            "step_index": torch.full((size,), START)}
+
+
+def theta(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def grads(params: list[nn.Parameter]) -> Tensor:
+    out = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    for p in params:
+        p.grad = None
+    return out
+
+
+def step(student: nn.Module, teacher: nn.Module, batch: dict) -> Tensor:
+    return accuquant_block_step(student, teacher, student.get_submodule(UNIT), teacher.get_submodule(UNIT), ddim(),
+                                batch, None, "mean")
+
+
+def test_n1_is_the_per_step_objective(models):
+    student, teacher = models
+    batch = batch_for(teacher, 1)
+    params = theta(student)
+    loss = step(student, teacher, batch)
+    got = grads(params)
+    ref = per_step_loss(student, teacher, student.get_submodule(UNIT), teacher.get_submodule(UNIT), batch, None,
+                        "mean")
+    ref.backward()
+    want = grads(params)
+    assert float(ref.detach()) > 0 and want.norm() > 0
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * float(want.norm()))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_matches_a_hand_rollout_of_the_quantized_model(n, models):
+    student, teacher = models
+    batch = batch_for(teacher, n)
+    sched = ddim()
+    params = theta(student)
+    sb, tb = student.get_submodule(UNIT), teacher.get_submodule(UNIT)
+    # Reference: the quantized model's own DDIM states (no graph), block outputs there vs the FP block on FP states.
+    fp_states = [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
+    x, ref = batch["x"], torch.zeros(())
+    for j in range(n):
+        t = sched.timesteps[START + j]
+        with torch.no_grad():
+            target = block_output(teacher, tb, sample=fp_states[j], timestep=t)
+        loss_j = (block_output(student, sb, sample=x, timestep=t) - target).pow(2).mean() / n
+        loss_j.backward()
+        ref = ref + loss_j.detach()
+        with torch.no_grad():
+            x = sched.step(student(x, t).sample, t, x).prev_sample
+    want = grads(params)
+    loss = step(student, teacher, batch)
+    got = grads(params)
+    assert want.norm() > 0
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.norm()))
+    # The rollout matters: on the FP states instead of the quantized ones the loss is a different number.
+    on_fp = sum(float((block_output(student, sb, sample=s, timestep=sched.timesteps[START + j]).detach()
+                       - block_output(teacher, tb, sample=s, timestep=sched.timesteps[START + j])).pow(2).mean())
+                for j, s in enumerate(fp_states)) / n
+    assert abs(on_fp - float(loss)) > 1e-3 * float(loss)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_an_unquantized_student_stays_on_the_fp_trajectory_with_zero_loss(n, models):
+    _, teacher = models
+    student = copy.deepcopy(teacher).requires_grad_(True)  # the FP model as its own (trainable) student
+    loss = step(student, teacher, batch_for(teacher, n))
+    assert float(loss) < 1e-12
+
+
+def test_one_steps_graph_at_a_time(models):
+    student, teacher = models
+    peaks = {}
+    for n in (1, 4):
+        batch = batch_for(teacher, n, size=16)
+        with SavedTensorBytes() as s:
+            step(student, teacher, batch)
+        assert s.live == 0
+        peaks[n] = s.peak
+        grads(theta(student))
+    assert peaks[4] <= 1.1 * peaks[1], peaks
+
+
+def test_run_capturing_returns_the_forward_result_and_keeps_only_the_blocks_graph(models):
+    student, _ = models
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor(500)
+    with torch.no_grad():
+        want = student(x, t).sample
+    out, captured = run_capturing(student.get_submodule(UNIT), lambda: student(x, t).sample)
+    torch.testing.assert_close(out, want)
+    assert captured.requires_grad and not out.requires_grad  # the layers after the block hold no graph
+
+
+def test_block_output_target_needs_the_stepwise_gradient_and_a_known_name():
+    with pytest.raises(ValueError, match="gradient 'stepwise'.*'checkpointed'"):
+        BlockReconstruction(objective="accuquant", rollout_target="block_output", gradient="checkpointed")
+    with pytest.raises(ValueError, match="unknown rollout_target 'blocks'"):
+        BlockReconstruction(rollout_target="blocks")
+    BlockReconstruction(objective="accuquant", rollout_target="block_output", gradient="stepwise")
