@@ -39,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gradients", default="checkpointed", help="AccuQuant gradient modes (one row each)")
     p.add_argument("--rollout-target", default="state", choices=("state", "block_output"),
                    help="what AccuQuant matches along its rollout (block_output needs --gradients stepwise)")
+    p.add_argument("--state-loss-weight", type=float, default=1.0, help="weight of the AccuQuant state loss")
+    p.add_argument("--block-loss-weight", type=float, default=0.0,
+                   help="weight of the per-step block-output term on the group's FP states added to AccuQuant")
     p.add_argument("--iters", type=int, default=50, help="iterations per reconstruction unit (all methods)")
     p.add_argument("--rounding-weight", type=float, default=None,
                    help="AdaRound regulariser weight (default: BlockReconstruction's)")
@@ -66,6 +69,8 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
     module = BlockReconstruction(pretrained=args.teacher, quant=QuantSpec(weight_bits=w, act_bits=a,
                                  adaround=method != "rtn"), objective=method, gradient=gradient,
                                  rollout_target=args.rollout_target,
+                                 **({"state_loss_weight": args.state_loss_weight,
+                                     "block_loss_weight": args.block_loss_weight} if method == "accuquant" else {}),
                                  iterations_per_unit=args.iters,
                                  **{k: v for k, v in (("rounding_weight", args.rounding_weight),
                                                       ("lr_adaround", args.lr_adaround)) if v is not None})
@@ -110,8 +115,12 @@ def main() -> None:
         quality = classifier.score(errors.q_samples).as_dict()
         aq = method == "accuquant"
         target = f"_{args.rollout_target}" if aq and args.rollout_target != "state" else ""
+        if aq and (args.state_loss_weight, args.block_loss_weight) != (1.0, 0.0):
+            target += f"_ws{args.state_loss_weight:g}_wb{args.block_loss_weight:g}"
         row = {"bits": bits, "method": method, "n": n if aq else None,
                "gradient": gradient if aq else None, "rollout_target": args.rollout_target if aq else None,
+               "state_loss_weight": args.state_loss_weight if aq else None,
+               "block_loss_weight": args.block_loss_weight if aq else None,
                "final_mse": errors.final_mse,
                "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
                "per_step": errors.per_step, "accumulated": errors.accumulated,

@@ -19,6 +19,7 @@ from accuquant_pl.calibration.objectives import (
     accuquant_block_step,
     accuquant_step,
     check_rollout_scheduler,
+    group_block_loss,
     per_step_loss,
 )
 from accuquant_pl.calibration.rollout import GRADIENT_MODES, Reduction
@@ -68,6 +69,8 @@ class BlockReconstruction(L.LightningModule):
         objective: Literal["per_step", "accuquant", "rtn"] = "accuquant",
         gradient: Literal["exact", "checkpointed", "approx", "stepwise"] = "checkpointed",
         rollout_target: Literal["state", "block_output"] = "state",
+        state_loss_weight: float = 1.0,
+        block_loss_weight: float = 0.0,
         iterations_per_unit: int = 100,
         lr_adaround: float = 1e-3,
         lr_act_scale: float = 4e-5,
@@ -92,6 +95,9 @@ class BlockReconstruction(L.LightningModule):
             rollout_target: what the AccuQuant rollout is matched on: 'state' (the sampler state after the n
                 steps, against the FP trajectory) or 'block_output' (the calibrated block's output at each of
                 the n rollout states, against the FP block on the FP states; needs gradient 'stepwise').
+            state_loss_weight: weight of the AccuQuant state loss (rollout_target 'state'); 0 skips the rollout.
+            block_loss_weight: weight of a per-step block-output term on the group's n FP states, added to
+                the AccuQuant state loss (0: the pure state objective).
             iterations_per_unit: optimisation steps per reconstruction unit.
             lr_adaround: Adam learning rate of the AdaRound rounding variables.
             lr_act_scale: Adam learning rate of the LSQ activation step sizes.
@@ -117,6 +123,14 @@ class BlockReconstruction(L.LightningModule):
         if objective == "accuquant" and rollout_target == "block_output" and gradient != "stepwise":
             raise ValueError(f"rollout_target 'block_output' takes its gradient step by step with the rollout's states "
                              f"held constant, which is gradient 'stepwise'; got gradient {gradient!r}")
+        if state_loss_weight < 0 or block_loss_weight < 0:
+            raise ValueError(f"loss weights must be >= 0, got state_loss_weight={state_loss_weight}, "
+                             f"block_loss_weight={block_loss_weight}")
+        if objective == "accuquant" and rollout_target == "state" and state_loss_weight == 0 and block_loss_weight == 0:
+            raise ValueError("state_loss_weight and block_loss_weight are both 0: the accuquant objective has no loss")
+        if rollout_target == "block_output" and (block_loss_weight != 0 or state_loss_weight != 1):
+            raise ValueError("state_loss_weight and block_loss_weight weigh the terms of rollout_target 'state'; "
+                             f"with 'block_output' leave them at 1 and 0 (got {state_loss_weight}, {block_loss_weight})")
         if act_calibration_samples < 1:
             raise ValueError(f"act_calibration_samples must be >= 1, got {act_calibration_samples}")
         self.save_hyperparameters()
@@ -147,7 +161,8 @@ class BlockReconstruction(L.LightningModule):
     @property
     def _block_targets(self) -> bool:
         hp = self.hparams
-        return hp.objective == "per_step" or (hp.objective == "accuquant" and hp.rollout_target == "block_output")
+        return hp.objective == "per_step" or (hp.objective == "accuquant" and (hp.rollout_target == "block_output"
+                                                                          or hp.block_loss_weight > 0))
 
     def setup(self, stage: str) -> None:
         self.configure_model()
@@ -231,6 +246,7 @@ class BlockReconstruction(L.LightningModule):
         beta, weight = self._rounding_schedule(self._iteration)
         if self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
+        terms: dict[str, Tensor] = {}
         if self._optimizer is None:
             # Nothing to calibrate in this unit (e.g. a class-embedding table, which is not quantized): the
             # objective would have no gradient to take, so its iterations only advance the schedule.
@@ -239,14 +255,20 @@ class BlockReconstruction(L.LightningModule):
             loss = per_step_loss(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
                                  batch, cond, hp.loss_reduction)
             self.manual_backward(loss)
+        elif hp.rollout_target == "block_output":
+            loss = accuquant_block_step(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
+                                        datamodule.make_scheduler(), batch, cond, hp.loss_reduction)
         else:
-            scheduler = datamodule.make_scheduler()
-            if hp.rollout_target == "block_output":
-                loss = accuquant_block_step(self.student, self.teacher, unit,
-                                            self.teacher.get_submodule(self.unit_names[e]), scheduler, batch, cond,
-                                            hp.loss_reduction)
-            else:
-                loss = accuquant_step(self.student, scheduler, batch, cond, hp.gradient, hp.loss_reduction)
+            # Each term calls backward itself (scaled by its weight); the logged loss is their weighted sum.
+            if hp.state_loss_weight > 0:
+                terms["calib/state_loss"] = accuquant_step(self.student, datamodule.make_scheduler(), batch, cond,
+                                                           hp.gradient, hp.loss_reduction, hp.state_loss_weight)
+            if hp.block_loss_weight > 0:
+                terms["calib/block_loss"] = group_block_loss(self.student, self.teacher, unit,
+                                                             self.teacher.get_submodule(self.unit_names[e]), batch,
+                                                             cond, hp.loss_reduction, hp.block_loss_weight)
+            loss = (hp.state_loss_weight * terms.get("calib/state_loss", 0.0)
+                    + hp.block_loss_weight * terms.get("calib/block_loss", 0.0))
         rounding = adaround_regularizer(unit, beta).to(self.device)
         if weight > 0 and rounding.requires_grad:
             self.manual_backward(weight * rounding)
@@ -256,7 +278,7 @@ class BlockReconstruction(L.LightningModule):
             self._lr_schedule.step()
         self._iteration += 1
         # sync_dist: the logged loss is the mean over the ranks' shards of the global batch.
-        self.log_dict({"calib/loss": loss, "calib/rounding": rounding.detach(), "calib/unit": float(e)},
+        self.log_dict({"calib/loss": loss, "calib/rounding": rounding.detach(), "calib/unit": float(e), **terms},
                       prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         if self._iteration == hp.iterations_per_unit:
             self._finish_unit(e)

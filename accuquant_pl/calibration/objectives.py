@@ -149,3 +149,22 @@ def accuquant_block_step(student: nn.Module, teacher: nn.Module, student_block: 
             outputs.append(out.detach())
             x = x_next
     return total
+
+
+def group_block_loss(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
+                     batch: dict[str, Any], cond: Conditioning | None, reduction: Reduction,
+                     scale: float = 1.0) -> Tensor:
+    """The per-step objective on each FP state x_k .. x_{k-n+1} of a group (mean over the n steps), backward per step.
+
+    Added to the AccuQuant state loss with ``block_loss_weight`` > 0: the dense block-output signal of the
+    per-step objective, while the state term adds what the n-step rollout sees.
+    """
+    n = batch["timesteps"].shape[1]
+    states = [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
+    total = torch.zeros((), device=batch["x"].device)
+    for j in range(n):
+        item = {"x": states[j], "timesteps": batch["timesteps"][:, j:]}
+        loss = per_step_loss(student, teacher, student_block, teacher_block, item, cond, reduction) / n
+        (loss * scale).backward()
+        total = total + loss.detach()
+    return total

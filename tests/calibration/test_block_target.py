@@ -17,8 +17,10 @@ from torch import Tensor, nn
 from accuquant_pl.calibration.capture import block_output, run_capturing
 from accuquant_pl.calibration.memory import SavedTensorBytes
 from accuquant_pl.calibration.module import BlockReconstruction
-from accuquant_pl.calibration.objectives import accuquant_block_step, per_step_loss
+from accuquant_pl.calibration.objectives import accuquant_block_step, group_block_loss, per_step_loss
+from accuquant_pl.cli import main
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, unit_parameters
+from tests.calibration.test_calibration_cli import tiny_args
 from tests.conftest import tiny_unet
 
 START = 2
@@ -169,3 +171,42 @@ def test_block_output_target_needs_the_stepwise_gradient_and_a_known_name():
     with pytest.raises(ValueError, match="unknown rollout_target 'blocks'"):
         BlockReconstruction(rollout_target="blocks")
     BlockReconstruction(objective="accuquant", rollout_target="block_output", gradient="stepwise")
+
+
+# ----------------------------------------------------------- state loss + per-step block term (block_loss_weight)
+def test_group_block_loss_is_the_per_step_objective_on_each_fp_state(models):
+    student, teacher = models
+    batch = batch_for(teacher, 3)
+    params = theta(student)
+    sb, tb = student.get_submodule(UNIT), teacher.get_submodule(UNIT)
+    states = [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
+    ref = torch.zeros(())
+    for j, s in enumerate(states):
+        item = {"x": s, "timesteps": batch["timesteps"][:, j:]}
+        loss_j = per_step_loss(student, teacher, sb, tb, item, None, "mean") / 3
+        loss_j.backward()
+        ref = ref + loss_j.detach()
+    want = grads(params)
+    loss = group_block_loss(student, teacher, sb, tb, batch, None, "mean", scale=2.0)
+    got = grads(params)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, 2.0 * want, rtol=1e-5, atol=1e-7 * float(want.norm()))
+
+
+@pytest.mark.parametrize(("state_w", "block_w"), [(0.0, 1.0), (10.0, 1.0)])
+def test_weighted_terms_calibrate_through_the_cli_and_log_each_term(tmp_path, tiny_model_dir, state_w, block_w):
+    cli = main(tiny_args(tmp_path, tiny_model_dir, state_loss_weight=state_w, block_loss_weight=block_w))
+    assert cli.model.done_units == cli.model.unit_names
+    logged = cli.trainer.logged_metrics
+    assert ("calib/state_loss" in logged) == (state_w > 0) and "calib/block_loss" in logged
+    want = state_w * logged.get("calib/state_loss", torch.tensor(0.0)) + block_w * logged["calib/block_loss"]
+    torch.testing.assert_close(logged["calib/loss"], want)
+
+
+def test_loss_weights_reject_bad_values():
+    with pytest.raises(ValueError, match="loss weights must be >= 0.*-1"):
+        BlockReconstruction(block_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="both 0"):
+        BlockReconstruction(state_loss_weight=0.0, block_loss_weight=0.0)
+    with pytest.raises(ValueError, match="with 'block_output' leave them"):
+        BlockReconstruction(rollout_target="block_output", gradient="stepwise", block_loss_weight=1.0)
