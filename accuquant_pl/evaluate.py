@@ -16,6 +16,7 @@ from accuquant_pl.io import atomic_write_json
 from accuquant_pl.models.loading import load_unet
 from accuquant_pl.plots import plot_error_curves
 from accuquant_pl.sample_metrics import SampleQualityMeter
+from accuquant_pl.sampling import Conditioning
 
 
 class SampleEvaluation(DiffusionSampler):
@@ -36,6 +37,10 @@ class SampleEvaluation(DiffusionSampler):
         scheduler: str = "ddim",
         num_inference_steps: int = 50,
         eta: float = 0.0,
+        class_labels: list[int] | None = None,
+        uncond_class_label: int | None = None,
+        prompt_embeddings: str | None = None,
+        guidance_scale: float = 1.0,
         features: str = "inception",
         real_dataset: str | None = "digits",
         kid: bool = True,
@@ -50,6 +55,12 @@ class SampleEvaluation(DiffusionSampler):
             scheduler: sampler: ddim, ddpm, dpmsolver++ or euler.
             num_inference_steps: denoising steps.
             eta: DDIM eta (0 = deterministic).
+            class_labels: class-conditional models: the samples of seed s (FP and evaluated) get
+                ``class_labels[s % len]``.
+            uncond_class_label: class id used as the unconditional input for classifier-free guidance.
+            prompt_embeddings: text-conditional models: a .pt file {'cond': (P, L, D), 'uncond': (L, D)}; seed s
+                uses prompt ``s % P``.
+            guidance_scale: classifier-free guidance weight s (1.0 = none), the same for FP and evaluated model.
             features: FID features: 'inception' (standard FID Inception-v3), 'random-projection' (cheap, not
                 perceptual) or the path of a TorchScript extractor.
             real_dataset: real reference images: 'digits' (held-out split) or a .pt file; null skips FID/KID vs real.
@@ -58,7 +69,8 @@ class SampleEvaluation(DiffusionSampler):
             stats_cache_dir: cache of real-data FID statistics.
             output_dir: where metrics.json, error_curves.png and samples.png go (null: no files).
         """
-        super().__init__(pretrained, quantized, scheduler, num_inference_steps, eta)
+        super().__init__(pretrained, quantized, scheduler, num_inference_steps, eta, class_labels, uncond_class_label,
+                         prompt_embeddings, guidance_scale, decode=True)
         self.teacher = load_unet(pretrained) if quantized is not None else None
         self.meter: SampleQualityMeter | None = None
         self._reset()
@@ -82,16 +94,23 @@ class SampleEvaluation(DiffusionSampler):
     def _fp_model(self) -> torch.nn.Module:
         return self.teacher if self.teacher is not None else self.unet
 
+    def _seed_conditioning(self, seeds: list[int]) -> Conditioning | None:
+        return self.conditioning(torch.tensor(seeds))
+
     def _step(self, seeds: Tensor) -> None:
-        fp_model = self._fp_model()
-        errors = paired_errors(fp_model, self.unet, self.scheduler, seeds.tolist(), self.hparams.num_inference_steps)
+        # Conditional models sample seed s with its class label / prompt (``conditioning``), FP and quantized
+        # alike; a latent model's error curves stay in latent space, its samples are decoded before the metrics.
+        fp_model, hp = self._fp_model(), self.hparams
+        errors = paired_errors(fp_model, self.unet, self.scheduler, seeds.tolist(), hp.num_inference_steps,
+                               cond=self._seed_conditioning, decode=self.decode)
         n = len(seeds)
         self._per_step += torch.tensor(errors.per_step, dtype=torch.float64) * n
         self._accumulated += torch.tensor(errors.accumulated, dtype=torch.float64) * n
         self._q.append(errors.q_samples)
         self._fp.append(errors.fp_samples)
-        other = (seeds + self.hparams.noise_floor_seed_offset).tolist()
-        self._fp_other.append(samples_from(fp_model, self.scheduler, other, self.hparams.num_inference_steps))
+        other = (seeds + hp.noise_floor_seed_offset).tolist()
+        self._fp_other.append(samples_from(fp_model, self.scheduler, other, hp.num_inference_steps,
+                                           cond=self._seed_conditioning, decode=self.decode))
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self._step(batch)
@@ -120,7 +139,7 @@ class SampleEvaluation(DiffusionSampler):
         accumulated = self.trainer.strategy.reduce(self._accumulated.to(self.device), reduce_op="sum").cpu() / n
         hp = self.hparams
         if self.meter is None:
-            size = self.sample_shape[-1]
+            size = q.shape[-1]  # the images' size (a latent model's decoded size, not its latents')
             self.meter = SampleQualityMeter(hp.features, hp.real_dataset, size, hp.stats_cache_dir, hp.kid)
         quality = self.meter.measure(q, fp, fp_other if len(fp_other) >= 2 else None)
         figures = {k: v for k, v in quality.as_dict().items() if v is not None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,13 +12,22 @@ from torch import Tensor, nn
 
 from accuquant_pl.sampling import Conditioning, initial_noise, model_output, sample
 
+ConditionFn = Callable[[list[int]], Conditioning | None]
+"""The conditioning (class labels / prompt embeddings and guidance) of the samples of a list of seeds."""
+Decode = Callable[[Tensor], Tensor]
+"""Images from a sampler's final states (a latent model's autoencoder decoding)."""
+
+
+def _images(states: Tensor, decode: Decode | None) -> Tensor:
+    return (decode(states) if decode is not None else states).clamp(-1, 1).cpu()
+
 
 @dataclass
 class PairedErrors:
     """Errors of a quantized sampler against the FP sampler started from the same noises."""
 
     final_mse: float
-    """Mean squared error of the final samples (images in [-1, 1])."""
+    """Mean squared error of the final sampler states (images in [-1, 1]; latents for a latent model)."""
     final_psnr: float
     """PSNR of the final samples against FP, in dB (peak-to-peak range 2)."""
     per_step: list[float]
@@ -25,29 +35,34 @@ class PairedErrors:
     accumulated: list[float]
     """MSE of the quantized sampler's own state vs the FP state after every step k."""
     fp_samples: Tensor
-    """Final FP samples (N, C, H, W), clamped to [-1, 1]."""
+    """Final FP images (N, C, H, W) (decoded for a latent model), clamped to [-1, 1]."""
     q_samples: Tensor
-    """Final quantized samples from the same noises, clamped to [-1, 1]."""
+    """Final quantized images from the same noises (and conditions), clamped to [-1, 1]."""
 
 
 @torch.no_grad()
 def paired_errors(fp_unet: nn.Module, q_unet: nn.Module, scheduler: SchedulerMixin, seeds: list[int],
-                  num_inference_steps: int, cond: Conditioning | None = None, batch_size: int = 64) -> PairedErrors:
-    """Run FP and quantized samplers from the noises of ``seeds`` and compare them step by step."""
+                  num_inference_steps: int, cond: ConditionFn | None = None, batch_size: int = 64,
+                  decode: Decode | None = None) -> PairedErrors:
+    """Run FP and quantized samplers from the noises (and ``cond(seeds)`` conditions) of ``seeds`` and compare
+    them step by step. The error curves are in the sampler's space (latents for a latent model); the returned
+    samples are images, through ``decode`` when given."""
     shape = (fp_unet.config.in_channels, fp_unet.config.sample_size, fp_unet.config.sample_size)
     sums_step = torch.zeros(num_inference_steps, dtype=torch.float64)
     sums_acc = torch.zeros(num_inference_steps, dtype=torch.float64)
     device = next(fp_unet.parameters()).device
     finals: dict[str, list[Tensor]] = {"fp": [], "q": []}
     for start in range(0, len(seeds), batch_size):
-        noise = initial_noise(seeds[start : start + batch_size], shape).to(device)
-        fp = sample(fp_unet, scheduler, noise, num_inference_steps, cond, keep_trajectory=True)
-        q = sample(q_unet, scheduler, noise, num_inference_steps, cond, keep_trajectory=True)
-        finals["fp"].append(fp.states[-1].clamp(-1, 1).cpu())
-        finals["q"].append(q.states[-1].clamp(-1, 1).cpu())
+        chunk = seeds[start : start + batch_size]
+        noise = initial_noise(chunk, shape).to(device)
+        c = cond(chunk) if cond is not None else None
+        fp = sample(fp_unet, scheduler, noise, num_inference_steps, c, keep_trajectory=True)
+        q = sample(q_unet, scheduler, noise, num_inference_steps, c, keep_trajectory=True)
+        finals["fp"].append(_images(fp.states[-1], decode))
+        finals["q"].append(_images(q.states[-1], decode))
         for k, t in enumerate(fp.timesteps):
             x = scheduler.scale_model_input(fp.states[k], t)
-            diff = model_output(q_unet, x, t, cond) - model_output(fp_unet, x, t, cond)
+            diff = model_output(q_unet, x, t, c) - model_output(fp_unet, x, t, c)
             sums_step[k] += diff.pow(2).flatten(1).mean(1).sum().double().cpu()
             sums_acc[k] += (q.states[k + 1] - fp.states[k + 1]).pow(2).flatten(1).mean(1).sum().double().cpu()
     n = len(seeds)
@@ -63,10 +78,14 @@ def paired_errors(fp_unet: nn.Module, q_unet: nn.Module, scheduler: SchedulerMix
 
 
 def samples_from(unet: nn.Module, scheduler: SchedulerMixin, seeds: list[int], num_inference_steps: int,
-                 batch_size: int = 64) -> Tensor:
-    """Final samples (N, C, H, W) for ``seeds``."""
+                 batch_size: int = 64, cond: ConditionFn | None = None, decode: Decode | None = None) -> Tensor:
+    """Final images (N, C, H, W) in [-1, 1] for ``seeds`` (with ``cond(seeds)``; decoded by ``decode``)."""
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     device = next(unet.parameters()).device
-    out = [sample(unet, scheduler, initial_noise(seeds[s : s + batch_size], shape).to(device), num_inference_steps)
-           for s in range(0, len(seeds), batch_size)]
-    return torch.cat(out).clamp(-1, 1).cpu()
+    out = []
+    for s in range(0, len(seeds), batch_size):
+        chunk = seeds[s : s + batch_size]
+        c = cond(chunk) if cond is not None else None
+        out.append(_images(sample(unet, scheduler, initial_noise(chunk, shape).to(device), num_inference_steps, c),
+                           decode))
+    return torch.cat(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from accuquant_pl.evaluate import side_by_side
 from accuquant_pl.evaluation import samples_from
 from accuquant_pl.images import save_png
-from accuquant_pl.models.loading import load_unet
+from accuquant_pl.models.loading import load_unet, load_vae
 from accuquant_pl.sample_metrics import SampleQualityMeter
+from accuquant_pl.sampling import Conditioning, decode_latents
 
 
 class FIDCallback(L.Callback):
@@ -62,6 +64,7 @@ class FIDCallback(L.Callback):
         self.history: list[dict[str, Any]] = []
         self._meter: SampleQualityMeter | None = None
         self._fp: torch.Tensor | None = None
+        self._decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}
@@ -82,12 +85,26 @@ class FIDCallback(L.Callback):
     @rank_zero_only
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, units_done: int) -> None:
         seeds = list(range(self.first_seed, self.first_seed + self.num_samples))
-        scheduler = trainer.datamodule.make_scheduler()
+        datamodule = trainer.datamodule
+        scheduler = datamodule.make_scheduler()
+        device = pl_module.device
+
+        def cond(chunk: list[int]) -> Conditioning | None:  # conditional models: the data module's labels / prompts
+            c = datamodule.seed_conditioning(chunk) if hasattr(datamodule, "seed_conditioning") else None
+            return c.to(device) if c is not None else None
+
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             if self._fp is None:
-                teacher = load_unet(pl_module.hparams.pretrained).to(pl_module.device)
-                self._fp = samples_from(teacher, scheduler, seeds, self.num_inference_steps)
-            q = samples_from(pl_module.student, scheduler, seeds, self.num_inference_steps)
+                pretrained = pl_module.hparams.pretrained
+                teacher = load_unet(pretrained).to(device)
+                vae = load_vae(pretrained)  # latent models: FID on decoded images; the autoencoder stays FP
+                if vae is not None:
+                    vae.to(device)
+                    self._decode = lambda z: decode_latents(vae, z)
+                self._fp = samples_from(teacher, scheduler, seeds, self.num_inference_steps, cond=cond,
+                                        decode=self._decode)
+            q = samples_from(pl_module.student, scheduler, seeds, self.num_inference_steps, cond=cond,
+                             decode=self._decode)
             if self._meter is None:
                 size = self._fp.shape[-1]
                 self._meter = SampleQualityMeter(self.features, self.real_dataset, size, self.stats_cache_dir, kid=False)

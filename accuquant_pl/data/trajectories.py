@@ -304,6 +304,11 @@ class TrajectoryDataModule(L.LightningDataModule):
                                 guidance_scale=hp.guidance_scale)
         return None
 
+    def seed_conditioning(self, seeds: list[int]) -> Conditioning | None:
+        """The conditioning of samples numbered ``seeds`` under this data module's rule (class label ``i % len``,
+        prompt ``i % P``), on the CPU: what evaluation during calibration (``FIDCallback``) samples with."""
+        return self._trajectory_conditioning(torch.tensor(seeds, dtype=torch.long))[1]
+
     def _trajectory_conditioning(self, index: Tensor) -> tuple[dict[str, Tensor], Conditioning | None]:
         hp = self.hparams
         extra: dict[str, Tensor] = {}
