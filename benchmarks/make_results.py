@@ -37,6 +37,8 @@ TABLES = {
     "ablation_gradient": "AccuQuant gradient-mode ablation (W4A8, n = 4)",
     "per_step_200_iters": "Per-step baseline at 4x the iterations (200 per unit): roughly AccuQuant n = 4's compute",
     "sensitivity": "Sensitivity to the AdaRound regulariser weight and rounding learning rate (W4A8)",
+    "ablation_objective": "AccuQuant objective variants and calibration-seed spread (W4A8, lr rounding 0.01; "
+                          "`seed` draws other calibration trajectories, the evaluation seeds stay the same)",
 }
 
 
@@ -54,7 +56,7 @@ def load_runs(folder: Path) -> dict[str, list[dict]]:
     """Rows per table; ``quality`` gathers every quality*.json (the runs may be split by bit width)."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(folder.glob("*.json")):
-        table = next((t for t in ("quality", "sensitivity") if path.stem.startswith(t)), path.stem)
+        table = next((t for t in TABLES if path.stem.startswith(t)), path.stem)
         if table not in TABLES:
             continue
         data = json.loads(path.read_text())
@@ -64,6 +66,18 @@ def load_runs(folder: Path) -> dict[str, list[dict]]:
                 continue
             rows.append({**row, "settings": data["settings"], "threads": data["torch_threads"]})
     return runs
+
+
+def method_label(r: dict) -> str:
+    """The method with what distinguishes its run: AccuQuant's rollout target and loss weights, the seed."""
+    label = r["method"]
+    if r["method"] == "accuquant":
+        extra = [r.get("rollout_target") or "state"]
+        if (r.get("state_loss_weight"), r.get("block_loss_weight")) not in ((None, None), (1.0, 0.0)):
+            extra.append(f"state x{r['state_loss_weight']:g} + block x{r['block_loss_weight']:g}")
+        label += f" ({', '.join(extra)})"
+    seed = r["settings"].get("seed", 0)
+    return label + (f", seed {seed}" if seed else "")
 
 
 def fmt(v: float | None, digits: int = 2) -> str:
@@ -119,7 +133,7 @@ def main() -> None:
             it = "-" if r["method"] in ("fp", "rtn") else r["settings"]["iters"]
             rw, lr = (r.get("rounding_weight") or DEFAULTS["rounding_weight"],
                       r.get("lr_adaround") or DEFAULTS["lr_adaround"]) if it != "-" else ("-", "-")
-            lines.append(f"| {r['bits']} | {r['method']} | {r['n'] or '-'} | {r['gradient'] or '-'} | {it} | {rw} | {lr} | "
+            lines.append(f"| {r['bits']} | {method_label(r)} | {r['n'] or '-'} | {r['gradient'] or '-'} | {it} | {rw} | {lr} | "
                          f"{r['final_mse']:.5f} | {fmt(r['final_psnr'])} | {fmt(q.fid2fp32)} | {fmt(q.fid)} | "
                          f"{fmt(q.kid, 4)} | {r['confidence']:.3f} | {r['calib_seconds']:.0f} | {r['threads']} |")
             if table == "quality" and r["bits"] == "w4a8" and r["method"] != "fp":

@@ -126,7 +126,8 @@ def main() -> None:
                "per_step": errors.per_step, "accumulated": errors.accumulated,
                "rounding_weight": args.rounding_weight, "lr_adaround": args.lr_adaround,
                "samples_file": save_samples(samples_dir, f"{bits}_{method}{target}_n{n}_{gradient}_it{args.iters}"
-                                            f"_rw{args.rounding_weight}_lr{args.lr_adaround}",
+                                            f"_rw{args.rounding_weight}_lr{args.lr_adaround}"
+                                            f"{f'_seed{args.seed}' if args.seed else ''}",
                                             errors.q_samples, seeds)}
         rows.append(row)
         print(f"{bits} {method}{target} n={n} {gradient}: final MSE {errors.final_mse:.5f} PSNR {errors.final_psnr:.2f} dB "

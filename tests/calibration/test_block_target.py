@@ -195,7 +195,8 @@ def test_group_block_loss_is_the_per_step_objective_on_each_fp_state(models):
 
 @pytest.mark.parametrize(("state_w", "block_w"), [(0.0, 1.0), (10.0, 1.0)])
 def test_weighted_terms_calibrate_through_the_cli_and_log_each_term(tmp_path, tiny_model_dir, state_w, block_w):
-    cli = main(tiny_args(tmp_path, tiny_model_dir, state_loss_weight=state_w, block_loss_weight=block_w))
+    cli = main(tiny_args(tmp_path, tiny_model_dir, rollout_target="state", gradient="checkpointed",
+                         state_loss_weight=state_w, block_loss_weight=block_w))
     assert cli.model.done_units == cli.model.unit_names
     logged = cli.trainer.logged_metrics
     assert ("calib/state_loss" in logged) == (state_w > 0) and "calib/block_loss" in logged

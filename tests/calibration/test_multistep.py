@@ -362,7 +362,7 @@ def test_tiny_accuquant_calibration_with_a_multistep_sampler_through_the_cli(tmp
     from accuquant_pl.quantized_model import load_quantized_model
     from tests.calibration.test_calibration_cli import tiny_args
 
-    args = [*tiny_args(tmp_path, tiny_model_dir, gradient="checkpointed"), "--data.init_args.scheduler", scheduler,
+    args = [*tiny_args(tmp_path, tiny_model_dir, rollout_target="state", gradient="checkpointed"), "--data.init_args.scheduler", scheduler,
             "--data.init_args.group_size", "3"]
     cli = main(args)
     module = cli.model
