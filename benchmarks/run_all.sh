@@ -1,13 +1,33 @@
 #!/usr/bin/env bash
-# Regenerates every figure in docs/results.md: the quality table (W8A8/W4A8/W4A4 x FP/RTN/per-step/AccuQuant),
-# the group-size and gradient-mode ablations, the equal-compute per-step row, then FID columns and plots.
-# Takes ~2 hours on 2 CPU cores.  Usage: bash benchmarks/run_all.sh
+# Regenerates every figure in docs/results.md. Each line writes one JSON file of rows (written after every
+# row, so an interrupted sweep keeps what it measured); make_results.py then adds the FID columns and plots.
+# Every calibrated row uses lr_adaround 1e-2 (the configs' value) unless it is a sensitivity row.
+# Takes ~2-3 hours on 2 CPU cores.  Usage: bash benchmarks/run_all.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=docs/results
-python benchmarks/quality.py --bits w4a8 --out $R/quality_w4a8.json
-python benchmarks/quality.py --bits w8a8,w4a4 --out $R/quality_w8a8_w4a4.json
-python benchmarks/quality.py --bits w4a8 --methods accuquant --group-sizes 1,2,8 --out $R/ablation_group_size.json
-python benchmarks/quality.py --bits w4a8 --methods accuquant --gradients exact,approx,stepwise --out $R/ablation_gradient.json
-python benchmarks/quality.py --bits w4a8 --methods per_step --iters 200 --out $R/per_step_200_iters.json
+Q="python benchmarks/quality.py --lr-adaround 1e-2"
+BLOCK="--methods accuquant --rollout-target block_output --gradients stepwise"   # the digits configs' AccuQuant
+# main table: FP, RTN at every width; per-step and AccuQuant (state target n=4, block-output target n=2)
+python benchmarks/quality.py --methods rtn --out $R/quality_rtn.json
+$Q --bits w4a8 --methods per_step,accuquant --group-sizes 4 --gradients checkpointed --out $R/quality_w4a8.json
+$Q --bits w4a8 $BLOCK --group-sizes 2 --out $R/quality_w4a8_accuquant_block.json
+$Q --bits w8a8,w4a4 --methods per_step,accuquant --rollout-target block_output --gradients stepwise --group-sizes 2 \
+   --out $R/quality_w8a8_w4a4.json
+# objective variants and calibration-seed spread (W4A8)
+$Q --bits w4a8 $BLOCK --group-sizes 4,8 --out $R/ablation_objective_block_n4_n8.json
+for s in 1 2; do
+  $Q --bits w4a8 --methods per_step --seed $s --out $R/ablation_objective_per_step_seed$s.json
+  $Q --bits w4a8 $BLOCK --group-sizes 2 --seed $s --out $R/ablation_objective_block_n2_seed$s.json
+done
+$Q --bits w4a8 $BLOCK --group-sizes 4 --seed 1 --out $R/ablation_objective_block_n4_seed1.json
+for w in "0 1" "100 1" "1000 1"; do set -- $w
+  $Q --bits w4a8 --methods accuquant --group-sizes 4 --state-loss-weight $1 --block-loss-weight $2 \
+     --out $R/ablation_objective_ws$1_wb$2.json
+done
+# sensitivity of the state target to the rounding regulariser and learning rate (lr 1e-3 rows)
+python benchmarks/quality.py --bits w4a8 --out $R/sensitivity_lr1e-3_w4a8.json
+python benchmarks/quality.py --bits w4a8 --methods accuquant --rounding-weight 1e-4 --out $R/sensitivity_accuquant_rw1e-4.json
+python benchmarks/quality.py --bits w4a8 --methods accuquant --rounding-weight 1e-5 --out $R/sensitivity_accuquant_rw1e-5.json
+python benchmarks/quality.py --bits w4a8 --methods per_step --rounding-weight 1e-4 --out $R/sensitivity_per_step_rw1e-4.json
 python benchmarks/make_results.py
