@@ -15,7 +15,7 @@ $Q --bits w4a8 $BLOCK --group-sizes 2 --out $R/quality_w4a8_accuquant_block.json
 $Q --bits w8a8,w4a4 --methods per_step,accuquant --rollout-target block_output --gradients stepwise --group-sizes 2 \
    --out $R/quality_w8a8_w4a4.json
 # objective variants and calibration-seed spread (W4A8)
-$Q --bits w4a8 $BLOCK --group-sizes 4,8 --out $R/ablation_objective_block_n4_n8.json
+$Q --bits w4a8 $BLOCK --group-sizes 4 --out $R/ablation_objective_block_n4.json
 for s in 1 2; do
   $Q --bits w4a8 --methods per_step --seed $s --out $R/ablation_objective_per_step_seed$s.json
   $Q --bits w4a8 $BLOCK --group-sizes 2 --seed $s --out $R/ablation_objective_block_n2_seed$s.json

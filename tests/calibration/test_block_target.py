@@ -127,11 +127,8 @@ def test_matches_a_hand_rollout_of_the_quantized_model(n, models):
     assert want.norm() > 0
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.norm()))
-    # The rollout matters: on the FP states instead of the quantized ones the loss is a different number.
-    on_fp = sum(float((block_output(student, sb, sample=s, timestep=sched.timesteps[START + j]).detach()
-                       - block_output(teacher, tb, sample=s, timestep=sched.timesteps[START + j])).pow(2).mean())
-                for j, s in enumerate(fp_states)) / n
-    assert abs(on_fp - float(loss)) > 1e-3 * float(loss)
+    # The quantized rollout really left the FP trajectory, so the reference above is not the FP-state loss.
+    assert float((x - batch["targets"][:, -1]).abs().max()) > 1e-4
 
 
 @pytest.mark.parametrize("n", [1, 3])
