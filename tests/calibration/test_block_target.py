@@ -20,6 +20,7 @@ from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.calibration.objectives import accuquant_block_step, group_block_loss, per_step_loss
 from accuquant_pl.cli import main
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, unit_parameters
+from tests.calibration.gradients import flat_grad, theta, zero
 from tests.calibration.test_calibration_cli import tiny_args
 from tests.conftest import tiny_unet
 
@@ -71,14 +72,10 @@ def batch_for(teacher: nn.Module, n: int, size: int = 4) -> dict[str, Tensor]:
             "step_index": torch.full((size,), START)}
 
 
-def theta(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def grads(params: list[nn.Parameter]) -> Tensor:
-    out = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    for p in params:
-        p.grad = None
+    """The flat gradient, then reset, so the next computation starts from zero."""
+    out = flat_grad(params)
+    zero(params)
     return out
 
 

@@ -25,6 +25,7 @@ from accuquant_pl.calibration.rollout import rollout, simulate
 from accuquant_pl.calibration.scheduler_state import SamplerSteps, history_steps, is_stochastic, prime
 from accuquant_pl.data.trajectories import TrajectoryDataModule, TrajectoryGroups
 from accuquant_pl.sampling import SCHEDULERS, initial_noise, model_output, sample
+from tests.calibration.gradients import flat_grad, theta, zero
 from tests.conftest import tiny_unet
 
 STEPS = 10
@@ -156,19 +157,6 @@ def test_accuquant_step_with_the_fp_student_has_zero_loss_in_every_mode():
 # -------------------------------------------------------------------- gradients against a hand-rolled sampler
 
 START, N = 3, 3
-
-
-def theta(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def flat_grad(params: list[nn.Parameter]) -> Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-
-
-def zero(params: list[nn.Parameter]) -> None:
-    for p in params:
-        p.grad = None
 
 
 def assert_grads_close(got: Tensor, ref: Tensor, rtol: float = 1e-4) -> None:

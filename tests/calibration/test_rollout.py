@@ -26,6 +26,7 @@ from accuquant_pl.calibration.memory import LiveTensorBytes, SavedTensorBytes
 from accuquant_pl.calibration.objectives import accuquant_step
 from accuquant_pl.calibration.rollout import GRADIENT_MODES, rollout, state_loss
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quant_state, quantize, unit_parameters
+from tests.calibration.gradients import flat_grad, theta, zero
 from tests.conftest import tiny_unet
 
 MODES = ("exact", "checkpointed", "approx", "stepwise")
@@ -79,19 +80,6 @@ class Group:
             x = self.phi(j, x, network(j, x))
             out.append(x)
         return torch.stack(out)
-
-
-def theta(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def flat_grad(params: list[nn.Parameter]) -> Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-
-
-def zero(params: list[nn.Parameter]) -> None:
-    for p in params:
-        p.grad = None
 
 
 def run(mode: str, g: Group, network=None, params=None, reduction="mean", scale=1.0) -> tuple[Tensor, Tensor]:
