@@ -12,6 +12,16 @@ REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "models" / "digits-ddpm"
 
 
+def checkpoint_and_export_callbacks(root: Path) -> list[dict]:
+    """The YAML callbacks of a resumable calibration: a checkpoint after every unit and the quantized export."""
+    return [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
+                       "every_n_epochs": 1, "save_on_train_epoch_end": True}},
+        {"class_path": "callbacks.quantized_export.ExportQuantized", "init_args": {"dirpath": str(root / "quantized")}},
+    ]
+
+
 def tiny_unet(sample_size: int = 8, seed: int = 0) -> UNet2DModel:
     """A ~20k-parameter UNet2DModel with one attention level: the shape of the teacher, in miniature."""
     torch.manual_seed(seed)

@@ -22,7 +22,7 @@ from accuquant_pl.cli import main
 from accuquant_pl.models.loading import load_unet
 from accuquant_pl.quant import reconstruction_units
 from accuquant_pl.quantized_model import load_quantized_model
-from tests.conftest import REPO
+from tests.conftest import REPO, checkpoint_and_export_callbacks
 from tests.tiny_models import model_folder
 
 CONFIG_DIR = REPO / "configs"
@@ -132,13 +132,7 @@ def tiny_overrides(tmp_path: Path, config: Path, name: str = "run") -> dict:
         "trainer": {
             "accelerator": "cpu", "devices": 1, "default_root_dir": str(root), "enable_progress_bar": False,
             "enable_model_summary": False, "logger": False,
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
-                               "every_n_epochs": 1, "save_on_train_epoch_end": True}},
-                {"class_path": "callbacks.quantized_export.ExportQuantized",
-                 "init_args": {"dirpath": str(root / "quantized")}},
-            ],
+            "callbacks": checkpoint_and_export_callbacks(root),
         },
         "model": {"init_args": {"pretrained": str(folder), "iterations_per_unit": 1, "act_calibration_samples": 4}},
         "data": {"init_args": tiny_data},

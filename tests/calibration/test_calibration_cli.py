@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from accuquant_pl.cli import main
 from accuquant_pl.quantized_model import load_quantized_model
-from tests.conftest import REPO
+from tests.conftest import REPO, checkpoint_and_export_callbacks
 
 
 def tiny_args(tmp_path: Path, model_dir: Path, config: str = "digits_w4a8_accuquant.yaml", name: str = "run",
@@ -22,13 +22,7 @@ def tiny_args(tmp_path: Path, model_dir: Path, config: str = "digits_w4a8_accuqu
             "default_root_dir": str(root), "enable_progress_bar": False, "enable_model_summary": False,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(root), "name": "tb"}},
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
-                               "every_n_epochs": 1, "save_on_train_epoch_end": True}},
-                {"class_path": "callbacks.quantized_export.ExportQuantized",
-                 "init_args": {"dirpath": str(root / "quantized")}},
-            ],
+            "callbacks": checkpoint_and_export_callbacks(root),
         },
         "model": {"init_args": {"pretrained": str(model_dir), "iterations_per_unit": 2,
                                 "act_calibration_samples": 8, **model_args}},
