@@ -107,6 +107,12 @@ def accuquant_step(student: nn.Module, scheduler: SchedulerMixin, batch: dict[st
     return rollout(gradient, network, steps, batch["x"], targets, reduction, scale)
 
 
+def _fp_states(batch: dict[str, Any]) -> list[Tensor]:
+    """The FP states a group's n steps start from: x_k (the item's ``x``), then the cached states x_{k-1} ..
+    x_{k-n+1} (all ``targets`` but the last, which no step of the group starts from)."""
+    return [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
+
+
 def accuquant_block_step(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
                          scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None,
                          reduction: Reduction, scale: float = 1.0) -> Tensor:
@@ -120,11 +126,10 @@ def accuquant_block_step(student: nn.Module, teacher: nn.Module, student_block: 
     objective), each step's graph is freed by its backward (O(1) memory in n), and the loss is the mean over
     the n steps, so that n = 1 is exactly the per-step objective on group starts.
     """
-    targets = batch["targets"].transpose(0, 1)  # (n, B, C, H, W): FP states after each step
     steps = group_steps(scheduler, batch)
     timesteps = batch["timesteps"][0]
     n = len(timesteps)
-    fp_states = [batch["x"], *targets[:-1]]
+    fp_states = _fp_states(batch)
     x = batch["x"]
     states: list[Tensor] = []
     outputs: list[Tensor] = []
@@ -160,10 +165,9 @@ def group_block_loss(student: nn.Module, teacher: nn.Module, student_block: nn.M
     per-step objective, while the state term adds what the n-step rollout sees.
     """
     n = batch["timesteps"].shape[1]
-    states = [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
     total = torch.zeros((), device=batch["x"].device)
-    for j in range(n):
-        item = {"x": states[j], "timesteps": batch["timesteps"][:, j:]}
+    for j, state in enumerate(_fp_states(batch)):
+        item = {"x": state, "timesteps": batch["timesteps"][:, j:]}
         loss = per_step_loss(student, teacher, student_block, teacher_block, item, cond, reduction) / n
         (loss * scale).backward()
         total = total + loss.detach()
