@@ -76,8 +76,8 @@ def method_label(r: dict) -> str:
         if (r.get("state_loss_weight"), r.get("block_loss_weight")) not in ((None, None), (1.0, 0.0)):
             extra.append(f"state x{r['state_loss_weight']:g} + block x{r['block_loss_weight']:g}")
         label += f" ({', '.join(extra)})"
-    seed = r["settings"].get("seed", 0)
-    return label + (f", seed {seed}" if seed else "")
+    seed = r["settings"].get("seed", 0)  # the calibration seed: FP and RTN rows do not depend on it
+    return label + (f", seed {seed}" if seed and r["method"] not in ("fp", "rtn") else "")
 
 
 def fmt(v: float | None, digits: int = 2) -> str:
