@@ -68,7 +68,7 @@ def load_runs(folder: Path) -> dict[str, list[dict]]:
     return runs
 
 
-def method_label(r: dict) -> str:
+def method_label(r: dict, with_seed: bool = True) -> str:
     """The method with what distinguishes its run: AccuQuant's rollout target and loss weights, the seed."""
     label = r["method"]
     if r["method"] == "accuquant":
@@ -76,8 +76,43 @@ def method_label(r: dict) -> str:
         if (r.get("state_loss_weight"), r.get("block_loss_weight")) not in ((None, None), (1.0, 0.0)):
             extra.append(f"state x{r['state_loss_weight']:g} + block x{r['block_loss_weight']:g}")
         label += f" ({', '.join(extra)})"
+    if r.get("later_units") not in (None, "fp"):
+        label += f", later units {r['later_units']}"
+    if r.get("start_weighting") not in (None, "uniform"):
+        label += f", {r['start_weighting']} starts"
     seed = r["settings"].get("seed", 0)  # the calibration seed: FP and RTN rows do not depend on it
-    return label + (f", seed {seed}" if seed and r["method"] not in ("fp", "rtn") else "")
+    return label + (f", seed {seed}" if with_seed and seed and r["method"] not in ("fp", "rtn") else "")
+
+
+def seed_summary(measured: list[tuple[dict, float]]) -> list[str]:
+    """Mean and spread over calibration seeds of every configuration run with at least three seeds.
+
+    ``measured`` holds (row, FID2FP32) for every table row; rows that differ only in ``seed`` form one
+    configuration (a row listed in two tables counts once)."""
+    groups: dict[tuple, dict[int, tuple[dict, float]]] = {}
+    for r, fid2fp in measured:
+        if r["method"] in ("fp", "rtn"):
+            continue
+        s = r["settings"]
+        key = (r["bits"], method_label(r, with_seed=False), r["n"] or "-", r["gradient"] or "-", s["iters"],
+               r.get("rounding_weight") or DEFAULTS["rounding_weight"], r.get("lr_adaround") or DEFAULTS["lr_adaround"])
+        groups.setdefault(key, {})[s.get("seed", 0)] = (r, fid2fp)
+    lines = []
+    for key, by_seed in groups.items():
+        if len(by_seed) < 3:
+            continue
+        mse = torch.tensor([r["final_mse"] for r, _ in by_seed.values()], dtype=torch.float64)
+        fid = torch.tensor([f for _, f in by_seed.values()], dtype=torch.float64)
+        lines.append("| " + " | ".join(str(k) for k in key) + f" | {','.join(str(s) for s in sorted(by_seed))} | "
+                     f"{mse.mean():.5f} ± {mse.std():.5f} | {mse.min():.5f} .. {mse.max():.5f} | "
+                     f"{fid.mean():.2f} ± {fid.std():.2f} |")
+    if not lines:
+        return []
+    return ["## Mean over calibration seeds", "",
+            "Configurations run with several calibration seeds (rows of the tables above; ± is the sample standard "
+            "deviation over seeds).", "",
+            "| bits | method | n | gradient | it/unit | rounding weight | lr rounding | seeds | final MSE vs FP | "
+            "min .. max | FID2FP32 |", "|---|---|---|---|---|---|---|---|---|---|---|", *lines, ""]
 
 
 def fmt(v: float | None, digits: int = 2) -> str:
@@ -117,6 +152,7 @@ def main() -> None:
              "Calibration time is wall-clock "
              "with the thread count shown, measured while other work shared the machine: indicative only.", ""]
     curves: dict[str, tuple[list[float], list[float]]] = {}
+    measured: list[tuple[dict, float]] = []
     for table, title in TABLES.items():
         rows = runs.get(table)
         if not rows:
@@ -130,6 +166,7 @@ def main() -> None:
             if samples["seeds"] != seeds:
                 raise SystemExit(f"{r['samples_file']} holds other seeds than the FP reference")
             q = meter.measure(samples["samples"], fp["samples"])
+            measured.append((r, q.fid2fp32))
             it = "-" if r["method"] in ("fp", "rtn") else r["settings"]["iters"]
             rw, lr = (r.get("rounding_weight") or DEFAULTS["rounding_weight"],
                       r.get("lr_adaround") or DEFAULTS["lr_adaround"]) if it != "-" else ("-", "-")
@@ -140,6 +177,7 @@ def main() -> None:
                 label = r["method"] if r["method"] != "accuquant" else f"accuquant n={r['n']} {r['gradient']}"
                 curves[label] = (r["per_step"], r["accumulated"])
         lines.append("")
+    lines += seed_summary(measured)
     if curves:
         plot_error_curves(curves, folder / "error_curves_w4a8.png",
                           title="W4A8 digits teacher: per-step vs accumulated error (same noises)")

@@ -42,6 +42,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--state-loss-weight", type=float, default=1.0, help="weight of the AccuQuant state loss")
     p.add_argument("--block-loss-weight", type=float, default=0.0,
                    help="weight of the per-step block-output term on the group's FP states added to AccuQuant")
+    p.add_argument("--later-units", default="fp", choices=("fp", "quantized"),
+                   help="units after the calibrated one during calibration: FP or quantized with initial parameters")
+    p.add_argument("--start-weighting", default="uniform", choices=("uniform", "linear"),
+                   help="how group starts are drawn (the data module's start_weighting)")
     p.add_argument("--iters", type=int, default=50, help="iterations per reconstruction unit (all methods)")
     p.add_argument("--rounding-weight", type=float, default=None,
                    help="AdaRound regulariser weight (default: BlockReconstruction's)")
@@ -65,13 +69,14 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
     L.seed_everything(args.seed, verbose=False)
     dm = TrajectoryDataModule(teacher=args.teacher, num_inference_steps=args.steps,
                               num_trajectories=args.num_trajectories, seed=args.seed, batch_size=args.batch_size,
-                              group_size=n, cache_dir=args.cache_dir)
+                              group_size=n, cache_dir=args.cache_dir,
+                              start_weighting=args.start_weighting)
     module = BlockReconstruction(pretrained=args.teacher, quant=QuantSpec(weight_bits=w, act_bits=a,
                                  adaround=method != "rtn"), objective=method, gradient=gradient,
                                  rollout_target=args.rollout_target,
                                  **({"state_loss_weight": args.state_loss_weight,
                                      "block_loss_weight": args.block_loss_weight} if method == "accuquant" else {}),
-                                 iterations_per_unit=args.iters,
+                                 iterations_per_unit=args.iters, later_units=args.later_units,
                                  **{k: v for k, v in (("rounding_weight", args.rounding_weight),
                                                       ("lr_adaround", args.lr_adaround)) if v is not None})
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -117,10 +122,16 @@ def main() -> None:
         target = f"_{args.rollout_target}" if aq and args.rollout_target != "state" else ""
         if aq and (args.state_loss_weight, args.block_loss_weight) != (1.0, 0.0):
             target += f"_ws{args.state_loss_weight:g}_wb{args.block_loss_weight:g}"
+        if method != "rtn" and args.later_units != "fp":
+            target += f"_later{args.later_units}"
+        if method != "rtn" and args.start_weighting != "uniform":
+            target += f"_starts{args.start_weighting}"
         row = {"bits": bits, "method": method, "n": n if aq else None,
                "gradient": gradient if aq else None, "rollout_target": args.rollout_target if aq else None,
                "state_loss_weight": args.state_loss_weight if aq else None,
                "block_loss_weight": args.block_loss_weight if aq else None,
+               "later_units": args.later_units if method != "rtn" else None,
+               "start_weighting": args.start_weighting if method != "rtn" else None,
                "final_mse": errors.final_mse,
                "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
                "per_step": errors.per_step, "accumulated": errors.accumulated,

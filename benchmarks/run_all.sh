@@ -16,7 +16,8 @@ $Q --bits w8a8,w4a4 --methods per_step,accuquant --rollout-target block_output -
    --out $R/quality_w8a8_w4a4.json
 # objective variants and calibration-seed spread (W4A8)
 $Q --bits w4a8 $BLOCK --group-sizes 4 --out $R/ablation_objective_block_n4.json
-for s in 1 2; do
+$Q --bits w4a8 $BLOCK --group-sizes 8 --out $R/ablation_objective_block_n8.json
+for s in 1 2 3 4 5; do
   $Q --bits w4a8 --methods per_step --seed $s --out $R/ablation_objective_per_step_seed$s.json
   $Q --bits w4a8 $BLOCK --group-sizes 2 --seed $s --out $R/ablation_objective_block_n2_seed$s.json
 done
@@ -24,6 +25,10 @@ $Q --bits w4a8 $BLOCK --group-sizes 4 --seed 1 --out $R/ablation_objective_block
 for w in "0 1" "100 1" "1000 1"; do set -- $w
   $Q --bits w4a8 --methods accuquant --group-sizes 4 --state-loss-weight $1 --block-loss-weight $2 \
      --out $R/ablation_objective_ws$1_wb$2.json
+done
+# gradient modes of the state target (n=4; checkpointed is in the main table, exact gives its gradient)
+for g in approx stepwise; do
+  $Q --bits w4a8 --methods accuquant --group-sizes 4 --gradients $g --out $R/ablation_gradient_$g.json
 done
 # sensitivity of the state target to the rounding regulariser and learning rate (lr 1e-3 rows)
 python benchmarks/quality.py --bits w4a8 --out $R/sensitivity_lr1e-3_w4a8.json
