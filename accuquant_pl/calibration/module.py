@@ -253,7 +253,7 @@ class BlockReconstruction(L.LightningModule):
             loss = torch.zeros((), device=self.device)
         elif hp.objective == "per_step":
             loss = per_step_loss(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
-                                 batch, cond, hp.loss_reduction)
+                                 datamodule.make_scheduler(), batch, cond, hp.loss_reduction)
             self.manual_backward(loss)
         elif hp.rollout_target == "block_output":
             loss = accuquant_block_step(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
@@ -265,8 +265,9 @@ class BlockReconstruction(L.LightningModule):
                                                            hp.gradient, hp.loss_reduction, hp.state_loss_weight)
             if hp.block_loss_weight > 0:
                 terms["calib/block_loss"] = group_block_loss(self.student, self.teacher, unit,
-                                                             self.teacher.get_submodule(self.unit_names[e]), batch,
-                                                             cond, hp.loss_reduction, hp.block_loss_weight)
+                                                             self.teacher.get_submodule(self.unit_names[e]),
+                                                             datamodule.make_scheduler(), batch, cond,
+                                                             hp.loss_reduction, hp.block_loss_weight)
             loss = (hp.state_loss_weight * terms.get("calib/state_loss", 0.0)
                     + hp.block_loss_weight * terms.get("calib/block_loss", 0.0))
         rounding = adaround_regularizer(unit, beta).to(self.device)

@@ -20,12 +20,16 @@ ROLLOUT_TARGETS = ("state", "block_output")
 
 
 def per_step_loss(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
-                  batch: dict[str, Any], cond: Conditioning | None, reduction: Reduction) -> Tensor:
+                  scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None,
+                  reduction: Reduction) -> Tensor:
     """Block-output MSE on (x_k, t_k): the quantized model's block on its own input vs the FP block on the FP input.
 
-    Under classifier-free guidance the network inputs are the sampler's doubled [uncond, cond] batch
-    (``network_inputs``), so both halves of what the guided sampler evaluates are reconstructed."""
-    x, t = batch["x"], batch["timesteps"][:, 0]
+    The network sees x_k as the sampler feeds it, through ``scheduler.scale_model_input`` at step k (identity
+    for DDIM and DPM-Solver, a sigma scaling for Euler-type samplers). Under classifier-free guidance the
+    network inputs are the sampler's doubled [uncond, cond] batch (``network_inputs``), so both halves of
+    what the guided sampler evaluates are reconstructed."""
+    t = batch["timesteps"][:, 0]
+    x = group_steps(scheduler, {**batch, "timesteps": batch["timesteps"][:, :1]}).scale(0, batch["x"])
     with torch.no_grad():
         target = block_output(teacher, teacher_block, **network_inputs(teacher, x, t, cond))
     out = block_output(student, student_block, **network_inputs(student, x, t, cond))
@@ -157,8 +161,8 @@ def accuquant_block_step(student: nn.Module, teacher: nn.Module, student_block: 
 
 
 def group_block_loss(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
-                     batch: dict[str, Any], cond: Conditioning | None, reduction: Reduction,
-                     scale: float = 1.0) -> Tensor:
+                     scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None,
+                     reduction: Reduction, scale: float = 1.0) -> Tensor:
     """The per-step objective on each FP state x_k .. x_{k-n+1} of a group (mean over the n steps), backward per step.
 
     Added to the AccuQuant state loss with ``block_loss_weight`` > 0: the dense block-output signal of the
@@ -168,7 +172,9 @@ def group_block_loss(student: nn.Module, teacher: nn.Module, student_block: nn.M
     total = torch.zeros((), device=batch["x"].device)
     for j, state in enumerate(_fp_states(batch)):
         item = {"x": state, "timesteps": batch["timesteps"][:, j:]}
-        loss = per_step_loss(student, teacher, student_block, teacher_block, item, cond, reduction) / n
+        if "step_index" in batch:
+            item["step_index"] = torch.as_tensor(batch["step_index"]) + j
+        loss = per_step_loss(student, teacher, student_block, teacher_block, scheduler, item, cond, reduction) / n
         (loss * scale).backward()
         total = total + loss.detach()
     return total

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from torch import Tensor, nn
 
 from accuquant_pl.calibration.capture import block_output, run_capturing
@@ -19,7 +19,9 @@ from accuquant_pl.calibration.memory import SavedTensorBytes
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.calibration.objectives import accuquant_block_step, group_block_loss, per_step_loss
 from accuquant_pl.cli import main
+from accuquant_pl.calibration.rollout import state_loss
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, unit_parameters
+from accuquant_pl.sampling import network_inputs
 from tests.calibration.gradients import flat_grad, theta, zero
 from tests.calibration.test_calibration_cli import tiny_args
 from tests.conftest import tiny_unet
@@ -84,14 +86,44 @@ def step(student: nn.Module, teacher: nn.Module, batch: dict) -> Tensor:
                                 batch, None, "mean")
 
 
+def euler_batch(size: int = 4) -> tuple[EulerDiscreteScheduler, dict[str, Tensor]]:
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(10)
+    x = 3.0 * torch.randn(size, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    return sched, {"x": x, "timesteps": sched.timesteps[START:START + 1][None].expand(size, -1),
+                   "step_index": torch.full((size,), START)}
+
+
+def test_per_step_feeds_the_network_the_samplers_scaled_input(models):
+    # Euler's sampler feeds the network x / sqrt(sigma^2 + 1): the per-step target must be the block's output
+    # on that input, as in the rollout, or per-step calibrates on inputs the sampler never produces.
+    student, teacher = models
+    sb, tb = student.get_submodule(UNIT), teacher.get_submodule(UNIT)
+    sched, batch = euler_batch()
+    t = batch["timesteps"][0, 0]
+    x_in = batch["x"] / (sched.sigmas[START] ** 2 + 1) ** 0.5
+    with torch.no_grad():
+        ref = state_loss(block_output(student, sb, **network_inputs(student, x_in, t)),
+                         block_output(teacher, tb, **network_inputs(teacher, x_in, t)))
+        unscaled = state_loss(block_output(student, sb, **network_inputs(student, batch["x"], t)),
+                              block_output(teacher, tb, **network_inputs(teacher, batch["x"], t)))
+        loss = per_step_loss(student, teacher, sb, tb, sched, batch, None, "mean")
+    assert abs(float(unscaled) - float(ref)) > 1e-3 * float(ref)  # the scaling matters at this step
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    block_n1 = accuquant_block_step(student, teacher, sb, tb, sched, {**batch, "targets": batch["x"][:, None]},
+                                    None, "mean")  # calls backward: reset the gradients it leaves
+    zero(theta(student))
+    torch.testing.assert_close(block_n1, ref, rtol=1e-6, atol=0)
+
+
 def test_n1_is_the_per_step_objective(models):
     student, teacher = models
     batch = batch_for(teacher, 1)
     params = theta(student)
     loss = step(student, teacher, batch)
     got = grads(params)
-    ref = per_step_loss(student, teacher, student.get_submodule(UNIT), teacher.get_submodule(UNIT), batch, None,
-                        "mean")
+    ref = per_step_loss(student, teacher, student.get_submodule(UNIT), teacher.get_submodule(UNIT), ddim(), batch,
+                        None, "mean")
     ref.backward()
     want = grads(params)
     assert float(ref.detach()) > 0 and want.norm() > 0
@@ -177,11 +209,11 @@ def test_group_block_loss_is_the_per_step_objective_on_each_fp_state(models):
     ref = torch.zeros(())
     for j, s in enumerate(states):
         item = {"x": s, "timesteps": batch["timesteps"][:, j:]}
-        loss_j = per_step_loss(student, teacher, sb, tb, item, None, "mean") / 3
+        loss_j = per_step_loss(student, teacher, sb, tb, ddim(), item, None, "mean") / 3
         loss_j.backward()
         ref = ref + loss_j.detach()
     want = grads(params)
-    loss = group_block_loss(student, teacher, sb, tb, batch, None, "mean", scale=2.0)
+    loss = group_block_loss(student, teacher, sb, tb, ddim(), batch, None, "mean", scale=2.0)
     got = grads(params)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(got, 2.0 * want, rtol=1e-5, atol=1e-7 * float(want.norm()))

@@ -181,7 +181,9 @@ def test_per_step_loss_reconstructs_both_halves_of_the_guided_batch():
     batch = {"x": torch.randn(2, 4, 8, 8), "timesteps": torch.tensor([[40], [40]])}
     cond = Conditioning(encoder_hidden_states=torch.randn(2, 5, 16), uncond_encoder_hidden_states=torch.zeros(2, 5, 16),
                         guidance_scale=GUIDANCE)
-    loss = per_step_loss(student, teacher, block, teacher.down_blocks[0].attentions[0], batch, cond, "mean")
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(25)  # its schedule holds t = 40
+    loss = per_step_loss(student, teacher, block, teacher.down_blocks[0].attentions[0], sched, batch, cond, "mean")
     assert sizes == [4] and float(loss) == 0.0
 
 
