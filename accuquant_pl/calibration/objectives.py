@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from accuquant_pl.calibration.capture import block_output, run_capturing
 from accuquant_pl.calibration.rollout import Reduction, rollout, state_loss
-from accuquant_pl.calibration.scheduler_state import SamplerSteps, is_stochastic
+from accuquant_pl.calibration.scheduler_state import SamplerSteps, is_stochastic, scaled_model_input
 from accuquant_pl.sampling import Conditioning, model_output, network_inputs
 
 Objective = Literal["per_step", "accuquant"]
@@ -29,7 +29,9 @@ def per_step_loss(student: nn.Module, teacher: nn.Module, student_block: nn.Modu
     network inputs are the sampler's doubled [uncond, cond] batch (``network_inputs``), so both halves of
     what the guided sampler evaluates are reconstructed."""
     t = batch["timesteps"][:, 0]
-    x = group_steps(scheduler, {**batch, "timesteps": batch["timesteps"][:, :1]}).scale(0, batch["x"])
+    if not bool((t == t[0]).all()):
+        raise ValueError("a per-step batch must share its timestep (batch items by step)")
+    x = scaled_model_input(scheduler, _group_start(scheduler, batch, t[:1]), batch["x"])
     with torch.no_grad():
         target = block_output(teacher, teacher_block, **network_inputs(teacher, x, t, cond))
     out = block_output(student, student_block, **network_inputs(student, x, t, cond))

@@ -63,6 +63,15 @@ def _position(scheduler: SchedulerMixin, index: int) -> SchedulerMixin:
     return scheduler
 
 
+def scaled_model_input(scheduler: SchedulerMixin, index: int, x: Tensor) -> Tensor:
+    """``x`` as the sampler feeds it to the network at schedule step ``index`` (``scale_model_input``: identity for
+    DDIM and DPM-Solver, x / sqrt(sigma^2 + 1) for Euler-type samplers). ``scheduler`` is not modified."""
+    num_steps = _num_steps(scheduler)
+    if not 0 <= index < num_steps:
+        raise ValueError(f"step {index} is outside the schedule: steps 0..{num_steps - 1} of {num_steps}")
+    return _position(copy.deepcopy(scheduler), index).scale_model_input(x, scheduler.timesteps[index])
+
+
 def _step(scheduler: SchedulerMixin, out: Tensor, t: Tensor, x: Tensor, kwargs: dict) -> Tensor:
     """One sampler step with the call sequence of ``sampling.sample`` (``scale_model_input`` first: some
     schedulers track that it was called)."""

@@ -395,14 +395,22 @@ class TrajectoryDataModule(L.LightningDataModule):
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=hp.num_workers)
 
     def calibration_inputs(self, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:
-        """Model inputs (x_k, t_k, conditioning) drawn over all steps, to initialise activation quantizers."""
+        """Model inputs (x_k, t_k, conditioning) drawn over all steps, to initialise activation quantizers.
+
+        ``x`` is what the sampler feeds the network at its step (``scale_model_input``), so that activation
+        ranges come from the inputs the network sees when sampling."""
+        from accuquant_pl.calibration.scheduler_state import scaled_model_input
+
         per_step = TrajectoryGroups(self.tensors, 1, "all")
+        scheduler = self.make_scheduler()
         gen = torch.Generator().manual_seed(seed)
         picks = torch.randperm(len(per_step), generator=gen)[:num_samples].tolist()
         batches = []
         bs = self.hparams.batch_size
         for start in range(0, len(picks), bs):
             items = [per_step[p] for p in picks[start : start + bs]]
+            for item in items:
+                item["x"] = scaled_model_input(scheduler, item["step_index"], item["x"])
             batch = torch.utils.data.default_collate(items)
             batches.append(batch)
         return batches

@@ -18,8 +18,8 @@ from accuquant_pl.calibration.capture import block_output, run_capturing
 from accuquant_pl.calibration.memory import SavedTensorBytes
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.calibration.objectives import accuquant_block_step, group_block_loss, per_step_loss
-from accuquant_pl.cli import main
 from accuquant_pl.calibration.rollout import state_loss
+from accuquant_pl.cli import main
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, unit_parameters
 from accuquant_pl.sampling import network_inputs
 from tests.calibration.gradients import flat_grad, theta, zero

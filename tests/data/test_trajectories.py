@@ -145,3 +145,21 @@ def test_history_needs_model_outputs(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="keep_model_outputs"):
         TrajectoryGroups(dm.tensors, 1, "all", history=1)
     assert json.loads((dm.cache_folder(dm.cache_key()) / "manifest.json").read_text())["key"]["keep_model_outputs"] is False
+
+
+def test_activation_calibration_inputs_are_what_the_sampler_feeds_the_network(tiny_model_dir, tmp_path):
+    # Euler scales the state by 1 / sqrt(sigma^2 + 1) before the network; ranges fitted on unscaled states
+    # would clip or waste the activation grid at sampling time.
+    dm = make_dm(tiny_model_dir, tmp_path, scheduler="euler")
+    dm.prepare_data()
+    dm.setup("fit")
+    sched = dm.make_scheduler()
+    batches = dm.calibration_inputs(num_samples=6)
+    steps = [int(s) for b in batches for s in b["step_index"]]
+    trajectories = [int(i) for b in batches for i in b["trajectory"]]
+    xs = torch.cat([b["x"] for b in batches])
+    assert len(steps) == 6 and len(set(steps)) > 1
+    for x, i, j in zip(xs, trajectories, steps, strict=True):
+        state = dm.tensors["states"][i, j]
+        torch.testing.assert_close(x, state / (sched.sigmas[j] ** 2 + 1) ** 0.5)
+        assert not torch.allclose(x, state)
