@@ -35,6 +35,7 @@ TABLES = {
     "quality": "Main comparison (equal iteration budget: {iters} iterations per unit for every method)",
     "ablation_group_size": "AccuQuant group-size ablation (W4A8, checkpointed gradient)",
     "ablation_gradient": "AccuQuant gradient-mode ablation (W4A8, n = 4)",
+    "per_step_100_iters": "Per-step baseline at 2x the iterations (100 per unit): about AccuQuant n = 2's compute",
     "per_step_200_iters": "Per-step baseline at 4x the iterations (200 per unit): roughly AccuQuant n = 4's compute",
     "sensitivity": "Sensitivity to the AdaRound regulariser weight and rounding learning rate (W4A8)",
     "ablation_objective": "AccuQuant objective variants and calibration-seed spread (W4A8, lr rounding 0.01; "

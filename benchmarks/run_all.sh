@@ -26,6 +26,10 @@ for w in "0 1" "100 1" "1000 1"; do set -- $w
   $Q --bits w4a8 --methods accuquant --group-sizes 4 --state-loss-weight $1 --block-loss-weight $2 \
      --out $R/ablation_objective_ws$1_wb$2.json
 done
+# equal compute instead of equal iterations: per-step at 2x the iterations (AccuQuant n=2 runs 2 steps per item)
+for s in 0 1 2; do
+  $Q --bits w4a8 --methods per_step --iters 100 --seed $s --out $R/per_step_100_iters_seed$s.json
+done
 # gradient modes of the state target (n=4; checkpointed is in the main table, exact gives its gradient)
 for g in approx stepwise; do
   $Q --bits w4a8 --methods accuquant --group-sizes 4 --gradients $g --out $R/ablation_gradient_$g.json
