@@ -53,6 +53,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+# The gradient mode that measured best per rollout target on the digits teacher (W4A8, equal budget; docs/results.md).
+DEFAULT_GRADIENT = {"block_output": "stepwise", "state": "approx"}
+
+
 class BlockReconstruction(L.LightningModule):
     """Calibrates a quantized copy of an FP diffusers UNet unit by unit (BRECQ / Q-Diffusion / AccuQuant).
 
@@ -67,8 +71,8 @@ class BlockReconstruction(L.LightningModule):
         pretrained: str = "models/digits-ddpm",
         quant: QuantSpec | None = None,
         objective: Literal["per_step", "accuquant", "rtn"] = "accuquant",
-        gradient: Literal["exact", "checkpointed", "approx", "stepwise"] = "checkpointed",
-        rollout_target: Literal["state", "block_output"] = "state",
+        gradient: Literal["exact", "checkpointed", "approx", "stepwise"] | None = None,
+        rollout_target: Literal["state", "block_output"] = "block_output",
         state_loss_weight: float = 1.0,
         block_loss_weight: float = 0.0,
         iterations_per_unit: int = 100,
@@ -91,10 +95,12 @@ class BlockReconstruction(L.LightningModule):
                 (n-step rollout against the FP trajectory; n is the data module's group_size) or 'rtn'
                 (no optimisation).
             gradient: AccuQuant gradient mode: exact, checkpointed (exact, O(1) activation memory), approx
-                (no gradient through the network input on the recurrent path, O(1)) or stepwise.
-            rollout_target: what the AccuQuant rollout is matched on: 'state' (the sampler state after the n
-                steps, against the FP trajectory) or 'block_output' (the calibrated block's output at each of
-                the n rollout states, against the FP block on the FP states; needs gradient 'stepwise').
+                (no gradient through the network input on the recurrent path, O(1)) or stepwise. None (default)
+                takes the mode that measured best for the rollout target (docs/results.md): 'stepwise' for
+                'block_output' (its only mode), 'approx' for 'state'.
+            rollout_target: what the AccuQuant rollout is matched on: 'block_output' (default: the calibrated
+                block's output at each of the n rollout states, against the FP block on the FP states; needs
+                gradient 'stepwise') or 'state' (the sampler state after the n steps, against the FP trajectory).
             state_loss_weight: weight of the AccuQuant state loss (rollout_target 'state'); 0 skips the rollout.
             block_loss_weight: weight of a per-step block-output term on the group's n FP states, added to
                 the AccuQuant state loss (0: the pure state objective).
@@ -116,13 +122,16 @@ class BlockReconstruction(L.LightningModule):
             raise ValueError(f"iterations_per_unit must be >= 1 for objective {objective!r}, got {iterations_per_unit}")
         if objective not in (*OBJECTIVES, "rtn"):
             raise ValueError(f"unknown objective {objective!r}; choose one of {(*OBJECTIVES, 'rtn')}")
-        if gradient not in GRADIENT_MODES:
-            raise ValueError(f"unknown gradient mode {gradient!r}; choose one of {GRADIENT_MODES}")
         if rollout_target not in ROLLOUT_TARGETS:
             raise ValueError(f"unknown rollout_target {rollout_target!r}; choose one of {ROLLOUT_TARGETS}")
+        if gradient is None:
+            gradient = DEFAULT_GRADIENT[rollout_target]
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"unknown gradient mode {gradient!r}; choose one of {GRADIENT_MODES}")
         if objective == "accuquant" and rollout_target == "block_output" and gradient != "stepwise":
             raise ValueError(f"rollout_target 'block_output' takes its gradient step by step with the rollout's states "
-                             f"held constant, which is gradient 'stepwise'; got gradient {gradient!r}")
+                             f"held constant, which is gradient 'stepwise'; got gradient {gradient!r} (the other "
+                             "modes differentiate the n-step state: rollout_target 'state')")
         if state_loss_weight < 0 or block_loss_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got state_loss_weight={state_loss_weight}, "
                              f"block_loss_weight={block_loss_weight}")

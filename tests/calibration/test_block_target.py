@@ -199,6 +199,13 @@ def test_block_output_target_needs_the_stepwise_gradient_and_a_known_name():
     BlockReconstruction(objective="accuquant", rollout_target="block_output", gradient="stepwise")
 
 
+def test_defaults_are_the_measured_best_variant():
+    default = BlockReconstruction()
+    assert (default.hparams.rollout_target, default.hparams.gradient) == ("block_output", "stepwise")
+    assert BlockReconstruction(rollout_target="state").hparams.gradient == "approx"
+    assert BlockReconstruction(rollout_target="state", gradient="exact").hparams.gradient == "exact"
+
+
 # ----------------------------------------------------------- state loss + per-step block term (block_loss_weight)
 def test_group_block_loss_is_the_per_step_objective_on_each_fp_state(models):
     student, teacher = models
@@ -234,6 +241,6 @@ def test_loss_weights_reject_bad_values():
     with pytest.raises(ValueError, match="loss weights must be >= 0.*-1"):
         BlockReconstruction(block_loss_weight=-1.0)
     with pytest.raises(ValueError, match="both 0"):
-        BlockReconstruction(state_loss_weight=0.0, block_loss_weight=0.0)
+        BlockReconstruction(rollout_target="state", state_loss_weight=0.0, block_loss_weight=0.0)
     with pytest.raises(ValueError, match="with 'block_output' leave them"):
         BlockReconstruction(rollout_target="block_output", gradient="stepwise", block_loss_weight=1.0)
