@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--methods", default="rtn,per_step,accuquant", help="comma list of rtn, per_step, accuquant")
     p.add_argument("--group-sizes", default="4", help="AccuQuant group sizes n (one row each)")
     p.add_argument("--gradients", default="checkpointed", help="AccuQuant gradient modes (one row each)")
-    p.add_argument("--rollout-target", default="state", choices=("state", "block_output"),
+    p.add_argument("--rollout-target", default="state", choices=("state", "block_output", "block_accumulated"),
                    help="what AccuQuant matches along its rollout (block_output needs --gradients stepwise)")
     p.add_argument("--state-loss-weight", type=float, default=1.0, help="weight of the AccuQuant state loss")
     p.add_argument("--block-loss-weight", type=float, default=0.0,

@@ -14,8 +14,10 @@ from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor, nn
 
 from accuquant_pl.calibration.objectives import (
+    BLOCK_TARGETS,
     OBJECTIVES,
     ROLLOUT_TARGETS,
+    accuquant_block_accumulated_step,
     accuquant_block_step,
     accuquant_step,
     check_rollout_scheduler,
@@ -54,7 +56,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # The gradient mode that measured best per rollout target on the digits teacher (W4A8, equal budget; docs/results.md).
-DEFAULT_GRADIENT = {"block_output": "stepwise", "state": "approx"}
+DEFAULT_GRADIENT = {"block_output": "stepwise", "block_accumulated": "stepwise", "state": "approx"}
 
 
 class BlockReconstruction(L.LightningModule):
@@ -72,7 +74,7 @@ class BlockReconstruction(L.LightningModule):
         quant: QuantSpec | None = None,
         objective: Literal["per_step", "accuquant", "rtn"] = "accuquant",
         gradient: Literal["exact", "checkpointed", "approx", "stepwise"] | None = None,
-        rollout_target: Literal["state", "block_output"] = "block_output",
+        rollout_target: Literal["state", "block_output", "block_accumulated"] = "block_output",
         state_loss_weight: float = 1.0,
         block_loss_weight: float = 0.0,
         iterations_per_unit: int = 100,
@@ -100,7 +102,9 @@ class BlockReconstruction(L.LightningModule):
                 'block_output' (its only mode), 'approx' for 'state'.
             rollout_target: what the AccuQuant rollout is matched on: 'block_output' (default: the calibrated
                 block's output at each of the n rollout states, against the FP block on the FP states; needs
-                gradient 'stepwise') or 'state' (the sampler state after the n steps, against the FP trajectory).
+                gradient 'stepwise'), 'block_accumulated' (the same n block errors, loss on their mean: what
+                keeps its sign along the rollout adds up in the sampler; gradient 'stepwise') or 'state' (the
+                sampler state after the n steps, against the FP trajectory).
             state_loss_weight: weight of the AccuQuant state loss (rollout_target 'state'); 0 skips the rollout.
             block_loss_weight: weight of a per-step block-output term on the group's n FP states, added to
                 the AccuQuant state loss (0: the pure state objective).
@@ -128,8 +132,8 @@ class BlockReconstruction(L.LightningModule):
             gradient = DEFAULT_GRADIENT[rollout_target]
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown gradient mode {gradient!r}; choose one of {GRADIENT_MODES}")
-        if objective == "accuquant" and rollout_target == "block_output" and gradient != "stepwise":
-            raise ValueError(f"rollout_target 'block_output' takes its gradient step by step with the rollout's states "
+        if objective == "accuquant" and rollout_target in BLOCK_TARGETS and gradient != "stepwise":
+            raise ValueError(f"rollout_target {rollout_target!r} takes its gradient step by step with the rollout's states "
                              f"held constant, which is gradient 'stepwise'; got gradient {gradient!r} (the other "
                              "modes differentiate the n-step state: rollout_target 'state')")
         if state_loss_weight < 0 or block_loss_weight < 0:
@@ -137,9 +141,9 @@ class BlockReconstruction(L.LightningModule):
                              f"block_loss_weight={block_loss_weight}")
         if objective == "accuquant" and rollout_target == "state" and state_loss_weight == 0 and block_loss_weight == 0:
             raise ValueError("state_loss_weight and block_loss_weight are both 0: the accuquant objective has no loss")
-        if rollout_target == "block_output" and (block_loss_weight != 0 or state_loss_weight != 1):
+        if rollout_target in BLOCK_TARGETS and (block_loss_weight != 0 or state_loss_weight != 1):
             raise ValueError("state_loss_weight and block_loss_weight weigh the terms of rollout_target 'state'; "
-                             f"with 'block_output' leave them at 1 and 0 (got {state_loss_weight}, {block_loss_weight})")
+                             f"with {rollout_target!r} leave them at 1 and 0 (got {state_loss_weight}, {block_loss_weight})")
         if act_calibration_samples < 1:
             raise ValueError(f"act_calibration_samples must be >= 1, got {act_calibration_samples}")
         self.save_hyperparameters()
@@ -170,7 +174,7 @@ class BlockReconstruction(L.LightningModule):
     @property
     def _block_targets(self) -> bool:
         hp = self.hparams
-        return hp.objective == "per_step" or (hp.objective == "accuquant" and (hp.rollout_target == "block_output"
+        return hp.objective == "per_step" or (hp.objective == "accuquant" and (hp.rollout_target in BLOCK_TARGETS
                                                                           or hp.block_loss_weight > 0))
 
     def setup(self, stage: str) -> None:
@@ -264,9 +268,10 @@ class BlockReconstruction(L.LightningModule):
             loss = per_step_loss(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
                                  datamodule.make_scheduler(), batch, cond, hp.loss_reduction)
             self.manual_backward(loss)
-        elif hp.rollout_target == "block_output":
-            loss = accuquant_block_step(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
-                                        datamodule.make_scheduler(), batch, cond, hp.loss_reduction)
+        elif hp.rollout_target in BLOCK_TARGETS:
+            step = accuquant_block_step if hp.rollout_target == "block_output" else accuquant_block_accumulated_step
+            loss = step(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
+                        datamodule.make_scheduler(), batch, cond, hp.loss_reduction)
         else:
             # Each term calls backward itself (scaled by its weight); the logged loss is their weighted sum.
             if hp.state_loss_weight > 0:

@@ -15,8 +15,10 @@ from accuquant_pl.sampling import Conditioning, model_output, network_inputs
 
 Objective = Literal["per_step", "accuquant"]
 OBJECTIVES = ("per_step", "accuquant")
-RolloutTarget = Literal["state", "block_output"]
-ROLLOUT_TARGETS = ("state", "block_output")
+RolloutTarget = Literal["state", "block_output", "block_accumulated"]
+ROLLOUT_TARGETS = ("state", "block_output", "block_accumulated")
+BLOCK_TARGETS = ("block_output", "block_accumulated")
+"""Rollout targets on the calibrated block's output: their gradient holds the rollout's states constant."""
 
 
 def per_step_loss(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
@@ -180,3 +182,57 @@ def group_block_loss(student: nn.Module, teacher: nn.Module, student_block: nn.M
         (loss * scale).backward()
         total = total + loss.detach()
     return total
+
+
+def accuquant_block_accumulated_step(student: nn.Module, teacher: nn.Module, student_block: nn.Module,
+                                     teacher_block: nn.Module, scheduler: SchedulerMixin, batch: dict[str, Any],
+                                     cond: Conditioning | None, reduction: Reduction, scale: float = 1.0) -> Tensor:
+    """AccuQuant with the block's error accumulated along the rollout (``rollout_target='block_accumulated'``).
+
+    As ``accuquant_block_step``, the quantized model is rolled out n steps from the FP state and the block's
+    output at each rollout state xq_j is compared with the FP block's output on the FP state x_j; but the loss
+    is on the *mean* of the n errors, L = ||(1/n) sum_j e_j||^2, instead of the mean of their squares. The
+    sampler adds the steps' errors up, so an error that keeps its sign from step to step (a bias) grows the
+    final error quadratically in the number of steps while one that changes sign cancels: the mean-of-squares
+    loss weighs both alike, this loss only what survives the sum over n consecutive steps. n = 1 is the
+    per-step objective.
+
+    Memory is O(1) in n: pass 1 (no graph) rolls out and keeps the n block errors (block-sized tensors) and
+    their mean; the loss's gradient with respect to that mean is shared by every step, and pass 2 recomputes
+    each step's block output with its graph and back-propagates it there, one step at a time.
+    """
+    steps = group_steps(scheduler, batch)
+    timesteps = batch["timesteps"][0]
+    n = len(timesteps)
+    fp_states = _fp_states(batch)
+    x = batch["x"]
+    states: list[Tensor] = []
+    outputs: list[Tensor] = []
+    inputs: list[dict[str, Any]] = []
+    error_sum: Tensor | None = None
+    with torch.no_grad():
+        for j in range(n):
+            t = timesteps[j]
+            target = block_output(teacher, teacher_block, **network_inputs(teacher, steps.scale(j, fp_states[j]), t,
+                                                                           cond))
+            inputs.append(network_inputs(student, steps.scale(j, x), t, cond))
+            if j == n - 1:
+                block = block_output(student, student_block, **inputs[j])
+            else:
+                out, block = run_capturing(student_block, lambda j=j, x=x: model_output(student, steps.scale(j, x),
+                                                                                   timesteps[j], cond))
+            error = block - target
+            error_sum = error if error_sum is None else error_sum + error
+            if j < n - 1:
+                x_next = steps(j, x, out, tuple(states), tuple(outputs))
+                states.append(x)
+                outputs.append(out)
+                x = x_next
+    mean_error = (error_sum / n).requires_grad_(True)
+    with torch.enable_grad():
+        loss = state_loss(mean_error, torch.zeros_like(mean_error), reduction)
+        (grad_mean,) = torch.autograd.grad(loss, mean_error)
+    for j in range(n):  # d mean / d block_j = 1/n
+        block = block_output(student, student_block, **inputs[j])
+        block.backward(grad_mean * (scale / n))
+    return loss.detach()

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from accuquant_pl.calibration.capture import block_output, run_capturing
 from accuquant_pl.calibration.memory import SavedTensorBytes
 from accuquant_pl.calibration.module import BlockReconstruction
-from accuquant_pl.calibration.objectives import accuquant_block_step, group_block_loss, per_step_loss
+from accuquant_pl.calibration.objectives import (
+    accuquant_block_accumulated_step,
+    accuquant_block_step,
+    group_block_loss,
+    per_step_loss,
+)
 from accuquant_pl.calibration.rollout import state_loss
 from accuquant_pl.cli import main
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, unit_parameters
@@ -158,6 +163,61 @@ def test_matches_a_hand_rollout_of_the_quantized_model(n, models):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.norm()))
     # The quantized rollout really left the FP trajectory, so the reference above is not the FP-state loss.
     assert float((x - batch["targets"][:, -1]).abs().max()) > 1e-4
+
+
+# -------------------------------------------------- block errors accumulated along the rollout (block_accumulated)
+def accumulated(student: nn.Module, teacher: nn.Module, batch: dict, reduction: str = "mean") -> Tensor:
+    return accuquant_block_accumulated_step(student, teacher, student.get_submodule(UNIT), teacher.get_submodule(UNIT),
+                                            ddim(), batch, None, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum_per_sample"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_accumulated_is_the_loss_on_the_mean_block_error_of_a_hand_rollout(n, reduction, models):
+    student, teacher = models
+    batch = batch_for(teacher, n)
+    sched = ddim()
+    params = theta(student)
+    sb, tb = student.get_submodule(UNIT), teacher.get_submodule(UNIT)
+    # Reference: every step's block output in one graph (rollout states as constants), loss on the mean error.
+    fp_states = [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
+    x, errors = batch["x"], []
+    for j in range(n):
+        t = sched.timesteps[START + j]
+        with torch.no_grad():
+            target = block_output(teacher, tb, sample=fp_states[j], timestep=t)
+        errors.append(block_output(student, sb, sample=x, timestep=t) - target)
+        with torch.no_grad():
+            x = sched.step(student(x, t).sample, t, x).prev_sample
+    mean_error = torch.stack(errors).mean(0)
+    ref = state_loss(mean_error, torch.zeros_like(mean_error), reduction)
+    ref.backward()
+    want = grads(params)
+    loss = accumulated(student, teacher, batch, reduction)
+    got = grads(params)
+    assert want.norm() > 0
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.norm()))
+    if n == 1:  # one step: the per-step objective
+        torch.testing.assert_close(loss, per_step_loss(student, teacher, sb, tb, ddim(), batch, None, reduction).detach(),
+                                   rtol=1e-6, atol=0)
+        zero(params)
+    else:  # the mean of the errors, not the mean of their squares (block_output's loss)
+        with torch.no_grad():
+            squares = torch.stack([state_loss(e, torch.zeros_like(e), reduction) for e in errors]).mean()
+        assert float(loss) < float(squares) * (1 - 1e-4)
+
+
+def test_accumulated_holds_one_steps_graph_at_a_time(models):
+    student, teacher = models
+    peaks = {}
+    for n in (1, 4):
+        batch = batch_for(teacher, n, size=16)
+        with SavedTensorBytes() as probe:
+            accumulated(student, teacher, batch)
+        peaks[n] = probe.peak
+        zero(theta(student))
+    assert peaks[1] > 0 and peaks[4] <= 1.05 * peaks[1]
 
 
 @pytest.mark.parametrize("n", [1, 3])
