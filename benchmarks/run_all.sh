@@ -2,7 +2,7 @@
 # Regenerates every figure in docs/results.md. Each line writes one JSON file of rows (written after every
 # row, so an interrupted sweep keeps what it measured); make_results.py then adds the FID columns and plots.
 # Every calibrated row uses lr_adaround 1e-2 (the configs' value) unless it is a sensitivity row.
-# Takes ~2-3 hours on 2 CPU cores.  Usage: bash benchmarks/run_all.sh
+# Takes ~5 hours on 2 CPU cores (one run at a time; independent lines can run in parallel with OMP_NUM_THREADS=1).  Usage: bash benchmarks/run_all.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=docs/results
@@ -17,7 +17,8 @@ $Q --bits w8a8,w4a4 --methods per_step,accuquant --rollout-target block_output -
 # objective variants and calibration-seed spread (W4A8)
 $Q --bits w4a8 $BLOCK --group-sizes 4 --out $R/ablation_objective_block_n4.json
 $Q --bits w4a8 $BLOCK --group-sizes 8 --out $R/ablation_objective_block_n8.json
-for s in 1 2 3 4 5; do
+$Q --bits w4a8 --methods accuquant --group-sizes 1 --gradients checkpointed --out $R/ablation_group_size_state_n1.json   # state target n=1
+for s in 1 2 3 4 5 6 7 8 9; do
   $Q --bits w4a8 --methods per_step --seed $s --out $R/ablation_objective_per_step_seed$s.json
   $Q --bits w4a8 $BLOCK --group-sizes 2 --seed $s --out $R/ablation_objective_block_n2_seed$s.json
 done
@@ -25,6 +26,16 @@ $Q --bits w4a8 $BLOCK --group-sizes 4 --seed 1 --out $R/ablation_objective_block
 for w in "0 1" "100 1" "1000 1"; do set -- $w
   $Q --bits w4a8 --methods accuquant --group-sizes 4 --state-loss-weight $1 --block-loss-weight $2 \
      --out $R/ablation_objective_ws$1_wb$2.json
+done
+ACC="--methods accuquant --rollout-target block_accumulated --gradients stepwise"
+for s in 0 1 2 3; do
+  $Q --bits w4a8 $ACC --group-sizes 2 --seed $s --out $R/ablation_objective_accum_n2_seed$s.json
+done
+for s in 0 1; do
+  $Q --bits w4a8 $ACC --group-sizes 4 --seed $s --out $R/ablation_objective_accum_n4_seed$s.json
+done
+for s in 0 1 2; do
+  $Q --bits w4a8 $BLOCK --group-sizes 2 --later-units quantized --seed $s --out $R/ablation_objective_block_n2_laterq_seed$s.json
 done
 # equal compute instead of equal iterations: per-step at 2x the iterations (AccuQuant n=2 runs 2 steps per item)
 for s in 0 1 2; do
@@ -39,4 +50,6 @@ python benchmarks/quality.py --bits w4a8 --out $R/sensitivity_lr1e-3_w4a8.json
 python benchmarks/quality.py --bits w4a8 --methods accuquant --rounding-weight 1e-4 --out $R/sensitivity_accuquant_rw1e-4.json
 python benchmarks/quality.py --bits w4a8 --methods accuquant --rounding-weight 1e-5 --out $R/sensitivity_accuquant_rw1e-5.json
 python benchmarks/quality.py --bits w4a8 --methods per_step --rounding-weight 1e-4 --out $R/sensitivity_per_step_rw1e-4.json
+$Q --bits w4a8 --methods accuquant --group-sizes 4 --gradients approx --rounding-weight 1e-4 \
+   --out $R/sensitivity_accuquant_approx_rw1e-4.json
 python benchmarks/make_results.py
