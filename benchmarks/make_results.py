@@ -33,8 +33,8 @@ DEFAULTS = {k: v.default for k, v in inspect.signature(BlockReconstruction.__ini
 
 TABLES = {
     "quality": "Main comparison (equal iteration budget: {iters} iterations per unit for every method)",
-    "ablation_group_size": "AccuQuant group-size ablation (W4A8, checkpointed gradient)",
-    "ablation_gradient": "AccuQuant gradient-mode ablation (W4A8, n = 4)",
+    "ablation_group_size": "AccuQuant group-size ablation (W4A8; state target n = 1 here, n = 4 in the main table; block-output target n = 2, 4, 8 in the objective-variant table)",
+    "ablation_gradient": "AccuQuant gradient-mode ablation (W4A8, state target, n = 4; `checkpointed`, whose gradient `exact` equals, is in the main table)",
     "per_step_100_iters": "Per-step baseline at 2x the iterations (100 per unit): about AccuQuant n = 2's compute",
     "per_step_200_iters": "Per-step baseline at 4x the iterations (200 per unit): roughly AccuQuant n = 4's compute",
     "sensitivity": "Sensitivity to the AdaRound regulariser weight and rounding learning rate (W4A8)",
