@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -121,6 +122,40 @@ def _fp_states(batch: dict[str, Any]) -> list[Tensor]:
     return [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
 
 
+def _block_rollout(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
+                   steps: SamplerSteps, timesteps: Tensor, batch: dict[str, Any],
+                   cond: Conditioning | None) -> Iterator[tuple[dict[str, Any], Tensor, Tensor]]:
+    """Roll the quantized model out over the group's n steps from the FP state x_k; at each step j yield the
+    student's network inputs at its rollout state xq_j, the calibrated block's output there and the FP block's
+    output on the FP state x_j (the target, no graph).
+
+    The block output keeps its graph when the caller iterates with grad enabled; the states and the rest of
+    the forward carry none (``run_capturing``). The next state is computed after the caller resumes, so it may
+    back-propagate and free a step's graph before the next step's forward."""
+    fp_states = _fp_states(batch)
+    n = len(timesteps)
+    x = batch["x"]
+    states: list[Tensor] = []
+    outputs: list[Tensor] = []
+    for j in range(n):
+        t = timesteps[j]
+        with torch.no_grad():
+            target = block_output(teacher, teacher_block, **network_inputs(teacher, steps.scale(j, fp_states[j]), t,
+                                                                          cond))
+        inputs = network_inputs(student, steps.scale(j, x), t, cond)
+        if j == n - 1:  # the last state is not stepped on: the forward can stop at the block
+            yield inputs, block_output(student, student_block, **inputs), target
+            return
+        out, block = run_capturing(student_block, lambda x=x, j=j, t=t: model_output(student, steps.scale(j, x), t,
+                                                                                     cond))
+        yield inputs, block, target
+        with torch.no_grad():
+            x_next = steps(j, x, out.detach(), tuple(states), tuple(outputs))
+        states.append(x)
+        outputs.append(out.detach())
+        x = x_next
+
+
 def accuquant_block_step(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
                          scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None,
                          reduction: Reduction, scale: float = 1.0) -> Tensor:
@@ -137,30 +172,12 @@ def accuquant_block_step(student: nn.Module, teacher: nn.Module, student_block: 
     steps = group_steps(scheduler, batch)
     timesteps = batch["timesteps"][0]
     n = len(timesteps)
-    fp_states = _fp_states(batch)
-    x = batch["x"]
-    states: list[Tensor] = []
-    outputs: list[Tensor] = []
-    total = torch.zeros((), device=x.device)
-    for j in range(n):
-        t = timesteps[j]
-        with torch.no_grad():
-            target = block_output(teacher, teacher_block, **network_inputs(teacher, steps.scale(j, fp_states[j]), t,
-                                                                          cond))
-        if j == n - 1:  # the last state is not stepped on: the forward can stop at the block
-            block = block_output(student, student_block, **network_inputs(student, steps.scale(j, x), t, cond))
-        else:
-            out, block = run_capturing(student_block, lambda x=x, j=j, t=t: model_output(student, steps.scale(j, x), t,
-                                                                                         cond))
+    total = torch.zeros((), device=batch["x"].device)
+    for _, block, target in _block_rollout(student, teacher, student_block, teacher_block, steps, timesteps, batch,
+                                           cond):
         loss = state_loss(block, target, reduction) / n
         (loss * scale).backward()
         total = total + loss.detach()
-        if j < n - 1:
-            with torch.no_grad():
-                x_next = steps(j, x, out.detach(), tuple(states), tuple(outputs))
-            states.append(x)
-            outputs.append(out.detach())
-            x = x_next
     return total
 
 
@@ -204,30 +221,14 @@ def accuquant_block_accumulated_step(student: nn.Module, teacher: nn.Module, stu
     steps = group_steps(scheduler, batch)
     timesteps = batch["timesteps"][0]
     n = len(timesteps)
-    fp_states = _fp_states(batch)
-    x = batch["x"]
-    states: list[Tensor] = []
-    outputs: list[Tensor] = []
     inputs: list[dict[str, Any]] = []
     error_sum: Tensor | None = None
     with torch.no_grad():
-        for j in range(n):
-            t = timesteps[j]
-            target = block_output(teacher, teacher_block, **network_inputs(teacher, steps.scale(j, fp_states[j]), t,
-                                                                           cond))
-            inputs.append(network_inputs(student, steps.scale(j, x), t, cond))
-            if j == n - 1:
-                block = block_output(student, student_block, **inputs[j])
-            else:
-                out, block = run_capturing(student_block, lambda j=j, x=x: model_output(student, steps.scale(j, x),
-                                                                                   timesteps[j], cond))
+        for step_inputs, block, target in _block_rollout(student, teacher, student_block, teacher_block, steps,
+                                                         timesteps, batch, cond):
+            inputs.append(step_inputs)
             error = block - target
             error_sum = error if error_sum is None else error_sum + error
-            if j < n - 1:
-                x_next = steps(j, x, out, tuple(states), tuple(outputs))
-                states.append(x)
-                outputs.append(out)
-                x = x_next
     mean_error = (error_sum / n).requires_grad_(True)
     with torch.enable_grad():
         loss = state_loss(mean_error, torch.zeros_like(mean_error), reduction)
