@@ -136,30 +136,37 @@ def test_n1_is_the_per_step_objective(models):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * float(want.norm()))
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_matches_a_hand_rollout_of_the_quantized_model(n, models):
-    student, teacher = models
-    batch = batch_for(teacher, n)
+def hand_block_errors(student: nn.Module, teacher: nn.Module, batch: dict, n: int) -> tuple[list[Tensor], Tensor]:
+    """Reference errors e_j of the unit's output along the quantized model's own DDIM rollout, by hand: the
+    student's block on its rollout state (with graph; the states carry none) minus the FP block on the FP state.
+    Also returns the rollout's last state."""
     sched = ddim()
-    params = theta(student)
     sb, tb = student.get_submodule(UNIT), teacher.get_submodule(UNIT)
-    # Reference: the quantized model's own DDIM states (no graph), block outputs there vs the FP block on FP states.
     fp_states = [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
-    x, ref = batch["x"], torch.zeros(())
+    x, errors = batch["x"], []
     for j in range(n):
         t = sched.timesteps[START + j]
         with torch.no_grad():
             target = block_output(teacher, tb, sample=fp_states[j], timestep=t)
-        loss_j = (block_output(student, sb, sample=x, timestep=t) - target).pow(2).mean() / n
-        loss_j.backward()
-        ref = ref + loss_j.detach()
+        errors.append(block_output(student, sb, sample=x, timestep=t) - target)
         with torch.no_grad():
             x = sched.step(student(x, t).sample, t, x).prev_sample
+    return errors, x
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_matches_a_hand_rollout_of_the_quantized_model(n, models):
+    student, teacher = models
+    batch = batch_for(teacher, n)
+    params = theta(student)
+    errors, x = hand_block_errors(student, teacher, batch, n)
+    ref = torch.stack([e.pow(2).mean() for e in errors]).mean()
+    ref.backward()
     want = grads(params)
     loss = step(student, teacher, batch)
     got = grads(params)
     assert want.norm() > 0
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.norm()))
     # The quantized rollout really left the FP trajectory, so the reference above is not the FP-state loss.
     assert float((x - batch["targets"][:, -1]).abs().max()) > 1e-4
@@ -176,19 +183,9 @@ def accumulated(student: nn.Module, teacher: nn.Module, batch: dict, reduction: 
 def test_accumulated_is_the_loss_on_the_mean_block_error_of_a_hand_rollout(n, reduction, models):
     student, teacher = models
     batch = batch_for(teacher, n)
-    sched = ddim()
     params = theta(student)
     sb, tb = student.get_submodule(UNIT), teacher.get_submodule(UNIT)
-    # Reference: every step's block output in one graph (rollout states as constants), loss on the mean error.
-    fp_states = [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
-    x, errors = batch["x"], []
-    for j in range(n):
-        t = sched.timesteps[START + j]
-        with torch.no_grad():
-            target = block_output(teacher, tb, sample=fp_states[j], timestep=t)
-        errors.append(block_output(student, sb, sample=x, timestep=t) - target)
-        with torch.no_grad():
-            x = sched.step(student(x, t).sample, t, x).prev_sample
+    errors, _ = hand_block_errors(student, teacher, batch, n)
     mean_error = torch.stack(errors).mean(0)
     ref = state_loss(mean_error, torch.zeros_like(mean_error), reduction)
     ref.backward()
