@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from diffusers import SchedulerMixin
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor, nn
 
@@ -156,6 +157,8 @@ class BlockReconstruction(L.LightningModule):
         self.done_units: list[str] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._lr_schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+        # The trajectories' scheduler (timesteps set), built once per fit; the objectives only copy it.
+        self._scheduler: SchedulerMixin | None = None
         self._rounding_schedule: AdaRoundSchedule | None = None
         self._iteration = 0
 
@@ -186,8 +189,9 @@ class BlockReconstruction(L.LightningModule):
                 # float16 GradScaler would never scale the losses nor unscale the gradients.
                 raise ValueError("precision '16-mixed' needs a gradient scaler that block reconstruction does not "
                                  "apply; use 'bf16-mixed' (or 32)")
+            self._scheduler = datamodule.make_scheduler()
             if self.hparams.objective == "accuquant":
-                check_rollout_scheduler(datamodule.make_scheduler(), datamodule.hparams.eta)
+                check_rollout_scheduler(self._scheduler, datamodule.hparams.eta)
             datamodule.batches_per_epoch = self.hparams.iterations_per_unit
             wanted = 0 if self.hparams.objective == "rtn" else len(self.unit_names)
             loop = self.trainer.fit_loop
@@ -266,21 +270,21 @@ class BlockReconstruction(L.LightningModule):
             loss = torch.zeros((), device=self.device)
         elif hp.objective == "per_step":
             loss = per_step_loss(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
-                                 datamodule.make_scheduler(), batch, cond, hp.loss_reduction)
+                                 self._scheduler, batch, cond, hp.loss_reduction)
             self.manual_backward(loss)
         elif hp.rollout_target in BLOCK_TARGETS:
             step = accuquant_block_step if hp.rollout_target == "block_output" else accuquant_block_accumulated_step
             loss = step(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
-                        datamodule.make_scheduler(), batch, cond, hp.loss_reduction)
+                        self._scheduler, batch, cond, hp.loss_reduction)
         else:
             # Each term calls backward itself (scaled by its weight); the logged loss is their weighted sum.
             if hp.state_loss_weight > 0:
-                terms["calib/state_loss"] = accuquant_step(self.student, datamodule.make_scheduler(), batch, cond,
+                terms["calib/state_loss"] = accuquant_step(self.student, self._scheduler, batch, cond,
                                                            hp.gradient, hp.loss_reduction, hp.state_loss_weight)
             if hp.block_loss_weight > 0:
                 terms["calib/block_loss"] = group_block_loss(self.student, self.teacher, unit,
                                                              self.teacher.get_submodule(self.unit_names[e]),
-                                                             datamodule.make_scheduler(), batch, cond,
+                                                             self._scheduler, batch, cond,
                                                              hp.loss_reduction, hp.block_loss_weight)
             loss = (hp.state_loss_weight * terms.get("calib/state_loss", 0.0)
                     + hp.block_loss_weight * terms.get("calib/block_loss", 0.0))
