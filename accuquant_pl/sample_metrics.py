@@ -21,7 +21,9 @@ from accuquant_pl.metrics import (
     InceptionFeatureExtractor,
     RandomProjectionFeatures,
     RealStatsCache,
+    SampleFeatureCache,
     compute_feature_stats,
+    extractor_identity,
     fid_between,
     fid_from_stats,
     kid_between,
@@ -107,10 +109,14 @@ class SampleQualityMeter:
         image_size: size the real images are brought to (the model's sample size).
         stats_cache_dir: where the real images' FID statistics are cached (per dataset and extractor).
         kid: whether to compute KID (needs the real features, not only their statistics).
+        features_cache_dir: where the features of every measured image set are cached on disk, keyed by the
+            images' bytes (``None``: only within this meter). Regenerating a results page then extracts
+            features only for the sample sets that changed.
     """
 
     def __init__(self, features: str = "inception", real_dataset: str | None = "digits", image_size: int = 16,
-                 stats_cache_dir: str | None = ".cache/fid_stats", kid: bool = True) -> None:
+                 stats_cache_dir: str | None = ".cache/fid_stats", kid: bool = True,
+                 features_cache_dir: str | None = None) -> None:
         self.extractor = build_feature_extractor(features)
         self.real_dataset = real_dataset
         self.image_size = image_size
@@ -119,6 +125,8 @@ class SampleQualityMeter:
         self._real_features: Tensor | None = None
         self._real_stats: FeatureStats | None = None
         self._feature_cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self.features_cache = (SampleFeatureCache(features_cache_dir, extractor_identity(self.extractor))
+                               if features_cache_dir else None)
 
     def features(self, images: Tensor) -> Tensor:
         # The FP reference set is measured against every model: extract its features once. The tensor itself
@@ -126,7 +134,8 @@ class SampleQualityMeter:
         hit = self._feature_cache.get(id(images))
         if hit is not None and hit[0] is images:
             return hit[1]
-        features = self.extractor(images.float())
+        extract = lambda x: self.extractor(x.float())  # noqa: E731
+        features = self.features_cache.get_or_compute(images, extract) if self.features_cache else extract(images)
         self._feature_cache[id(images)] = (images, features)
         return features
 

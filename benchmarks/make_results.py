@@ -48,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--results", default=str(REPO / "docs" / "results"))
     p.add_argument("--teacher", default=str(REPO / "models" / "digits-ddpm"))
     p.add_argument("--features", default="inception")
+    p.add_argument("--features-cache", default=str(REPO / ".cache" / "sample_features"),
+                   help="on-disk cache of every sample set's features, keyed by its bytes: a rerun extracts "
+                        "features only for the rows whose samples changed ('' to disable)")
     p.add_argument("--noise-floor-offset", type=int, default=10_000_000)
     p.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     return p.parse_args()
@@ -135,7 +138,8 @@ def main() -> None:
     teacher = load_unet(args.teacher)
     scheduler = TrajectoryDataModule(teacher=args.teacher, num_inference_steps=settings["steps"]).make_scheduler()
     fp_other = samples_from(teacher, scheduler, [s + args.noise_floor_offset for s in seeds], settings["steps"])
-    meter = SampleQualityMeter(args.features, "digits", fp["samples"].shape[-1], kid=True)
+    meter = SampleQualityMeter(args.features, "digits", fp["samples"].shape[-1], kid=True,
+                               features_cache_dir=args.features_cache or None)
     floor = meter.measure(fp["samples"], fp["samples"], fp_other)
     real = real_images("digits", fp["samples"].shape[-1])
     real_confidence = DigitClassifier().score(real).confidence

@@ -1,5 +1,7 @@
-"""FID/KID tooling: feature extractors (:mod:`.inception`) and metrics plus a stats cache (:mod:`.fid`)."""
+"""FID/KID tooling: feature extractors (:mod:`.inception`), metrics plus a stats cache (:mod:`.fid`) and a
+per-image-set feature cache (:mod:`.feature_cache`)."""
 
+from accuquant_pl.metrics.feature_cache import SampleFeatureCache, images_digest
 from accuquant_pl.metrics.fid import (
     FeatureStats,
     ImageSource,
@@ -35,6 +37,7 @@ __all__ = [
     "InceptionWeightsNotFoundError",
     "RandomProjectionFeatures",
     "RealStatsCache",
+    "SampleFeatureCache",
     "StatsCacheCorruptError",
     "StatsCacheError",
     "StatsCacheMismatchError",
@@ -44,6 +47,7 @@ __all__ = [
     "fid_against_stats",
     "fid_between",
     "fid_from_stats",
+    "images_digest",
     "kid_between",
     "load_stats",
     "make_fid",
