@@ -84,6 +84,8 @@ def method_label(r: dict, with_seed: bool = True) -> str:
         label += f", later units {r['later_units']}"
     if r.get("start_weighting") not in (None, "uniform"):
         label += f", {r['start_weighting']} starts"
+    if (r.get("starts_per_batch") or 1) != 1:
+        label += f", {r['starts_per_batch']} starts/batch"
     seed = r["settings"].get("seed", 0)  # the calibration seed: FP and RTN rows do not depend on it
     return label + (f", seed {seed}" if with_seed and seed and r["method"] not in ("fp", "rtn") else "")
 

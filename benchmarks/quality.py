@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
                    help="units after the calibrated one during calibration: FP or quantized with initial parameters")
     p.add_argument("--start-weighting", default="uniform", choices=("uniform", "linear"),
                    help="how group starts are drawn (the data module's start_weighting)")
+    p.add_argument("--starts-per-batch", type=int, default=1,
+                   help="group starts (timesteps) mixed in every batch (the data module's starts_per_batch)")
     p.add_argument("--iters", type=int, default=50, help="iterations per reconstruction unit (all methods)")
     p.add_argument("--rounding-weight", type=float, default=None,
                    help="AdaRound regulariser weight (default: BlockReconstruction's)")
@@ -70,7 +72,7 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
     dm = TrajectoryDataModule(teacher=args.teacher, num_inference_steps=args.steps,
                               num_trajectories=args.num_trajectories, seed=args.seed, batch_size=args.batch_size,
                               group_size=n, cache_dir=args.cache_dir,
-                              start_weighting=args.start_weighting)
+                              start_weighting=args.start_weighting, starts_per_batch=args.starts_per_batch)
     module = BlockReconstruction(pretrained=args.teacher, quant=QuantSpec(weight_bits=w, act_bits=a,
                                  adaround=method != "rtn"), objective=method, gradient=gradient,
                                  rollout_target=args.rollout_target,
@@ -126,12 +128,15 @@ def main() -> None:
             target += f"_later{args.later_units}"
         if method != "rtn" and args.start_weighting != "uniform":
             target += f"_starts{args.start_weighting}"
+        if method != "rtn" and args.starts_per_batch != 1:
+            target += f"_mix{args.starts_per_batch}"
         row = {"bits": bits, "method": method, "n": n if aq else None,
                "gradient": gradient if aq else None, "rollout_target": args.rollout_target if aq else None,
                "state_loss_weight": args.state_loss_weight if aq else None,
                "block_loss_weight": args.block_loss_weight if aq else None,
                "later_units": args.later_units if method != "rtn" else None,
                "start_weighting": args.start_weighting if method != "rtn" else None,
+               "starts_per_batch": args.starts_per_batch if method != "rtn" else None,
                "final_mse": errors.final_mse,
                "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
                "per_step": errors.per_step, "accumulated": errors.accumulated,

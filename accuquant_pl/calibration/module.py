@@ -26,6 +26,7 @@ from accuquant_pl.calibration.objectives import (
     per_step_loss,
 )
 from accuquant_pl.calibration.rollout import GRADIENT_MODES, Reduction
+from accuquant_pl.data.trajectories import sub_batches
 from accuquant_pl.models.loading import load_unet
 from accuquant_pl.quant import (
     AdaRoundQuantizer,
@@ -255,39 +256,24 @@ class BlockReconstruction(L.LightningModule):
         with self._reducer_off():
             return self._training_step(batch)
 
-    def _training_step(self, batch: dict[str, Any]) -> Tensor:
+    def _training_step(self, batch: dict[str, Any] | list[dict[str, Any]]) -> Tensor:
         e, hp = self.current_epoch, self.hparams
         unit = self.unit(e)
-        datamodule = self.trainer.datamodule
-        cond = datamodule.conditioning(batch)
         beta, weight = self._rounding_schedule(self._iteration)
         if self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
+        # A batch with several group starts comes as one sub-batch per start (collate_by_start): each is
+        # rolled out on its own and weighted by its share of the items, so the gradient is the whole batch's.
+        parts = sub_batches(batch)
+        num_items = sum(len(part["x"]) for part in parts)
+        loss = torch.zeros((), device=self.device)
         terms: dict[str, Tensor] = {}
-        if self._optimizer is None:
-            # Nothing to calibrate in this unit (e.g. a class-embedding table, which is not quantized): the
-            # objective would have no gradient to take, so its iterations only advance the schedule.
-            loss = torch.zeros((), device=self.device)
-        elif hp.objective == "per_step":
-            loss = per_step_loss(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
-                                 self._scheduler, batch, cond, hp.loss_reduction)
-            self.manual_backward(loss)
-        elif hp.rollout_target in BLOCK_TARGETS:
-            step = accuquant_block_step if hp.rollout_target == "block_output" else accuquant_block_accumulated_step
-            loss = step(self.student, self.teacher, unit, self.teacher.get_submodule(self.unit_names[e]),
-                        self._scheduler, batch, cond, hp.loss_reduction)
-        else:
-            # Each term calls backward itself (scaled by its weight); the logged loss is their weighted sum.
-            if hp.state_loss_weight > 0:
-                terms["calib/state_loss"] = accuquant_step(self.student, self._scheduler, batch, cond,
-                                                           hp.gradient, hp.loss_reduction, hp.state_loss_weight)
-            if hp.block_loss_weight > 0:
-                terms["calib/block_loss"] = group_block_loss(self.student, self.teacher, unit,
-                                                             self.teacher.get_submodule(self.unit_names[e]),
-                                                             self._scheduler, batch, cond,
-                                                             hp.loss_reduction, hp.block_loss_weight)
-            loss = (hp.state_loss_weight * terms.get("calib/state_loss", 0.0)
-                    + hp.block_loss_weight * terms.get("calib/block_loss", 0.0))
+        for part in parts:
+            share = len(part["x"]) / num_items
+            part_loss, part_terms = self._objective(part, unit, share)
+            loss = loss + share * part_loss
+            for key, value in part_terms.items():
+                terms[key] = terms.get(key, 0.0) + share * value
         rounding = adaround_regularizer(unit, beta).to(self.device)
         if weight > 0 and rounding.requires_grad:
             self.manual_backward(weight * rounding)
@@ -298,10 +284,42 @@ class BlockReconstruction(L.LightningModule):
         self._iteration += 1
         # sync_dist: the logged loss is the mean over the ranks' shards of the global batch.
         self.log_dict({"calib/loss": loss, "calib/rounding": rounding.detach(), "calib/unit": float(e), **terms},
-                      prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
+                      prog_bar=True, on_step=True, on_epoch=False, sync_dist=True, batch_size=num_items)
         if self._iteration == hp.iterations_per_unit:
             self._finish_unit(e)
         return loss
+
+    def _objective(self, batch: dict[str, Any], unit: nn.Module, share: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """Back-propagate ``share`` times the objective on one single-start batch; return its (unscaled) loss
+        and, for the state target, its weighted terms."""
+        e, hp = self.current_epoch, self.hparams
+        cond = self.trainer.datamodule.conditioning(batch)
+        if self._optimizer is None:
+            # Nothing to calibrate in this unit (e.g. a class-embedding table, which is not quantized): the
+            # objective would have no gradient to take, so its iterations only advance the schedule.
+            return torch.zeros((), device=self.device), {}
+        teacher_block = self.teacher.get_submodule(self.unit_names[e]) if self.teacher is not None else None
+        if hp.objective == "per_step":
+            loss = per_step_loss(self.student, self.teacher, unit, teacher_block, self._scheduler, batch, cond,
+                                 hp.loss_reduction)
+            self.manual_backward(loss * share)
+            return loss.detach(), {}
+        if hp.rollout_target in BLOCK_TARGETS:
+            step = accuquant_block_step if hp.rollout_target == "block_output" else accuquant_block_accumulated_step
+            return step(self.student, self.teacher, unit, teacher_block, self._scheduler, batch, cond,
+                        hp.loss_reduction, share), {}
+        # Each term calls backward itself (scaled by its weight); the logged loss is their weighted sum.
+        terms: dict[str, Tensor] = {}
+        if hp.state_loss_weight > 0:
+            terms["calib/state_loss"] = accuquant_step(self.student, self._scheduler, batch, cond, hp.gradient,
+                                                       hp.loss_reduction, hp.state_loss_weight * share)
+        if hp.block_loss_weight > 0:
+            terms["calib/block_loss"] = group_block_loss(self.student, self.teacher, unit, teacher_block,
+                                                         self._scheduler, batch, cond, hp.loss_reduction,
+                                                         hp.block_loss_weight * share)
+        loss = (hp.state_loss_weight * terms.get("calib/state_loss", 0.0)
+                + hp.block_loss_weight * terms.get("calib/block_loss", 0.0))
+        return loss, terms
 
     def _average_gradients(self) -> None:
         """Average the current unit's gradients over the ranks of a data-parallel strategy (no-op on one).

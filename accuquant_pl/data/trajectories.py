@@ -100,15 +100,18 @@ class TrajectoryGroups(Dataset):
 
 
 class StartBatchSampler(BatchSampler):
-    """Batches of items that share one group start: a start is drawn (weighted), then distinct trajectories.
+    """Batches of distinct trajectories at ``starts_per_batch`` distinct group starts (drawn weighted), in
+    ``starts_per_batch`` equal consecutive sub-batches, one per start.
 
-    Sharing the start lets the sampler's scalar-timestep ``step`` roll a whole batch out at once.
+    Sharing the start within a sub-batch lets the sampler's scalar-timestep ``step`` roll it out at once
+    (``collate_by_start`` hands the sub-batches over separately); more than one start per batch mixes the
+    schedule's steps in every optimisation step, as Q-Diffusion's random (x_t, t) batches do.
     Seeded by (seed, epoch): Lightning calls ``set_epoch`` before every epoch, so epoch e draws the same
     batches in a resumed run as in an uninterrupted one.
 
     Data-parallel runs (``num_replicas`` ranks): every rank draws the same global batch of
-    ``batch_size * num_replicas`` distinct trajectories at one start and keeps its own contiguous
-    ``batch_size`` slice, so the ranks see different items, the same start and the same number of batches,
+    ``batch_size * num_replicas`` distinct trajectories at the same starts and keeps its own contiguous slice
+    of each sub-batch, so the ranks see different items, the same starts and the same number of batches,
     and together they see exactly the batch that one process with ``batch_size * num_replicas`` would.
     Under a Lightning data-parallel strategy the rank and world size come from the ``DistributedSampler``
     that Lightning injects through ``sampler`` (that is why this is a ``BatchSampler``); only its
@@ -117,7 +120,7 @@ class StartBatchSampler(BatchSampler):
 
     def __init__(self, groups: TrajectoryGroups, batch_size: int, num_batches: int,
                  weighting: StartWeighting = "uniform", seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 sampler: Iterable[int] | None = None) -> None:
+                 sampler: Iterable[int] | None = None, starts_per_batch: int = 1) -> None:
         if isinstance(sampler, DistributedSampler):
             num_replicas, rank = sampler.num_replicas, sampler.rank
         super().__init__(sampler if sampler is not None else range(len(groups)), batch_size, drop_last=False)
@@ -131,6 +134,12 @@ class StartBatchSampler(BatchSampler):
             per = f" ({batch_size} per device x {num_replicas} devices)" if num_replicas > 1 else ""
             raise ValueError(f"batch_size {batch_size * num_replicas}{per} exceeds the {num_trajectories} "
                              "trajectories")
+        if starts_per_batch < 1 or batch_size % starts_per_batch:
+            raise ValueError(f"starts_per_batch must be >= 1 and divide batch_size {batch_size}, got {starts_per_batch}")
+        if starts_per_batch > len(groups.starts):
+            raise ValueError(f"starts_per_batch {starts_per_batch} exceeds the {len(groups.starts)} group starts of the "
+                             "schedule")
+        self.starts_per_batch = starts_per_batch
         starts = torch.tensor(groups.starts, dtype=torch.float32)
         self.start_weights = torch.ones_like(starts) if weighting == "uniform" else 1.0 + starts
         if weighting not in ("uniform", "linear"):
@@ -145,11 +154,34 @@ class StartBatchSampler(BatchSampler):
     def __iter__(self) -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         num_starts, num_traj = len(self.groups.starts), self.groups.states.shape[0]
-        first = self.rank * self.batch_size
+        m = self.starts_per_batch
+        sub = self.batch_size // m  # this rank's items per start
         for _ in range(self.num_batches):
-            s = int(torch.multinomial(self.start_weights, 1, generator=gen))
-            trajectories = torch.randperm(num_traj, generator=gen)[first : first + self.batch_size]
-            yield [int(i) * num_starts + s for i in trajectories]
+            starts = torch.multinomial(self.start_weights, m, generator=gen)  # distinct (without replacement)
+            order = torch.randperm(num_traj, generator=gen)
+            batch = []
+            for c, s in enumerate(starts.tolist()):
+                first = (c * self.num_replicas + self.rank) * sub
+                batch += [int(i) * num_starts + s for i in order[first : first + sub]]
+            yield batch
+
+
+def collate_by_start(items: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
+    """Collate a batch of ``StartBatchSampler``: one batch dict when its items share their group start, else
+    a list of batch dicts, one per run of items with one start (the objectives take them one at a time)."""
+    runs: list[list[dict[str, Any]]] = []
+    for item in items:
+        if runs and runs[-1][0]["step_index"] == item["step_index"]:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    batches = [torch.utils.data.default_collate(run) for run in runs]
+    return batches[0] if len(batches) == 1 else batches
+
+
+def sub_batches(batch: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The single-start batches of a (possibly mixed-start) batch from ``collate_by_start``."""
+    return list(batch) if isinstance(batch, (list, tuple)) else [batch]
 
 
 class TrajectoryDataModule(L.LightningDataModule):
@@ -167,6 +199,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         group_size: int = 1,
         group_starts: GroupStarts = "all",
         start_weighting: StartWeighting = "uniform",
+        starts_per_batch: int = 1,
         class_labels: list[int] | None = None,
         uncond_class_label: int | None = None,
         prompt_embeddings: str | None = None,
@@ -191,6 +224,9 @@ class TrajectoryDataModule(L.LightningDataModule):
             group_size: n, steps per item: 1 = per-step items, n > 1 = AccuQuant groups.
             group_starts: 'all' start positions or non-overlapping 'windows'.
             start_weighting: how group starts are drawn: 'uniform', or 'linear' (more weight late in the schedule).
+            starts_per_batch: distinct group starts in every batch, each with ``batch_size / starts_per_batch``
+                trajectories (it must divide batch_size). 1: a batch is one start (one timestep); more mixes
+                the schedule's steps in each optimisation step, which lowers the gradient's variance.
             class_labels: class-conditional models: trajectory i gets ``class_labels[i % len]``.
             uncond_class_label: class id used as the unconditional input for classifier-free guidance.
             prompt_embeddings: text-conditional models: a .pt file {'cond': (P, L, D), 'uncond': (L, D)};
@@ -210,6 +246,11 @@ class TrajectoryDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if group_size > num_inference_steps:
             raise ValueError(f"group_size {group_size} is larger than the schedule ({num_inference_steps} steps)")
+        if starts_per_batch < 1 or batch_size % starts_per_batch:
+            raise ValueError(f"starts_per_batch must be >= 1 and divide batch_size {batch_size}, got {starts_per_batch}")
+        if starts_per_batch > num_inference_steps - group_size + 1:
+            raise ValueError(f"starts_per_batch {starts_per_batch} exceeds the {num_inference_steps - group_size + 1} "
+                             f"group starts of a {num_inference_steps}-step schedule with group_size {group_size}")
         if num_trajectories < batch_size:
             raise ValueError(f"num_trajectories ({num_trajectories}) is smaller than batch_size ({batch_size}): "
                              "a batch would hold the same trajectory several times; lower batch_size or sample more")
@@ -391,8 +432,9 @@ class TrajectoryDataModule(L.LightningDataModule):
         shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
         sampler = StartBatchSampler(self.train_set, hp.batch_size, self.batches_per_epoch or self.steps_per_epoch,
                                     hp.start_weighting, seed=hp.seed, num_replicas=shard.get("num_replicas", 1),
-                                    rank=shard.get("rank", 0))
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=hp.num_workers)
+                                    rank=shard.get("rank", 0), starts_per_batch=hp.starts_per_batch)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=hp.num_workers,
+                          collate_fn=collate_by_start)
 
     def calibration_inputs(self, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:
         """Model inputs (x_k, t_k, conditioning) drawn over all steps, to initialise activation quantizers.

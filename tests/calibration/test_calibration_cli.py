@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from accuquant_pl.cli import main
+from accuquant_pl.data.trajectories import sub_batches
 from accuquant_pl.quantized_model import load_quantized_model
 from tests.conftest import REPO, checkpoint_and_export_callbacks
 
@@ -86,3 +88,26 @@ def test_stochastic_sampler_is_rejected_for_the_rollout(tmp_path, tiny_model_dir
     args = [*tiny_args(tmp_path, tiny_model_dir), "--data.init_args.eta", "1.0"]
     with pytest.raises(ValueError, match="eta=1.0"):
         main(args)
+
+
+class RecordStarts(L.Callback):
+    """Records the group starts of every training batch's sub-batches (used by the CLI through class_path)."""
+
+    def __init__(self) -> None:
+        self.starts: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.starts.append([int(part["step_index"][0]) for part in sub_batches(batch)])
+
+
+@pytest.mark.parametrize("config", ["digits_w4a8_accuquant.yaml", "digits_w4a8_qdiff.yaml"])
+def test_mixed_start_batches_calibrate_every_unit(tmp_path, tiny_model_dir, config):
+    args = [*tiny_args(tmp_path, tiny_model_dir, config), "--data.init_args.starts_per_batch", "2",
+            "--trainer.callbacks+=tests.calibration.test_calibration_cli.RecordStarts"]
+    cli = main(args)
+    module = cli.model
+    assert len(module.done_units) == len(module.unit_names)
+    # jsonargparse imports the callback's module by name, which may be another module object than this one
+    record = next(c for c in cli.trainer.callbacks if type(c).__name__ == "RecordStarts")
+    assert len(record.starts) == 2 * len(module.unit_names)
+    assert all(len(starts) == 2 and starts[0] != starts[1] for starts in record.starts)

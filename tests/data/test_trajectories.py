@@ -4,7 +4,14 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from accuquant_pl.data.trajectories import TrajectoryDataModule, TrajectoryGroups, group_starts
+from accuquant_pl.data.trajectories import (
+    StartBatchSampler,
+    TrajectoryDataModule,
+    TrajectoryGroups,
+    collate_by_start,
+    group_starts,
+    sub_batches,
+)
 from accuquant_pl.data.trajectory_cache import CacheError
 
 
@@ -90,6 +97,9 @@ def test_truncated_manifest_is_rejected(tiny_model_dir, tmp_path):
     ({"group_size": 0}, "group_size must be >= 1, got 0"),
     ({"group_size": 9}, "group_size 9 is larger than the schedule"),
     ({"num_inference_steps": 0}, "num_inference_steps must be >= 1, got 0"),
+    ({"starts_per_batch": 3, "batch_size": 4}, "starts_per_batch must be >= 1 and divide batch_size 4, got 3"),
+    ({"starts_per_batch": 0}, "starts_per_batch must be >= 1 and divide batch_size 2, got 0"),
+    ({"starts_per_batch": 4, "batch_size": 4, "group_size": 3}, "starts_per_batch 4 exceeds the 3 group starts"),
 ])
 def test_bad_settings(tiny_model_dir, tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -163,3 +173,55 @@ def test_activation_calibration_inputs_are_what_the_sampler_feeds_the_network(ti
         state = dm.tensors["states"][i, j]
         torch.testing.assert_close(x, state / (sched.sigmas[j] ** 2 + 1) ** 0.5)
         assert not torch.allclose(x, state)
+
+
+def _groups(num_trajectories: int = 8, steps: int = 6, n: int = 1) -> TrajectoryGroups:
+    states = torch.randn(num_trajectories, steps + 1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    return TrajectoryGroups({"states": states, "timesteps": torch.arange(steps, 0, -1)}, group_size=n)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_mixed_start_batches_hold_distinct_starts_and_trajectories(m):
+    groups = _groups()
+    for batch in StartBatchSampler(groups, 8, num_batches=20, seed=1, starts_per_batch=m):
+        pairs = [groups.index[i] for i in batch]
+        assert len({i for i, _ in pairs}) == 8, "a trajectory appears twice in one batch"
+        runs = [pairs[c * 8 // m:(c + 1) * 8 // m] for c in range(m)]
+        starts = [{j for _, j in run} for run in runs]
+        assert all(len(s) == 1 for s in starts), "a sub-batch mixes starts"
+        assert len(set.union(*starts)) == m, "two sub-batches share a start"
+
+
+def test_one_start_per_batch_is_the_default_sampler():
+    groups = _groups()
+    assert (list(StartBatchSampler(groups, 4, num_batches=6, seed=2, starts_per_batch=1))
+            == list(StartBatchSampler(groups, 4, num_batches=6, seed=2)))
+
+
+def test_mixed_start_batches_shard_like_one_process():
+    groups = _groups()
+    whole = list(StartBatchSampler(groups, 8, num_batches=5, seed=3, starts_per_batch=2))
+    shards = [list(StartBatchSampler(groups, 4, num_batches=5, seed=3, num_replicas=2, rank=r, starts_per_batch=2))
+              for r in (0, 1)]
+    for b, (r0, r1) in enumerate(zip(*shards, strict=True)):
+        assert sorted(r0 + r1) == sorted(whole[b])
+        # each rank holds half of every start's sub-batch
+        for rank_items in (r0, r1):
+            assert [groups.index[i][1] for i in rank_items[::2]] == [groups.index[i][1] for i in whole[b][::4]]
+
+
+def test_sampler_rejects_bad_starts_per_batch():
+    with pytest.raises(ValueError, match="divide batch_size 4, got 3"):
+        StartBatchSampler(_groups(), 4, num_batches=1, starts_per_batch=3)
+    with pytest.raises(ValueError, match="starts_per_batch 8 exceeds the 6 group starts"):
+        StartBatchSampler(_groups(), 8, num_batches=1, starts_per_batch=8)
+
+
+def test_collate_by_start_splits_a_mixed_batch_into_single_start_batches():
+    groups = _groups(n=2)
+    single = collate_by_start([groups[i] for i in (0, 5, 10)])  # trajectories 0..2 at start 0
+    assert isinstance(single, dict) and single["x"].shape == (3, 1, 2, 2)
+    assert sub_batches(single) == [single]
+    mixed = collate_by_start([groups[i] for i in (0, 5, 1, 6)])  # two items at start 0, two at start 1
+    assert [b["step_index"].tolist() for b in sub_batches(mixed)] == [[0, 0], [1, 1]]
+    assert torch.equal(mixed[1]["targets"][0], groups.states[0, 2:4])  # trajectory 0 from start 1
