@@ -37,6 +37,7 @@ TABLES = {
     "ablation_gradient": "AccuQuant gradient-mode ablation (W4A8, state target, n = 4; `checkpointed`, whose gradient `exact` equals, is in the main table)",
     "per_step_100_iters": "Per-step baseline at 2x the iterations (100 per unit): about AccuQuant n = 2's compute",
     "per_step_200_iters": "Per-step baseline at 4x the iterations (200 per unit): roughly AccuQuant n = 4's compute",
+    "iters200": "Per-step and AccuQuant (block output, n = 2) at 4x the iterations (200 per unit, W4A8, lr rounding 0.01)",
     "sensitivity": "Sensitivity to the AdaRound regulariser weight and rounding learning rate (W4A8)",
     "ablation_objective": "AccuQuant objective variants and calibration-seed spread (W4A8, lr rounding 0.01; "
                           "`seed` draws other calibration trajectories, the evaluation seeds stay the same)",

@@ -37,10 +37,20 @@ done
 for s in 0 1 2; do
   $Q --bits w4a8 $BLOCK --group-sizes 2 --later-units quantized --seed $s --out $R/ablation_objective_block_n2_laterq_seed$s.json
 done
+# mixed-start batches (4 group starts x 4 trajectories per batch instead of one start): lower gradient variance
+for s in 0 1 2 3; do
+  $Q --bits w4a8 --methods per_step --starts-per-batch 4 --seed $s --out $R/ablation_objective_per_step_mix4_seed$s.json
+  $Q --bits w4a8 $BLOCK --group-sizes 2 --starts-per-batch 4 --seed $s --out $R/ablation_objective_block_n2_mix4_seed$s.json
+done
 # equal compute instead of equal iterations: per-step at 2x the iterations (AccuQuant n=2 runs 2 steps per item)
 for s in 0 1 2; do
   $Q --bits w4a8 --methods per_step --iters 100 --seed $s --out $R/per_step_100_iters_seed$s.json
 done
+# both objectives at 4x the iterations (200 per unit)
+for s in 0 1; do
+  $Q --bits w4a8 --methods per_step --iters 200 --seed $s --out $R/iters200_per_step_seed$s.json
+done
+$Q --bits w4a8 $BLOCK --group-sizes 2 --iters 200 --out $R/iters200_block_n2_seed0.json
 # gradient modes of the state target (n=4; checkpointed is in the main table, exact gives its gradient)
 for g in approx stepwise; do
   $Q --bits w4a8 --methods accuquant --group-sizes 4 --gradients $g --out $R/ablation_gradient_$g.json
