@@ -48,6 +48,14 @@ def group_starts(num_steps: int, group_size: int, starts: GroupStarts) -> list[i
     raise ValueError(f"unknown group_starts {starts!r}; choose 'all' or 'windows'")
 
 
+def check_starts_per_batch(starts_per_batch: int, batch_size: int, num_starts: int) -> None:
+    """A batch splits into ``starts_per_batch`` equal sub-batches at distinct starts, of ``num_starts``."""
+    if starts_per_batch < 1 or batch_size % starts_per_batch:
+        raise ValueError(f"starts_per_batch must be >= 1 and divide batch_size {batch_size}, got {starts_per_batch}")
+    if starts_per_batch > num_starts:
+        raise ValueError(f"starts_per_batch {starts_per_batch} exceeds the {num_starts} group starts of the schedule")
+
+
 class TrajectoryGroups(Dataset):
     """Item (trajectory i, start j): x = states[i, j], the n timesteps from j, target = states[i, j + n]."""
 
@@ -134,11 +142,7 @@ class StartBatchSampler(BatchSampler):
             per = f" ({batch_size} per device x {num_replicas} devices)" if num_replicas > 1 else ""
             raise ValueError(f"batch_size {batch_size * num_replicas}{per} exceeds the {num_trajectories} "
                              "trajectories")
-        if starts_per_batch < 1 or batch_size % starts_per_batch:
-            raise ValueError(f"starts_per_batch must be >= 1 and divide batch_size {batch_size}, got {starts_per_batch}")
-        if starts_per_batch > len(groups.starts):
-            raise ValueError(f"starts_per_batch {starts_per_batch} exceeds the {len(groups.starts)} group starts of the "
-                             "schedule")
+        check_starts_per_batch(starts_per_batch, batch_size, len(groups.starts))
         self.starts_per_batch = starts_per_batch
         starts = torch.tensor(groups.starts, dtype=torch.float32)
         self.start_weights = torch.ones_like(starts) if weighting == "uniform" else 1.0 + starts
@@ -246,11 +250,8 @@ class TrajectoryDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if group_size > num_inference_steps:
             raise ValueError(f"group_size {group_size} is larger than the schedule ({num_inference_steps} steps)")
-        if starts_per_batch < 1 or batch_size % starts_per_batch:
-            raise ValueError(f"starts_per_batch must be >= 1 and divide batch_size {batch_size}, got {starts_per_batch}")
-        if starts_per_batch > num_inference_steps - group_size + 1:
-            raise ValueError(f"starts_per_batch {starts_per_batch} exceeds the {num_inference_steps - group_size + 1} "
-                             f"group starts of a {num_inference_steps}-step schedule with group_size {group_size}")
+        # Every start position (group_starts 'all'); 'windows' has fewer, which the batch sampler checks.
+        check_starts_per_batch(starts_per_batch, batch_size, num_inference_steps - group_size + 1)
         if num_trajectories < batch_size:
             raise ValueError(f"num_trajectories ({num_trajectories}) is smaller than batch_size ({batch_size}): "
                              "a batch would hold the same trajectory several times; lower batch_size or sample more")
