@@ -292,12 +292,12 @@ class BlockReconstruction(L.LightningModule):
     def _objective(self, batch: dict[str, Any], unit: nn.Module, share: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Back-propagate ``share`` times the objective on one single-start batch; return its (unscaled) loss
         and, for the state target, its weighted terms."""
-        e, hp = self.current_epoch, self.hparams
-        cond = self.trainer.datamodule.conditioning(batch)
         if self._optimizer is None:
             # Nothing to calibrate in this unit (e.g. a class-embedding table, which is not quantized): the
             # objective would have no gradient to take, so its iterations only advance the schedule.
             return torch.zeros((), device=self.device), {}
+        e, hp = self.current_epoch, self.hparams
+        cond = self.trainer.datamodule.conditioning(batch)
         teacher_block = self.teacher.get_submodule(self.unit_names[e]) if self.teacher is not None else None
         if hp.objective == "per_step":
             loss = per_step_loss(self.student, self.teacher, unit, teacher_block, self._scheduler, batch, cond,
