@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from accuquant_pl.io import atomic_path
-from accuquant_pl.metrics.fid import StatsCacheCorruptError, StatsCacheMismatchError
+from accuquant_pl.metrics.fid import StatsCacheCorruptError, StatsCacheMismatchError, extractor_tag
 
 _FORMAT = "accuquant-sample-features"
 
@@ -44,8 +44,7 @@ class SampleFeatureCache:
         self.extractor_id = extractor_id
 
     def path_for(self, images_sha256: str) -> Path:
-        tag = hashlib.sha256(self.extractor_id.encode()).hexdigest()[:12]
-        return self.cache_dir / f"{images_sha256[:24]}__{tag}.npz"
+        return self.cache_dir / f"{images_sha256[:24]}__{extractor_tag(self.extractor_id)}.npz"
 
     def get_or_compute(self, images: Tensor, extract: Callable[[Tensor], Tensor]) -> Tensor:
         """The features of ``images``: read from the cache, or ``extract(images)`` saved there first."""

@@ -388,6 +388,11 @@ def load_stats(
     return FeatureStats(mean=mean, cov=cov, num_samples=num_samples)
 
 
+def extractor_tag(extractor_id: str) -> str:
+    """Short hash of an extractor identity: the part of a cache file name that tells extractors apart."""
+    return hashlib.sha256(extractor_id.encode()).hexdigest()[:12]
+
+
 def _safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._") or "dataset"
 
@@ -413,8 +418,7 @@ class RealStatsCache:
 
     def path_for(self, dataset_key: str) -> Path:
         """Cache file of ``dataset_key`` for this extractor."""
-        tag = hashlib.sha256(self.extractor_id.encode()).hexdigest()[:12]
-        return self.cache_dir / f"{_safe_name(dataset_key)}__{tag}.npz"
+        return self.cache_dir / f"{_safe_name(dataset_key)}__{extractor_tag(self.extractor_id)}.npz"
 
     def get(self, dataset_key: str) -> FeatureStats | None:
         """Cached statistics of ``dataset_key``, or ``None`` when there is no file (errors if it is bad)."""
