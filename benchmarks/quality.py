@@ -48,6 +48,9 @@ def parse_args() -> argparse.Namespace:
                    help="how group starts are drawn (the data module's start_weighting)")
     p.add_argument("--starts-per-batch", type=int, default=1,
                    help="group starts (timesteps) mixed in every batch (the data module's starts_per_batch)")
+    p.add_argument("--final-stage-iters", type=int, default=0,
+                   help="iterations of the whole-model final stage after the units (BlockReconstruction's "
+                        "final_stage_iterations; its n is the method's group size, 1 for per_step)")
     p.add_argument("--iters", type=int, default=50, help="iterations per reconstruction unit (all methods)")
     p.add_argument("--rounding-weight", type=float, default=None,
                    help="AdaRound regulariser weight (default: BlockReconstruction's)")
@@ -79,6 +82,7 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
                                  **({"state_loss_weight": args.state_loss_weight,
                                      "block_loss_weight": args.block_loss_weight} if method == "accuquant" else {}),
                                  iterations_per_unit=args.iters, later_units=args.later_units,
+                                 final_stage_iterations=0 if method == "rtn" else args.final_stage_iters,
                                  **{k: v for k, v in (("rounding_weight", args.rounding_weight),
                                                       ("lr_adaround", args.lr_adaround)) if v is not None})
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -130,6 +134,8 @@ def main() -> None:
             target += f"_starts{args.start_weighting}"
         if method != "rtn" and args.starts_per_batch != 1:
             target += f"_mix{args.starts_per_batch}"
+        if method != "rtn" and args.final_stage_iters:
+            target += f"_final{args.final_stage_iters}"
         row = {"bits": bits, "method": method, "n": n if aq else None,
                "gradient": gradient if aq else None, "rollout_target": args.rollout_target if aq else None,
                "state_loss_weight": args.state_loss_weight if aq else None,
@@ -137,6 +143,7 @@ def main() -> None:
                "later_units": args.later_units if method != "rtn" else None,
                "start_weighting": args.start_weighting if method != "rtn" else None,
                "starts_per_batch": args.starts_per_batch if method != "rtn" else None,
+               "final_stage_iters": args.final_stage_iters if method != "rtn" else None,
                "final_mse": errors.final_mse,
                "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
                "per_step": errors.per_step, "accumulated": errors.accumulated,

@@ -74,7 +74,8 @@ class FIDCallback(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
-        last = done >= len(getattr(pl_module, "unit_names", [])) or done >= (trainer.max_epochs or 0)
+        names = getattr(pl_module, "epoch_names", None) or getattr(pl_module, "unit_names", [])
+        last = done >= len(names) or done >= (trainer.max_epochs or 0)
         if self.every_n_units and done % self.every_n_units == 0 and not last:
             self._evaluate(trainer, pl_module, f"unit_{done:03d}", done)
 

@@ -35,6 +35,7 @@ from accuquant_pl.quant import (
     adaround_regularizer,
     calibrate_activations,
     harden,
+    layer_biases,
     quantize,
     reconstruction_units,
     set_quant_state,
@@ -56,6 +57,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
+
+FINAL_STAGE = "final_stage"
+"""The name of the whole-model epoch after the last unit (``final_stage_iterations`` > 0) in ``epoch_names``."""
 
 # The gradient mode that measured best per rollout target on the digits teacher (W4A8, equal budget; docs/results.md).
 DEFAULT_GRADIENT = {"block_output": "stepwise", "block_accumulated": "stepwise", "state": "approx"}
@@ -90,6 +94,9 @@ class BlockReconstruction(L.LightningModule):
         loss_reduction: Reduction = "sum_per_sample",
         later_units: Literal["fp", "quantized"] = "fp",
         act_calibration_samples: int = 256,
+        final_stage_iterations: int = 0,
+        final_stage_gradient: Literal["exact", "checkpointed", "approx", "stepwise"] = "approx",
+        lr_bias: float = 1e-4,
     ) -> None:
         """
         Args:
@@ -122,6 +129,13 @@ class BlockReconstruction(L.LightningModule):
                 regulariser) or 'mean' (per element).
             later_units: units after the current one run in 'fp' or 'quantized' with their initial parameters.
             act_calibration_samples: (x_k, t_k) samples from the trajectories that initialise activation ranges.
+            final_stage_iterations: iterations of a whole-model stage after the last unit (0: none). Every unit
+                is quantized with its rounding fixed, and all activation step sizes and the quantized layers'
+                (float) biases train together on the AccuQuant state objective: the fully quantized model rolled
+                out over the data's n-step groups against the FP trajectory (n = 1: the per-step state error).
+            final_stage_gradient: gradient mode of the final stage's rollout ('approx': O(1) memory in n).
+            lr_bias: Adam learning rate of the quantized layers' biases in the final stage (lr_act_scale is the
+                step sizes' rate there as in the units).
         """
         super().__init__()
         if iterations_per_unit < 1 and objective != "rtn":
@@ -148,6 +162,13 @@ class BlockReconstruction(L.LightningModule):
                              f"with {rollout_target!r} leave them at 1 and 0 (got {state_loss_weight}, {block_loss_weight})")
         if act_calibration_samples < 1:
             raise ValueError(f"act_calibration_samples must be >= 1, got {act_calibration_samples}")
+        if final_stage_iterations < 0:
+            raise ValueError(f"final_stage_iterations must be >= 0, got {final_stage_iterations}")
+        if final_stage_gradient not in GRADIENT_MODES:
+            raise ValueError(f"unknown final_stage_gradient {final_stage_gradient!r}; choose one of {GRADIENT_MODES}")
+        if objective == "rtn" and final_stage_iterations > 0:
+            raise ValueError("objective 'rtn' runs no optimisation; set final_stage_iterations to 0 "
+                             f"(got {final_stage_iterations})")
         self.save_hyperparameters()
         # A checkpoint's hyper_parameters (load_from_checkpoint, evaluation of --ckpt_path) hold the spec as plain data.
         self.spec = QuantSpec.from_dict(quant) if isinstance(quant, dict) else (quant or QuantSpec())
@@ -162,6 +183,7 @@ class BlockReconstruction(L.LightningModule):
         self._scheduler: SchedulerMixin | None = None
         self._rounding_schedule: AdaRoundSchedule | None = None
         self._iteration = 0
+        self.final_stage_done = False
 
     # ----- model construction (explicit, before any checkpoint is restored) -----
     def configure_model(self) -> None:
@@ -174,6 +196,22 @@ class BlockReconstruction(L.LightningModule):
         self.unit_names = [name for name, _ in reconstruction_units(student)]
         if self._block_targets:
             self.teacher = teacher
+
+    @property
+    def epoch_names(self) -> list[str]:
+        """What each training epoch calibrates: the units in forward order, then ``FINAL_STAGE`` if enabled."""
+        return self.unit_names + ([FINAL_STAGE] if self.hparams.final_stage_iterations > 0 else [])
+
+    def _is_final_stage(self, epoch: int) -> bool:
+        return epoch == len(self.unit_names)
+
+    def _iterations(self, epoch: int) -> int:
+        hp = self.hparams
+        return hp.final_stage_iterations if self._is_final_stage(epoch) else hp.iterations_per_unit
+
+    def _trained(self, epoch: int) -> nn.Module:
+        """The module whose quantization parameters epoch ``epoch`` trains: its unit, or the whole student."""
+        return self.student if self._is_final_stage(epoch) else self.unit(epoch)
 
     @property
     def _block_targets(self) -> bool:
@@ -191,10 +229,12 @@ class BlockReconstruction(L.LightningModule):
                 raise ValueError("precision '16-mixed' needs a gradient scaler that block reconstruction does not "
                                  "apply; use 'bf16-mixed' (or 32)")
             self._scheduler = datamodule.make_scheduler()
-            if self.hparams.objective == "accuquant":
+            hp = self.hparams
+            if hp.objective == "accuquant" or hp.final_stage_iterations > 0:
                 check_rollout_scheduler(self._scheduler, datamodule.hparams.eta)
-            datamodule.batches_per_epoch = self.hparams.iterations_per_unit
-            wanted = 0 if self.hparams.objective == "rtn" else len(self.unit_names)
+            # The sampler draws its batches in a fixed order per epoch; an epoch that needs fewer stops early.
+            datamodule.batches_per_epoch = max(hp.iterations_per_unit, hp.final_stage_iterations)
+            wanted = 0 if hp.objective == "rtn" else len(self.epoch_names)
             loop = self.trainer.fit_loop
             loop.max_epochs = wanted if loop.max_epochs in (None, -1) else min(loop.max_epochs, wanted)
         batches = datamodule.calibration_inputs(self.hparams.act_calibration_samples)
@@ -207,6 +247,9 @@ class BlockReconstruction(L.LightningModule):
                 for params in unit_parameters(self.student.get_submodule(unit)).values():
                     for p in params:
                         p.requires_grad_(True)
+            if self.hparams.final_stage_iterations > 0:
+                for p in layer_biases(self.student):
+                    p.requires_grad_(True)
 
     @staticmethod
     def _model_inputs(batch: dict[str, Any], datamodule: Any, unet: nn.Module | None = None) -> dict[str, Any]:
@@ -223,15 +266,18 @@ class BlockReconstruction(L.LightningModule):
         for i, name in enumerate(self.unit_names):
             on = i <= e or later_quantized
             set_quant_state(self.student.get_submodule(name), weight=on, act=on)
-        self.student.requires_grad_(False)  # only this epoch's unit trains
-        groups = unit_parameters(self.unit(e))
+        self.student.requires_grad_(False)  # only this epoch's unit (or, in the final stage, its groups) trains
+        # In the final stage every unit is hardened, so the student's groups hold no rounding variables.
+        groups = unit_parameters(self._trained(e))
+        if self._is_final_stage(e):
+            groups["bias"] = layer_biases(self.student)
         lrs = {"adaround": self.hparams.lr_adaround, "act_scale": self.hparams.lr_act_scale,
-               "weight_scale": self.hparams.lr_weight_scale}
+               "weight_scale": self.hparams.lr_weight_scale, "bias": self.hparams.lr_bias}
         param_groups = [{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps]
         for group in param_groups:
             for p in group["params"]:
                 p.requires_grad_(True)
-        iters = self.hparams.iterations_per_unit
+        iters = self._iterations(e)
         self._optimizer = torch.optim.Adam(param_groups) if param_groups else None
         self._lr_schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(self._optimizer, T_max=iters)
                              if self._optimizer else None)
@@ -240,10 +286,10 @@ class BlockReconstruction(L.LightningModule):
         self._iteration = 0
         experiment = getattr(self.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_text"):
-            experiment.add_text("calib/unit", self.unit_names[e], global_step=e)
+            experiment.add_text("calib/unit", self.epoch_names[e], global_step=e)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        return -1 if self._iteration >= self.hparams.iterations_per_unit else None
+        return -1 if self._iteration >= self._iterations(self.current_epoch) else None
 
     def _reducer_off(self) -> AbstractContextManager:
         # The strategy's ``block_backward_sync`` (DDP's ``no_sync``): backward passes inside leave DDP's reducer
@@ -257,8 +303,8 @@ class BlockReconstruction(L.LightningModule):
             return self._training_step(batch)
 
     def _training_step(self, batch: dict[str, Any] | list[dict[str, Any]]) -> Tensor:
-        e, hp = self.current_epoch, self.hparams
-        unit = self.unit(e)
+        e = self.current_epoch
+        unit = self._trained(e)
         beta, weight = self._rounding_schedule(self._iteration)
         if self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
@@ -285,8 +331,8 @@ class BlockReconstruction(L.LightningModule):
         # sync_dist: the logged loss is the mean over the ranks' shards of the global batch.
         self.log_dict({"calib/loss": loss, "calib/rounding": rounding.detach(), "calib/unit": float(e), **terms},
                       prog_bar=True, on_step=True, on_epoch=False, sync_dist=True, batch_size=num_items)
-        if self._iteration == hp.iterations_per_unit:
-            self._finish_unit(e)
+        if self._iteration == self._iterations(e):
+            self._finish_epoch(e)
         return loss
 
     def _objective(self, batch: dict[str, Any], unit: nn.Module, share: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -298,6 +344,10 @@ class BlockReconstruction(L.LightningModule):
             return torch.zeros((), device=self.device), {}
         e, hp = self.current_epoch, self.hparams
         cond = self.trainer.datamodule.conditioning(batch)
+        if self._is_final_stage(e):
+            loss = accuquant_step(self.student, self._scheduler, batch, cond, hp.final_stage_gradient,
+                                  hp.loss_reduction, share)
+            return loss, {}
         teacher_block = self.teacher.get_submodule(self.unit_names[e]) if self.teacher is not None else None
         if hp.objective == "per_step":
             loss = per_step_loss(self.student, self.teacher, unit, teacher_block, self._scheduler, batch, cond,
@@ -352,29 +402,33 @@ class BlockReconstruction(L.LightningModule):
         """Raise if the ranks of a data-parallel run ended unit ``e`` with different quantization states."""
         if self.trainer.world_size <= 1:
             return
-        unit = self.unit(e)
+        unit = self._trained(e)
         local = torch.stack([t.detach().double().sum() for t in (*unit.parameters(), *unit.buffers())]
                             or [torch.zeros((), dtype=torch.float64)]).cpu()
         gathered = self.all_gather(local.to(self.device)).cpu()
         if not bool((gathered == gathered[0]).all()):
-            raise RuntimeError(f"ranks disagree on unit {self.unit_names[e]} after calibrating it: their gradient "
+            raise RuntimeError(f"ranks disagree on {self.epoch_names[e]} after calibrating it: their gradient "
                                "averaging or their data is not consistent")
 
-    def _finish_unit(self, e: int) -> None:
+    def _finish_epoch(self, e: int) -> None:
         # Hardened here, inside the last step, so that the epoch-end checkpoint already holds the final rounding.
-        unit = self.unit(e)
-        harden(unit, "learned")
-        for p in unit.parameters():
+        trained = self._trained(e)
+        if self._is_final_stage(e):
+            self.final_stage_done = True
+        else:
+            harden(trained, "learned")
+            self.done_units.append(self.unit_names[e])
+        for p in trained.parameters():
             p.requires_grad_(False)
-        self.done_units.append(self.unit_names[e])
         self._optimizer = None
         self._check_ranks_agree(e)
 
     def on_train_epoch_end(self) -> None:
-        name = self.unit_names[self.current_epoch]
-        if name not in self.done_units:
-            raise RuntimeError(f"unit {name} got fewer than iterations_per_unit={self.hparams.iterations_per_unit} "
-                               "batches; the data module must yield that many")
+        e = self.current_epoch
+        done = self.final_stage_done if self._is_final_stage(e) else self.unit_names[e] in self.done_units
+        if not done:
+            raise RuntimeError(f"{self.epoch_names[e]} got fewer than its {self._iterations(e)} iterations' batches; "
+                               "the data module must yield that many")
 
     def finalize(self) -> nn.Module:
         """The calibrated student, fully quantized; units never calibrated (rtn, or a run stopped early by
@@ -390,6 +444,7 @@ class BlockReconstruction(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["accuquant"] = {
             "done_units": list(self.done_units),
+            "final_stage_done": self.final_stage_done,
             "rng": _rng_state(),
         }
 
@@ -406,6 +461,7 @@ class BlockReconstruction(L.LightningModule):
                 if isinstance(q, AdaRoundQuantizer) and not q.hardened and not q.is_off:
                     q.mark_hardened(tuple(q.alpha.shape))
         self.done_units = list(state["done_units"])
+        self.final_stage_done = bool(state.get("final_stage_done", False))  # older checkpoints have no stage
         _set_rng_state(state["rng"])
 
     def configure_optimizers(self) -> None:

@@ -144,6 +144,12 @@ def quantized_layers(module: nn.Module) -> list[tuple[str, QuantLayerMixin]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantLayerMixin)]
 
 
+def layer_biases(module: nn.Module) -> list[nn.Parameter]:
+    """The float biases of the quantized layers under ``module`` (kept in full precision when deployed, so a
+    calibration may correct them for the quantization error they sit behind)."""
+    return [layer.bias for _, layer in quantized_layers(module) if layer.bias is not None]
+
+
 def harden(module: nn.Module, method: str = "learned") -> None:
     """Harden every AdaRound quantizer under ``module`` (``learned`` or ``nearest`` rounding)."""
     for _, layer in quantized_layers(module):

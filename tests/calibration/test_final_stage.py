@@ -1,0 +1,64 @@
+"""The whole-model final stage (``final_stage_iterations``): what it trains, what it leaves, resume, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from accuquant_pl.calibration.module import FINAL_STAGE, BlockReconstruction
+from accuquant_pl.cli import main
+from accuquant_pl.quant import layer_biases, unit_parameters
+from tests.calibration.test_calibration_cli import tiny_args
+
+
+def _fit(tmp_path, model_dir, name, *extra, **model_args):
+    return main([*tiny_args(tmp_path, model_dir, name=name, **model_args), "--data.init_args.group_size", "2",
+                 *extra])
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.student.state_dict().items()}
+
+
+def test_final_stage_trains_every_step_size_and_bias_and_nothing_else(tmp_path, tiny_model_dir):
+    plain = _fit(tmp_path, tiny_model_dir, "plain").model
+    staged = _fit(tmp_path, tiny_model_dir, "staged", final_stage_iterations=3).model
+    assert staged.epoch_names == [*staged.unit_names, FINAL_STAGE]
+    assert staged.final_stage_done and not plain.final_stage_done
+    assert staged.done_units == plain.done_units == plain.unit_names
+    before, after = _state(plain), _state(staged)
+    assert before.keys() == after.keys()
+    trained = {id(p) for p in [*unit_parameters(staged.student)["act_scale"], *layer_biases(staged.student)]}
+    names = {n for n, p in staged.student.named_parameters() if id(p) in trained}
+    assert any(n.endswith("bias") for n in names) and any(n.endswith("scale") for n in names)
+    # The units' epochs see the same batches with or without the stage: every difference is the stage's.
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == names, (f"stage left {sorted(names - changed)[:5]} untouched, "
+                              f"changed {sorted(changed - names)[:5]} it must not")
+
+
+def test_a_run_resumed_before_the_final_stage_ends_as_the_uninterrupted_one(tmp_path, tiny_model_dir):
+    full = _fit(tmp_path, tiny_model_dir, "full", final_stage_iterations=2).model
+    units = len(full.unit_names)
+    _fit(tmp_path, tiny_model_dir, "resumed", "--trainer.max_epochs", str(units), final_stage_iterations=2)
+    ckpt_path = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert len(ckpt["accuquant"]["done_units"]) == units and not ckpt["accuquant"]["final_stage_done"]
+    resumed = _fit(tmp_path, tiny_model_dir, "resumed", "--ckpt_path", str(ckpt_path), final_stage_iterations=2)
+    assert resumed.model.final_stage_done
+    a = load_file(tmp_path / "full" / "quantized" / "quantized.safetensors")
+    b = load_file(tmp_path / "resumed" / "quantized" / "quantized.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"final_stage_iterations": -1}, "final_stage_iterations must be >= 0, got -1"),
+    ({"final_stage_gradient": "fancy"}, "unknown final_stage_gradient 'fancy'"),
+    ({"objective": "rtn", "final_stage_iterations": 5}, "set final_stage_iterations to 0"),
+])
+def test_bad_final_stage_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BlockReconstruction(**kwargs)
