@@ -124,6 +124,9 @@ def tiny_overrides(tmp_path: Path, config: Path, name: str = "run") -> dict:
     root = tmp_path / name
     folder = model_folder(family(config), tmp_path)
     data = _load(config)["data"]["init_args"]
+    model = {"pretrained": str(folder), "iterations_per_unit": 1, "act_calibration_samples": 4}
+    if _load(config)["model"]["init_args"].get("final_stage_iterations"):
+        model["final_stage_iterations"] = 1
     tiny_data = {"num_inference_steps": 5, "num_trajectories": 4, "batch_size": 2, "sampling_batch_size": 4,
                  "cache_dir": str(tmp_path / "cache"), "group_size": min(data.get("group_size", 1), 2)}
     if data.get("prompt_embeddings"):
@@ -134,7 +137,7 @@ def tiny_overrides(tmp_path: Path, config: Path, name: str = "run") -> dict:
             "enable_model_summary": False, "logger": False,
             "callbacks": checkpoint_and_export_callbacks(root),
         },
-        "model": {"init_args": {"pretrained": str(folder), "iterations_per_unit": 1, "act_calibration_samples": 4}},
+        "model": {"init_args": model},
         "data": {"init_args": tiny_data},
     }
 

@@ -40,7 +40,7 @@ DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.acceler
 
 
 def config(tmp_path: Path, model_dir: Path, name: str, batch_size: int, act_bits: int = 16,
-           objective: str = "accuquant") -> list[str]:
+           objective: str = "accuquant", final_stage_iterations: int = 0) -> list[str]:
     """CLI args of a tiny calibration over 8 trajectories; per-step losses go to a CSV log."""
     args = tiny_args(tmp_path, model_dir, name=name)
     path = Path(args[-1])
@@ -48,7 +48,7 @@ def config(tmp_path: Path, model_dir: Path, name: str, batch_size: int, act_bits
     cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                 "init_args": {"save_dir": str(tmp_path / name), "name": "csv"}}
     cfg["trainer"]["log_every_n_steps"] = 1
-    cfg["model"]["init_args"].update(objective=objective,
+    cfg["model"]["init_args"].update(objective=objective, final_stage_iterations=final_stage_iterations,
                                      quant={"weight_bits": 4, "act_bits": act_bits, "adaround": True})
     cfg["data"]["init_args"].update(batch_size=batch_size, num_trajectories=8,
                                     group_size=1 if objective == "per_step" else 4)
@@ -138,15 +138,17 @@ def test_ddp_override_config_parses(capsys):
 
 
 # ----- DDP on 2 CPU processes vs 1 process with the same global batch -----
-def _compare_ddp_to_one_process(tmp_path: Path, model_dir: Path, objective: str) -> None:
+def _compare_ddp_to_one_process(tmp_path: Path, model_dir: Path, objective: str, final_stage: int = 0) -> None:
     two = tmp_path / "two"
-    run_ddp(config(tmp_path, model_dir, "two", batch_size=4, objective=objective))
+    run_ddp(config(tmp_path, model_dir, "two", batch_size=4, objective=objective, final_stage_iterations=final_stage))
     # The DDP run built the trajectory cache (once: prepare_data runs on rank 0); the reference reuses it.
     assert len(list((tmp_path / "cache").iterdir())) == 1
-    ref = main(config(tmp_path, model_dir, "one", batch_size=8, objective=objective))
+    ref = main(config(tmp_path, model_dir, "one", batch_size=8, objective=objective,
+                      final_stage_iterations=final_stage))
     assert len(ref.model.done_units) == len(ref.model.unit_names)
+    assert ref.model.final_stage_done == (final_stage > 0)
     a, b = logged_losses(two), logged_losses(tmp_path / "one")
-    assert a.shape == b.shape == (2 * len(ref.model.unit_names),)
+    assert a.shape == b.shape == (2 * len(ref.model.unit_names) + final_stage,)
     # Only the order of the float reductions differs: CI measured 1.3e-5 relative on a loss of 3.6e-5 (4.8e-10
     # absolute); a broken gradient average (the same shard on both ranks) gives 6e-2.
     torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
@@ -157,7 +159,8 @@ def _compare_ddp_to_one_process(tmp_path: Path, model_dir: Path, objective: str)
 
 
 def test_ddp_two_processes_equal_one_process_accuquant(tmp_path, tiny_model_dir):
-    _compare_ddp_to_one_process(tmp_path, tiny_model_dir, "accuquant")
+    # With the whole-model final stage: its gradients (every step size and bias) are averaged over the ranks too.
+    _compare_ddp_to_one_process(tmp_path, tiny_model_dir, "accuquant", final_stage=2)
 
 
 @pytest.mark.slow
