@@ -51,6 +51,13 @@ for s in 0 1; do
   $Q --bits w4a8 --methods per_step --iters 200 --seed $s --out $R/iters200_per_step_seed$s.json
 done
 $Q --bits w4a8 $BLOCK --group-sizes 2 --iters 200 --out $R/iters200_block_n2_seed0.json
+# the whole-model final stage (200 iterations of the n-step state objective on every activation step size and
+# quantized-layer bias after the units): AccuQuant block-output n = 4 and 8, and the per-step baseline (stage n = 1)
+for s in 0 1 2 3; do
+  $Q --bits w4a8 $BLOCK --group-sizes 4 --final-stage-iters 200 --seed $s --out $R/final_stage_accuquant_n4_seed$s.json
+done
+$Q --bits w4a8 $BLOCK --group-sizes 8 --final-stage-iters 200 --out $R/final_stage_accuquant_n8_seed0.json
+$Q --bits w4a8 --methods per_step --final-stage-iters 200 --out $R/final_stage_per_step_seed0.json
 # gradient modes of the state target (n=4; checkpointed is in the main table, exact gives its gradient)
 for g in approx stepwise; do
   $Q --bits w4a8 --methods accuquant --group-sizes 4 --gradients $g --out $R/ablation_gradient_$g.json
