@@ -48,6 +48,10 @@ def group_starts(num_steps: int, group_size: int, starts: GroupStarts) -> list[i
     raise ValueError(f"unknown group_starts {starts!r}; choose 'all' or 'windows'")
 
 
+# TrajectoryDataModule's ``group_starts`` argument shadows the function inside its ``__init__``.
+_group_starts = group_starts
+
+
 def check_starts_per_batch(starts_per_batch: int, batch_size: int, num_starts: int) -> None:
     """A batch splits into ``starts_per_batch`` equal sub-batches at distinct starts, of ``num_starts``."""
     if starts_per_batch < 1 or batch_size % starts_per_batch:
@@ -248,10 +252,9 @@ class TrajectoryDataModule(L.LightningDataModule):
                                  ("batch_size", batch_size, 1), ("group_size", group_size, 1)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        if group_size > num_inference_steps:
-            raise ValueError(f"group_size {group_size} is larger than the schedule ({num_inference_steps} steps)")
-        # Every start position (group_starts 'all'); 'windows' has fewer, which the batch sampler checks.
-        check_starts_per_batch(starts_per_batch, batch_size, num_inference_steps - group_size + 1)
+        # Rejects a group longer than the schedule and an unknown group_starts, naming them.
+        num_starts = len(_group_starts(num_inference_steps, group_size, group_starts))
+        check_starts_per_batch(starts_per_batch, batch_size, num_starts)
         if num_trajectories < batch_size:
             raise ValueError(f"num_trajectories ({num_trajectories}) is smaller than batch_size ({batch_size}): "
                              "a batch would hold the same trajectory several times; lower batch_size or sample more")
