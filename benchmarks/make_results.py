@@ -91,6 +91,8 @@ def method_label(r: dict, with_seed: bool = True) -> str:
         label += f", {r['starts_per_batch']} starts/batch"
     if r.get("final_stage_iters"):
         label += f", final stage {r['final_stage_iters']} it"
+        if r.get("final_stage_group_size") not in (None, r.get("n") or 1):
+            label += f" n={r['final_stage_group_size']}"
     seed = r["settings"].get("seed", 0)  # the calibration seed: FP and RTN rows do not depend on it
     return label + (f", seed {seed}" if with_seed and seed and r["method"] not in ("fp", "rtn") else "")
 

@@ -50,7 +50,10 @@ def parse_args() -> argparse.Namespace:
                    help="group starts (timesteps) mixed in every batch (the data module's starts_per_batch)")
     p.add_argument("--final-stage-iters", type=int, default=0,
                    help="iterations of the whole-model final stage after the units (BlockReconstruction's "
-                        "final_stage_iterations; its n is the method's group size, 1 for per_step)")
+                        "final_stage_iterations; its n is --final-stage-group-size)")
+    p.add_argument("--final-stage-group-size", type=int, default=None,
+                   help="n of the final stage's rollouts (BlockReconstruction's final_stage_group_size; default: "
+                        "the method's group size, 1 for per_step)")
     p.add_argument("--iters", type=int, default=50, help="iterations per reconstruction unit (all methods)")
     p.add_argument("--rounding-weight", type=float, default=None,
                    help="AdaRound regulariser weight (default: BlockReconstruction's)")
@@ -83,6 +86,7 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
                                      "block_loss_weight": args.block_loss_weight} if method == "accuquant" else {}),
                                  iterations_per_unit=args.iters, later_units=args.later_units,
                                  final_stage_iterations=0 if method == "rtn" else args.final_stage_iters,
+                                 final_stage_group_size=args.final_stage_group_size if args.final_stage_iters else None,
                                  **{k: v for k, v in (("rounding_weight", args.rounding_weight),
                                                       ("lr_adaround", args.lr_adaround)) if v is not None})
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -136,6 +140,8 @@ def main() -> None:
             target += f"_mix{args.starts_per_batch}"
         if method != "rtn" and args.final_stage_iters:
             target += f"_final{args.final_stage_iters}"
+            if args.final_stage_group_size is not None:
+                target += f"n{args.final_stage_group_size}"
         row = {"bits": bits, "method": method, "n": n if aq else None,
                "gradient": gradient if aq else None, "rollout_target": args.rollout_target if aq else None,
                "state_loss_weight": args.state_loss_weight if aq else None,
@@ -144,6 +150,8 @@ def main() -> None:
                "start_weighting": args.start_weighting if method != "rtn" else None,
                "starts_per_batch": args.starts_per_batch if method != "rtn" else None,
                "final_stage_iters": args.final_stage_iters if method != "rtn" else None,
+               "final_stage_group_size": (args.final_stage_group_size or n)
+               if method != "rtn" and args.final_stage_iters else None,
                "final_mse": errors.final_mse,
                "final_psnr": errors.final_psnr, "calib_seconds": seconds, **quality,
                "per_step": errors.per_step, "accumulated": errors.accumulated,

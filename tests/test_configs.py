@@ -127,6 +127,8 @@ def tiny_overrides(tmp_path: Path, config: Path, name: str = "run") -> dict:
     model = {"pretrained": str(folder), "iterations_per_unit": 1, "act_calibration_samples": 4}
     if _load(config)["model"]["init_args"].get("final_stage_iterations"):
         model["final_stage_iterations"] = 1
+    if _load(config)["model"]["init_args"].get("final_stage_group_size"):
+        model["final_stage_group_size"] = 2  # the tiny schedule has 5 steps
     tiny_data = {"num_inference_steps": 5, "num_trajectories": 4, "batch_size": 2, "sampling_batch_size": 4,
                  "cache_dir": str(tmp_path / "cache"), "group_size": min(data.get("group_size", 1), 2)}
     if data.get("prompt_embeddings"):

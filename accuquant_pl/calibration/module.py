@@ -96,6 +96,7 @@ class BlockReconstruction(L.LightningModule):
         act_calibration_samples: int = 256,
         final_stage_iterations: int = 0,
         final_stage_gradient: Literal["exact", "checkpointed", "approx", "stepwise"] = "approx",
+        final_stage_group_size: int | None = None,
         lr_bias: float = 1e-4,
     ) -> None:
         """
@@ -132,8 +133,10 @@ class BlockReconstruction(L.LightningModule):
             final_stage_iterations: iterations of a whole-model stage after the last unit (0: none). Every unit
                 is quantized with its rounding fixed, and all activation step sizes and the quantized layers'
                 (float) biases train together on the AccuQuant state objective: the fully quantized model rolled
-                out over the data's n-step groups against the FP trajectory (n = 1: the per-step state error).
+                out over n-step groups against the FP trajectory (n = 1: the per-step state error).
             final_stage_gradient: gradient mode of the final stage's rollout ('approx': O(1) memory in n).
+            final_stage_group_size: n of the final stage's rollouts; None: the data module's group_size, the
+                units' n. The data module serves the stage's epoch groups of this size (set_epoch_group_size).
             lr_bias: Adam learning rate of the quantized layers' biases in the final stage (lr_act_scale is the
                 step sizes' rate there as in the units).
         """
@@ -166,6 +169,11 @@ class BlockReconstruction(L.LightningModule):
             raise ValueError(f"final_stage_iterations must be >= 0, got {final_stage_iterations}")
         if final_stage_gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown final_stage_gradient {final_stage_gradient!r}; choose one of {GRADIENT_MODES}")
+        if final_stage_group_size is not None and final_stage_group_size < 1:
+            raise ValueError(f"final_stage_group_size must be >= 1 (or None), got {final_stage_group_size}")
+        if final_stage_group_size is not None and final_stage_iterations == 0:
+            raise ValueError(f"final_stage_group_size {final_stage_group_size} needs a final stage: set "
+                             "final_stage_iterations > 0 (or leave final_stage_group_size None)")
         if objective == "rtn" and final_stage_iterations > 0:
             raise ValueError("objective 'rtn' runs no optimisation; set final_stage_iterations to 0 "
                              f"(got {final_stage_iterations})")
@@ -234,6 +242,11 @@ class BlockReconstruction(L.LightningModule):
                 check_rollout_scheduler(self._scheduler, datamodule.hparams.eta)
             # The sampler draws its batches in a fixed order per epoch; an epoch that needs fewer stops early.
             datamodule.batches_per_epoch = max(hp.iterations_per_unit, hp.final_stage_iterations)
+            if hp.final_stage_iterations > 0 and hp.final_stage_group_size is not None:
+                try:
+                    datamodule.set_epoch_group_size(len(self.unit_names), hp.final_stage_group_size)
+                except ValueError as err:
+                    raise ValueError(f"final_stage_group_size {hp.final_stage_group_size}: {err}") from err
             wanted = 0 if hp.objective == "rtn" else len(self.epoch_names)
             loop = self.trainer.fit_loop
             loop.max_epochs = wanted if loop.max_epochs in (None, -1) else min(loop.max_epochs, wanted)

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
 from accuquant_pl.data.trajectory_cache import (
     MANIFEST_FILE,
@@ -111,6 +111,23 @@ class TrajectoryGroups(Dataset):
         raise ValueError(f"unknown start_weighting {weighting!r}; choose 'uniform' or 'linear'")
 
 
+class EpochIndices(Sampler[int]):
+    """``range(length)`` that keeps the epoch it is given: Lightning calls ``set_epoch`` on a batch sampler's
+    ``sampler`` (as on a ``DistributedSampler``), never on the batch sampler itself."""
+
+    def __init__(self, length: int) -> None:
+        self.length, self.epoch = length, 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
 class StartBatchSampler(BatchSampler):
     """Batches of distinct trajectories at ``starts_per_batch`` distinct group starts (drawn weighted), in
     ``starts_per_batch`` equal consecutive sub-batches, one per start.
@@ -118,8 +135,14 @@ class StartBatchSampler(BatchSampler):
     Sharing the start within a sub-batch lets the sampler's scalar-timestep ``step`` roll it out at once
     (``collate_by_start`` hands the sub-batches over separately); more than one start per batch mixes the
     schedule's steps in every optimisation step, as Q-Diffusion's random (x_t, t) batches do.
-    Seeded by (seed, epoch): Lightning calls ``set_epoch`` before every epoch, so epoch e draws the same
-    batches in a resumed run as in an uninterrupted one.
+    Seeded by ``seed`` alone: every epoch (every unit of the calibration module) draws the same sequence of
+    starts and trajectories, and a resumed run draws what an uninterrupted one does. The epoch, which
+    Lightning hands to ``sampler.set_epoch`` before every epoch (``EpochIndices`` by default), only decides
+    which groups an epoch draws from:
+
+    ``epoch_groups`` gives particular epochs their own groups (another group size n, e.g. the calibration
+    module's final stage); their items follow ``groups``' in the loader's dataset, in the dict's order
+    (``loader_dataset``). Every other epoch draws exactly as without them.
 
     Data-parallel runs (``num_replicas`` ranks): every rank draws the same global batch of
     ``batch_size * num_replicas`` distinct trajectories at the same starts and keeps its own contiguous slice
@@ -132,13 +155,14 @@ class StartBatchSampler(BatchSampler):
 
     def __init__(self, groups: TrajectoryGroups, batch_size: int, num_batches: int,
                  weighting: StartWeighting = "uniform", seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 sampler: Iterable[int] | None = None, starts_per_batch: int = 1) -> None:
+                 sampler: Iterable[int] | None = None, starts_per_batch: int = 1,
+                 epoch_groups: dict[int, TrajectoryGroups] | None = None) -> None:
         if isinstance(sampler, DistributedSampler):
             num_replicas, rank = sampler.num_replicas, sampler.rank
-        super().__init__(sampler if sampler is not None else range(len(groups)), batch_size, drop_last=False)
+        super().__init__(sampler if sampler is not None else EpochIndices(len(groups)), batch_size, drop_last=False)
         self.groups, self.batch_size, self.num_batches, self.seed = groups, batch_size, num_batches, seed
+        self.epoch_groups = dict(epoch_groups or {})
         self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
         num_trajectories = groups.states.shape[0]
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
@@ -146,31 +170,54 @@ class StartBatchSampler(BatchSampler):
             per = f" ({batch_size} per device x {num_replicas} devices)" if num_replicas > 1 else ""
             raise ValueError(f"batch_size {batch_size * num_replicas}{per} exceeds the {num_trajectories} "
                              "trajectories")
-        check_starts_per_batch(starts_per_batch, batch_size, len(groups.starts))
+        for some in (groups, *self.epoch_groups.values()):
+            check_starts_per_batch(starts_per_batch, batch_size, len(some.starts))
         self.starts_per_batch = starts_per_batch
-        starts = torch.tensor(groups.starts, dtype=torch.float32)
-        self.start_weights = torch.ones_like(starts) if weighting == "uniform" else 1.0 + starts
         if weighting not in ("uniform", "linear"):
             raise ValueError(f"unknown start_weighting {weighting!r}; choose 'uniform' or 'linear'")
+        self.weighting = weighting
+
+    def loader_dataset(self) -> Dataset:
+        """The dataset this sampler's indices address: ``groups``, then each of ``epoch_groups``."""
+        if not self.epoch_groups:
+            return self.groups
+        return ConcatDataset([self.groups, *self.epoch_groups.values()])
+
+    def _epoch_groups(self) -> tuple[TrajectoryGroups, int]:
+        """The groups this epoch draws from and their first index in ``loader_dataset``."""
+        offset = len(self.groups)
+        for epoch, groups in self.epoch_groups.items():
+            if epoch == self.epoch:
+                return groups, offset
+            offset += len(groups)
+        return self.groups, 0
+
+    @property
+    def epoch(self) -> int:
+        return getattr(self.sampler, "epoch", 0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """What Lightning does before every epoch (through ``sampler``), for use outside a Trainer."""
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        num_starts, num_traj = len(self.groups.starts), self.groups.states.shape[0]
+        gen = torch.Generator().manual_seed(self.seed * 100_003)
+        groups, offset = self._epoch_groups()
+        num_starts, num_traj = len(groups.starts), groups.states.shape[0]
+        starts_at = torch.tensor(groups.starts, dtype=torch.float32)
+        weights = torch.ones_like(starts_at) if self.weighting == "uniform" else 1.0 + starts_at
         m = self.starts_per_batch
         sub = self.batch_size // m  # this rank's items per start
         for _ in range(self.num_batches):
-            starts = torch.multinomial(self.start_weights, m, generator=gen)  # distinct (without replacement)
+            starts = torch.multinomial(weights, m, generator=gen)  # distinct (without replacement)
             order = torch.randperm(num_traj, generator=gen)
             batch = []
             for c, s in enumerate(starts.tolist()):
                 first = (c * self.num_replicas + self.rank) * sub
-                batch += [int(i) * num_starts + s for i in order[first : first + sub]]
+                batch += [offset + int(i) * num_starts + s for i in order[first : first + sub]]
             yield batch
 
 
@@ -266,6 +313,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         self._prompts: dict[str, Tensor] | None = None
         self.batches_per_epoch: int | None = None
         """Batches per epoch; the calibration module sets it to its iterations per unit."""
+        self.epoch_group_sizes: dict[int, int] = {}
+        """Group size n of particular epochs (``set_epoch_group_size``); the others use ``group_size``."""
 
     # ----- configuration shared with the calibration module -----
     @property
@@ -281,6 +330,19 @@ class TrajectoryDataModule(L.LightningDataModule):
     @property
     def group_size(self) -> int:
         return self.hparams.group_size
+
+    def set_epoch_group_size(self, epoch: int, group_size: int) -> None:
+        """Serve groups of ``group_size`` steps in training epoch ``epoch`` (the calibration module's final
+        stage rolls out longer groups than its units); checked against the schedule and the batch here."""
+        hp = self.hparams
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        num_starts = len(_group_starts(hp.num_inference_steps, group_size, hp.group_starts))
+        check_starts_per_batch(hp.starts_per_batch, hp.batch_size, num_starts)
+        if group_size == hp.group_size:
+            self.epoch_group_sizes.pop(epoch, None)
+        else:
+            self.epoch_group_sizes[epoch] = group_size
 
     def make_scheduler(self) -> SchedulerMixin:
         """A fresh scheduler with the trajectories' timesteps set."""
@@ -434,10 +496,14 @@ class TrajectoryDataModule(L.LightningDataModule):
         # Rank and world size of a data-parallel strategy; Lightning also injects a DistributedSampler with
         # the same values into the batch sampler (see StartBatchSampler).
         shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        history = self.train_set.history
+        epoch_groups = {e: TrajectoryGroups(self.tensors, n, hp.group_starts, history)
+                        for e, n in sorted(self.epoch_group_sizes.items())}
         sampler = StartBatchSampler(self.train_set, hp.batch_size, self.batches_per_epoch or self.steps_per_epoch,
                                     hp.start_weighting, seed=hp.seed, num_replicas=shard.get("num_replicas", 1),
-                                    rank=shard.get("rank", 0), starts_per_batch=hp.starts_per_batch)
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=hp.num_workers,
+                                    rank=shard.get("rank", 0), starts_per_batch=hp.starts_per_batch,
+                                    epoch_groups=epoch_groups)
+        return DataLoader(sampler.loader_dataset(), batch_sampler=sampler, num_workers=hp.num_workers,
                           collate_fn=collate_by_start)
 
     def calibration_inputs(self, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:

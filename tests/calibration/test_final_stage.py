@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from accuquant_pl.calibration import module as module_file
 from accuquant_pl.calibration.module import FINAL_STAGE, BlockReconstruction
 from accuquant_pl.cli import main
 from accuquant_pl.quant import layer_biases, unit_parameters
@@ -54,7 +55,32 @@ def test_a_run_resumed_before_the_final_stage_ends_as_the_uninterrupted_one(tmp_
     assert not different, f"resumed run differs in {different[:5]}"
 
 
+def test_the_final_stage_rolls_out_its_own_group_size(tmp_path, tiny_model_dir, monkeypatch):
+    rolled: list[int] = []
+
+    def recording_step(student, scheduler, batch, *args):
+        rolled.append(len(batch["timesteps"][0]))
+        return accuquant_step(student, scheduler, batch, *args)
+
+    accuquant_step = module_file.accuquant_step
+    monkeypatch.setattr(module_file, "accuquant_step", recording_step)
+    same = _fit(tmp_path, tiny_model_dir, "same", final_stage_iterations=2).model
+    assert rolled == [2, 2]  # the block_output units never call it; the stage rolls out the data's n = 2
+    rolled.clear()
+    longer = _fit(tmp_path, tiny_model_dir, "longer", final_stage_iterations=2, final_stage_group_size=4).model
+    assert rolled == [4, 4]
+    # The units saw the same batches: their rounding is the same, only the stage's parameters differ.
+    a, b = _state(same), _state(longer)
+    stage = {n for n, p in longer.student.named_parameters()
+             if any(p is q for q in [*unit_parameters(longer.student)["act_scale"], *layer_biases(longer.student)])}
+    assert {k for k in a if not torch.equal(a[k], b[k])} <= stage
+    with pytest.raises(ValueError, match="final_stage_group_size 7: group_size 7 is larger than the schedule"):
+        _fit(tmp_path, tiny_model_dir, "too_long", final_stage_iterations=2, final_stage_group_size=7)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
+    ({"final_stage_group_size": 0, "final_stage_iterations": 5}, "final_stage_group_size must be >= 1"),
+    ({"final_stage_group_size": 4}, "final_stage_group_size 4 needs a final stage"),
     ({"final_stage_iterations": -1}, "final_stage_iterations must be >= 0, got -1"),
     ({"final_stage_gradient": "fancy"}, "unknown final_stage_gradient 'fancy'"),
     ({"objective": "rtn", "final_stage_iterations": 5}, "set final_stage_iterations to 0"),

@@ -228,3 +228,44 @@ def test_collate_by_start_splits_a_mixed_batch_into_single_start_batches():
     mixed = collate_by_start([groups[i] for i in (0, 5, 1, 6)])  # two items at start 0, two at start 1
     assert [b["step_index"].tolist() for b in sub_batches(mixed)] == [[0, 0], [1, 1]]
     assert torch.equal(mixed[1]["targets"][0], groups.states[0, 2:4])  # trajectory 0 from start 1
+
+
+def test_an_epoch_can_draw_groups_of_its_own_size():
+    groups, longer = _groups(n=1), _groups(n=3)
+    plain = StartBatchSampler(groups, 4, num_batches=5, seed=4, starts_per_batch=2)
+    mixed = StartBatchSampler(groups, 4, num_batches=5, seed=4, starts_per_batch=2, epoch_groups={1: longer})
+    data = mixed.loader_dataset()
+    assert len(data) == len(groups) + len(longer)
+    first = list(plain)
+    for epoch, expected_n in ((0, 1), (1, 3), (2, 1)):
+        plain.set_epoch(epoch)
+        mixed.set_epoch(epoch)
+        batches = list(mixed)
+        if expected_n == 1:  # every epoch draws the same batches (seeded by seed alone), its own groups aside
+            assert batches == list(plain) == first
+        for batch in batches:
+            items = [data[i] for i in batch]
+            assert all(len(item["timesteps"]) == expected_n for item in items)
+            for item in items:  # every item is a real group of the epoch's size on its trajectory
+                i, j = item["trajectory"], item["step_index"]
+                assert torch.equal(item["x"], groups.states[i, j])
+                assert torch.equal(item["target"], groups.states[i, j + expected_n])
+
+
+def test_data_module_serves_a_set_epoch_group_size(tiny_model_dir, tmp_path):
+    dm = make_dm(tiny_model_dir, tmp_path, group_size=1)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.batches_per_epoch = 3
+    dm.set_epoch_group_size(2, 4)
+    dm.set_epoch_group_size(1, 1)  # the data's own size: nothing to record
+    assert dm.epoch_group_sizes == {2: 4}
+    loader = dm.train_dataloader()
+    for epoch, n in ((1, 1), (2, 4)):
+        loader.batch_sampler.set_epoch(epoch)
+        for batch in loader:
+            assert all(b["timesteps"].shape[1] == n for b in sub_batches(batch))
+    with pytest.raises(ValueError, match="group_size 6 is larger than the schedule"):
+        dm.set_epoch_group_size(2, 6)
+    with pytest.raises(ValueError, match="starts_per_batch 2 exceeds the 1 group starts"):
+        make_dm(tiny_model_dir, tmp_path, starts_per_batch=2).set_epoch_group_size(0, 5)
