@@ -38,7 +38,7 @@ TABLES = {
     "per_step_100_iters": "Per-step baseline at 2x the iterations (100 per unit): about AccuQuant n = 2's compute",
     "final_stage": "Whole-model final stage after the units (W4A8, 200 stage iterations: every activation step size and "
                    "quantized-layer bias trained on the n-step state objective, approx gradient; n is the method's "
-                   "group size, 1 for per-step)",
+                   "group size, 1 for per-step, unless the row names the stage's own n)",
     "iters200": "Per-step and AccuQuant (block output, n = 2) at 4x the iterations (200 per unit, W4A8, lr rounding 0.01)",
     "sensitivity": "Sensitivity to the AdaRound regulariser weight and rounding learning rate (W4A8)",
     "ablation_objective": "AccuQuant objective variants and calibration-seed spread (W4A8, lr rounding 0.01; "

@@ -58,6 +58,14 @@ for s in 0 1 2 3; do
 done
 $Q --bits w4a8 $BLOCK --group-sizes 8 --final-stage-iters 200 --out $R/final_stage_accuquant_n8_seed0.json
 $Q --bits w4a8 --methods per_step --final-stage-iters 200 --out $R/final_stage_per_step_seed0.json
+# the stage with its own n = 8 (final_stage_group_size) after per-step-style units (block-output n = 1), with one
+# and with four group starts per batch
+for s in 0 1 2 3; do
+  $Q --bits w4a8 $BLOCK --group-sizes 1 --final-stage-iters 200 --final-stage-group-size 8 --seed $s \
+     --out $R/final_stage_n8_blocks_n1_seed$s.json
+  $Q --bits w4a8 $BLOCK --group-sizes 1 --starts-per-batch 4 --final-stage-iters 200 --final-stage-group-size 8 \
+     --seed $s --out $R/final_stage_n8_blocks_n1_mix4_seed$s.json
+done
 # gradient modes of the state target (n=4; checkpointed is in the main table, exact gives its gradient)
 for g in approx stepwise; do
   $Q --bits w4a8 --methods accuquant --group-sizes 4 --gradients $g --out $R/ablation_gradient_$g.json

@@ -130,7 +130,8 @@ def tiny_overrides(tmp_path: Path, config: Path, name: str = "run") -> dict:
     if _load(config)["model"]["init_args"].get("final_stage_group_size"):
         model["final_stage_group_size"] = 2  # the tiny schedule has 5 steps
     tiny_data = {"num_inference_steps": 5, "num_trajectories": 4, "batch_size": 2, "sampling_batch_size": 4,
-                 "cache_dir": str(tmp_path / "cache"), "group_size": min(data.get("group_size", 1), 2)}
+                 "cache_dir": str(tmp_path / "cache"), "group_size": min(data.get("group_size", 1), 2),
+                 "starts_per_batch": min(data.get("starts_per_batch", 1), 2)}
     if data.get("prompt_embeddings"):
         tiny_data["prompt_embeddings"] = str(tmp_path / "prompts.pt")
     return {
