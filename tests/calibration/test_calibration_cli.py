@@ -26,10 +26,10 @@ def tiny_args(tmp_path: Path, model_dir: Path, config: str = "digits_w4a8_accuqu
                        "init_args": {"save_dir": str(root), "name": "tb"}},
             "callbacks": checkpoint_and_export_callbacks(root),
         },
-        # The main config's final stage and mixed starts are off unless a test asks (tests/test_configs.py runs them).
+        # The main config's final stage is off unless a test asks for it (tests/test_configs.py runs it).
         "model": {"init_args": {"pretrained": str(model_dir), "iterations_per_unit": 2, "act_calibration_samples": 8,
                                 "final_stage_iterations": 0, "final_stage_group_size": None, **model_args}},
-        "data": {"init_args": {"num_inference_steps": 6, "num_trajectories": 4, "batch_size": 4, "starts_per_batch": 1,
+        "data": {"init_args": {"num_inference_steps": 6, "num_trajectories": 4, "batch_size": 4,
                                "cache_dir": str(tmp_path / "cache")}},
     }
     path = tmp_path / f"{name}.yaml"

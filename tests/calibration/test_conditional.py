@@ -58,12 +58,11 @@ def calibration_args(tmp_path: Path, config: str, folder: Path, name: str, data:
                     "enable_model_summary": False, "logger": False, "enable_checkpointing": False,
                     "callbacks": [{"class_path": "callbacks.quantized_export.ExportQuantized",
                                    "init_args": {"dirpath": str(root / "quantized")}}]},
-        # The digits AccuQuant config's final stage and mixed-start batches are off: these runs test conditioning.
+        # The digits AccuQuant config's final stage is off: these runs test conditioning.
         "model": {"init_args": {"pretrained": str(folder), "iterations_per_unit": 2, "act_calibration_samples": 8,
                                 "final_stage_iterations": 0, "final_stage_group_size": None, **model}},
         "data": {"init_args": {"num_inference_steps": STEPS, "num_trajectories": 4, "batch_size": 2,
-                               "sampling_batch_size": 4, "cache_dir": str(tmp_path / "cache"), "starts_per_batch": 1,
-                               **data}},
+                               "sampling_batch_size": 4, "cache_dir": str(tmp_path / "cache"), **data}},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(override))
