@@ -213,7 +213,8 @@ class BlockReconstruction(L.LightningModule):
     def _is_final_stage(self, epoch: int) -> bool:
         return epoch == len(self.unit_names)
 
-    def _iterations(self, epoch: int) -> int:
+    def epoch_iterations(self, epoch: int) -> int:
+        """Optimisation steps of training epoch ``epoch``: ``iterations_per_unit``, or the final stage's."""
         hp = self.hparams
         return hp.final_stage_iterations if self._is_final_stage(epoch) else hp.iterations_per_unit
 
@@ -290,7 +291,7 @@ class BlockReconstruction(L.LightningModule):
         for group in param_groups:
             for p in group["params"]:
                 p.requires_grad_(True)
-        iters = self._iterations(e)
+        iters = self.epoch_iterations(e)
         self._optimizer = torch.optim.Adam(param_groups) if param_groups else None
         self._lr_schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(self._optimizer, T_max=iters)
                              if self._optimizer else None)
@@ -302,7 +303,7 @@ class BlockReconstruction(L.LightningModule):
             experiment.add_text("calib/unit", self.epoch_names[e], global_step=e)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        return -1 if self._iteration >= self._iterations(self.current_epoch) else None
+        return -1 if self._iteration >= self.epoch_iterations(self.current_epoch) else None
 
     def _reducer_off(self) -> AbstractContextManager:
         # The strategy's ``block_backward_sync`` (DDP's ``no_sync``): backward passes inside leave DDP's reducer
@@ -344,7 +345,7 @@ class BlockReconstruction(L.LightningModule):
         # sync_dist: the logged loss is the mean over the ranks' shards of the global batch.
         self.log_dict({"calib/loss": loss, "calib/rounding": rounding.detach(), "calib/unit": float(e), **terms},
                       prog_bar=True, on_step=True, on_epoch=False, sync_dist=True, batch_size=num_items)
-        if self._iteration == self._iterations(e):
+        if self._iteration == self.epoch_iterations(e):
             self._finish_epoch(e)
         return loss
 
@@ -440,7 +441,7 @@ class BlockReconstruction(L.LightningModule):
         e = self.current_epoch
         done = self.final_stage_done if self._is_final_stage(e) else self.unit_names[e] in self.done_units
         if not done:
-            raise RuntimeError(f"{self.epoch_names[e]} got fewer than its {self._iterations(e)} iterations' batches; "
+            raise RuntimeError(f"{self.epoch_names[e]} got fewer than its {self.epoch_iterations(e)} iterations' batches; "
                                "the data module must yield that many")
 
     def finalize(self) -> nn.Module:
