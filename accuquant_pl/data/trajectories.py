@@ -103,11 +103,13 @@ class TrajectoryGroups(Dataset):
         return out
 
     def start_weights(self, weighting: StartWeighting) -> Tensor:
+        """How often each of ``starts`` is drawn, relatively (``StartBatchSampler``)."""
+        starts = torch.tensor(self.starts, dtype=torch.float32)
         if weighting == "uniform":
-            return torch.ones(len(self.index))
+            return torch.ones_like(starts)
         if weighting == "linear":
             # Later starts (closer to the image) get more weight: that is where the sample's details settle.
-            return torch.tensor([1.0 + j for _, j in self.index])
+            return 1.0 + starts
         raise ValueError(f"unknown start_weighting {weighting!r}; choose 'uniform' or 'linear'")
 
 
@@ -173,8 +175,7 @@ class StartBatchSampler(BatchSampler):
         for some in (groups, *self.epoch_groups.values()):
             check_starts_per_batch(starts_per_batch, batch_size, len(some.starts))
         self.starts_per_batch = starts_per_batch
-        if weighting not in ("uniform", "linear"):
-            raise ValueError(f"unknown start_weighting {weighting!r}; choose 'uniform' or 'linear'")
+        groups.start_weights(weighting)  # names an unknown weighting now, not at the first batch
         self.weighting = weighting
 
     def loader_dataset(self) -> Dataset:
@@ -207,8 +208,7 @@ class StartBatchSampler(BatchSampler):
         gen = torch.Generator().manual_seed(self.seed * 100_003)
         groups, offset = self._epoch_groups()
         num_starts, num_traj = len(groups.starts), groups.states.shape[0]
-        starts_at = torch.tensor(groups.starts, dtype=torch.float32)
-        weights = torch.ones_like(starts_at) if self.weighting == "uniform" else 1.0 + starts_at
+        weights = groups.start_weights(self.weighting)
         m = self.starts_per_batch
         sub = self.batch_size // m  # this rank's items per start
         for _ in range(self.num_batches):

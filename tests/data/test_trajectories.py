@@ -146,9 +146,16 @@ def test_start_weighting_prefers_late_steps(tiny_model_dir, tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     w = dm.train_set.start_weights("linear")
-    assert w[4] > w[0]
+    assert w.shape == (len(dm.train_set.starts),) and w[4] > w[0]
+    # The sampler draws with these weights: over many batches the last start comes up more often than the first.
+    counts = torch.zeros(len(w))
+    for batch in StartBatchSampler(dm.train_set, 2, num_batches=400, weighting="linear", seed=5):
+        counts[dm.train_set.index[batch[0]][1]] += 1
+    assert counts[4] > 2 * counts[0]
     with pytest.raises(ValueError, match="'cubic'"):
         dm.train_set.start_weights("cubic")
+    with pytest.raises(ValueError, match="'cubic'"):
+        StartBatchSampler(dm.train_set, 2, num_batches=1, weighting="cubic")
 
 
 def test_history_needs_model_outputs(tiny_model_dir, tmp_path):
