@@ -66,6 +66,11 @@ for s in 0 1 2 3; do
   $Q --bits w4a8 $BLOCK --group-sizes 1 --starts-per-batch 4 --final-stage-iters 200 --final-stage-group-size 8 \
      --seed $s --out $R/final_stage_n8_blocks_n1_mix4_seed$s.json
 done
+# the same recipe (the configs' default) at W8A8 and W4A4, seed 0
+for b in w8a8 w4a4; do
+  $Q --bits $b $BLOCK --group-sizes 1 --final-stage-iters 200 --final-stage-group-size 8 \
+     --out $R/final_stage_n8_blocks_n1_$b.json
+done
 # gradient modes of the state target (n=4; checkpointed is in the main table, exact gives its gradient)
 for g in approx stepwise; do
   $Q --bits w4a8 --methods accuquant --group-sizes 4 --gradients $g --out $R/ablation_gradient_$g.json
