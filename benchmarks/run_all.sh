@@ -71,6 +71,7 @@ for b in w8a8 w4a4; do
   $Q --bits $b $BLOCK --group-sizes 1 --final-stage-iters 200 --final-stage-group-size 8 \
      --out $R/final_stage_n8_blocks_n1_$b.json
 done
+$Q --bits w8a8,w4a4 --methods per_step --final-stage-iters 200 --out $R/final_stage_per_step_w8a8_w4a4.json
 # gradient modes of the state target (n=4; checkpointed is in the main table, exact gives its gradient)
 for g in approx stepwise; do
   $Q --bits w4a8 --methods accuquant --group-sizes 4 --gradients $g --out $R/ablation_gradient_$g.json
