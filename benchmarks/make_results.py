@@ -36,7 +36,7 @@ TABLES = {
     "ablation_group_size": "AccuQuant group-size ablation (W4A8; state target n = 1 here, n = 4 in the main table; block-output target n = 2, 4, 8 in the objective-variant table)",
     "ablation_gradient": "AccuQuant gradient-mode ablation (W4A8, state target, n = 4; `checkpointed`, whose gradient `exact` equals, is in the main table)",
     "per_step_100_iters": "Per-step baseline at 2x the iterations (100 per unit): about AccuQuant n = 2's compute",
-    "final_stage": "Whole-model final stage after the units (W4A8, 200 stage iterations: every activation step size and "
+    "final_stage": "Whole-model final stage after the units (200 stage iterations: every activation step size and "
                    "quantized-layer bias trained on the n-step state objective, approx gradient; n is the method's "
                    "group size, 1 for per-step, unless the row names the stage's own n)",
     "iters200": "Per-step and AccuQuant (block output, n = 2) at 4x the iterations (200 per unit, W4A8, lr rounding 0.01)",
