@@ -241,9 +241,9 @@ class BlockReconstruction(L.LightningModule):
             hp = self.hparams
             if hp.objective == "accuquant" or hp.final_stage_iterations > 0:
                 check_rollout_scheduler(self._scheduler, datamodule.hparams.eta)
-            # The sampler draws its batches in a fixed order per epoch; an epoch that needs fewer stops early.
+            # Every epoch gets the longest epoch's batches; one that needs fewer stops early (on_train_batch_start).
             datamodule.batches_per_epoch = max(hp.iterations_per_unit, hp.final_stage_iterations)
-            if hp.final_stage_iterations > 0 and hp.final_stage_group_size is not None:
+            if hp.final_stage_group_size is not None:  # __init__ allows it only with a final stage
                 try:
                     datamodule.set_epoch_group_size(len(self.unit_names), hp.final_stage_group_size)
                 except ValueError as err:

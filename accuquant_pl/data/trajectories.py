@@ -312,7 +312,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.train_set: TrajectoryGroups | None = None
         self._prompts: dict[str, Tensor] | None = None
         self.batches_per_epoch: int | None = None
-        """Batches per epoch; the calibration module sets it to its iterations per unit."""
+        """Batches per epoch; the calibration module sets it to its longest epoch's iterations."""
         self.epoch_group_sizes: dict[int, int] = {}
         """Group size n of particular epochs (``set_epoch_group_size``); the others use ``group_size``."""
 
