@@ -8,6 +8,9 @@ Folder layout (everything a user needs; copy the folder, nothing else):
 * ``quantization_map.json``: per layer bits, range, storage, shape and config; attention processors; the
   ``QuantSpec``; the SHA-256 of the safetensors file (a truncated or modified file is refused).
 * ``unet_config.json``: the diffusers UNet config. ``scheduler_config.json``: the scheduler it was trained with.
+* ``checksums.json``: the SHA-256 of every file above, written last. The folder is tamper-evident as a whole: a
+  file that differs from its recorded checksum, or a map entry that is not what the map's own spec plans for
+  the UNet, is refused with the file and entry named.
 
 Folders of the earlier fake-quantized format (float weights + quantizer state, map format
 ``accuquant-pl/quantization-map``) still load, through :func:`accuquant_pl.quant.load_quantized`.
@@ -24,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, sha256_file
+from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, recover_directory, sha256_file
 from accuquant_pl.models.loading import SUPPORTED_UNETS, UNet
 from accuquant_pl.quant import QuantSpec, load_quantized
 from accuquant_pl.quant import serialization as fake_quant_format
@@ -36,8 +39,9 @@ WEIGHTS_NAME = "quantized.safetensors"
 MAP_NAME = "quantization_map.json"
 UNET_CONFIG = "unet_config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
+CHECKSUMS = "checksums.json"
 FORMAT = "accuquant-pl/packed-quantized-model"
-VERSION = 1
+VERSION = 2  # 2: checksums.json covers every file (version 1 folders had only the weights' checksum)
 
 
 def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | None = None,
@@ -66,7 +70,28 @@ def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | Non
         atomic_write_text(tmp / UNET_CONFIG, model.to_json_string())
         if scheduler_config is not None:
             atomic_write_text(tmp / SCHEDULER_CONFIG, json.dumps(dict(scheduler_config), indent=2, default=list))
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        atomic_write_text(tmp / CHECKSUMS, json.dumps({"format": FORMAT, "sha256": files}, indent=2) + "\n")
     return folder
+
+
+def verify_checksums(folder: Path) -> None:
+    """Raise ``ValueError`` naming the file unless every file recorded in ``checksums.json`` is there unchanged
+    and the map, weights and UNet config are among them."""
+    record = _read_json(folder / CHECKSUMS)
+    files = record.get("sha256")
+    if record.get("format") != FORMAT or not isinstance(files, dict):
+        raise ValueError(f"{folder / CHECKSUMS} is not a checksum list of this format; the folder is damaged")
+    unrecorded = [name for name in (MAP_NAME, WEIGHTS_NAME, UNET_CONFIG) if name not in files]
+    if unrecorded:
+        raise ValueError(f"{folder / CHECKSUMS} records no checksum of {unrecorded}; the folder is damaged")
+    for name, digest in files.items():
+        path = folder / name
+        if Path(name).name != name or not path.is_file():
+            raise FileNotFoundError(f"quantized model folder {str(folder)!r} has no {name}")
+        if sha256_file(path) != digest:
+            raise ValueError(f"{path} does not match the SHA-256 recorded in {CHECKSUMS}: the file was "
+                             "truncated or modified after export; re-export the model")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -115,10 +140,17 @@ def _load_packed(folder: Path, qmap: dict[str, Any], execution: str) -> nn.Modul
     for key in ("layers", "attention_processors"):
         if not isinstance(qmap.get(key), dict):
             raise ValueError(f"{folder / MAP_NAME} has no {key!r} section; the map is damaged")
-    model = build_deployed(unet_cls, config, qmap["layers"], qmap["attention_processors"])
-    load_deployed_state(model, _read_tensors(folder, qmap))
-    if qmap.get("spec") is not None:
-        setattr(model, SPEC_ATTR, QuantSpec.from_dict(qmap["spec"]))
+    try:
+        spec = QuantSpec.from_dict(qmap["spec"]) if qmap.get("spec") is not None else None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{folder / MAP_NAME}: its spec is invalid: {err}") from err
+    try:
+        model = build_deployed(unet_cls, config, qmap["layers"], qmap["attention_processors"], spec)
+        load_deployed_state(model, _read_tensors(folder, qmap))
+    except ValueError as err:
+        raise ValueError(f"{folder / MAP_NAME}: {err}") from err
+    if spec is not None:
+        setattr(model, SPEC_ATTR, spec)
     model.eval().requires_grad_(False)
     set_execution(model, execution)
     return model
@@ -145,13 +177,18 @@ def load_quantized_unet(folder: str | Path, execution: str = "dequant") -> UNet:
     or truncated weights file: each raises ``FileNotFoundError`` / ``ValueError`` naming the problem.
     """
     folder = Path(folder)
+    recover_directory(folder)  # an export whose replacement was killed between its two renames
     if not folder.is_dir():
         raise FileNotFoundError(f"quantized model folder {str(folder)!r} does not exist")
     _unet_class(folder)  # the config is checked first: it says what the folder is meant to hold
     qmap = _read_json(folder / MAP_NAME)
     fmt, version = qmap.get("format"), qmap.get("version")
     if (fmt, version) == (FORMAT, VERSION):
+        verify_checksums(folder)
         return _load_packed(folder, qmap, execution)
+    if (fmt, version) == (FORMAT, 1):
+        raise ValueError(f"{folder} was exported by an earlier accuquant-pl ({FORMAT} v1, without {CHECKSUMS}); "
+                         "re-export it")
     if (fmt, version) == (fake_quant_format.FORMAT, fake_quant_format.VERSION):
         return _load_fake_quant(folder)
     raise ValueError(f"{folder / MAP_NAME}: format {fmt!r} v{version} is neither {FORMAT} v{VERSION} nor "

@@ -12,12 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "models" / "digits-ddpm"
 
 
-def checkpoint_and_export_callbacks(root: Path) -> list[dict]:
-    """The YAML callbacks of a resumable calibration: a checkpoint after every unit and the quantized export."""
+def checkpoint_and_export_callbacks(root: Path, every_n_seconds: float | None = 60.0) -> list[dict]:
+    """The YAML callbacks of a resumable calibration: a checkpoint after every unit (and every ``every_n_seconds``
+    inside an epoch) and the quantized export."""
     return [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
-                       "every_n_epochs": 1, "save_on_train_epoch_end": True}},
+        {"class_path": "callbacks.calibration_checkpoint.CalibrationCheckpoint",
+         "init_args": {"dirpath": str(root / "checkpoints"), "every_n_seconds": every_n_seconds}},
         {"class_path": "callbacks.quantized_export.ExportQuantized", "init_args": {"dirpath": str(root / "quantized")}},
     ]
 

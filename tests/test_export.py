@@ -61,7 +61,8 @@ def test_loaded_equals_the_fake_quantized_model(tmp_path, make, cond, bits):
     model = _adaround_model(make, cond, weight_bits=bits, act_bits=8)
     folder = export_quantized(model, tmp_path / "q", scheduler_config=SCHEDULER)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "quantization_map.json", "quantized.safetensors", "scheduler_config.json", "unet_config.json"]
+        "checksums.json", "quantization_map.json", "quantized.safetensors", "scheduler_config.json",
+        "unet_config.json"]
     inputs = unet_batches(1, 3, cond, seed=9)[0]
     with torch.no_grad():
         ref = model(**inputs).sample
@@ -152,8 +153,16 @@ def test_export_refuses_models_that_are_not_final(tmp_path):
 
 # ----- damaged folders: every problem is named, nothing loads silently wrong -----
 
+def _rerecord_checksums(folder: Path) -> None:
+    """Record the current checksum of every file, as someone who edits a folder by hand and hides it would."""
+    path = folder / "checksums.json"
+    record = json.loads(path.read_text())
+    record["sha256"] = {name: sha256_file(folder / name) for name in record["sha256"] if (folder / name).is_file()}
+    path.write_text(json.dumps(record))
+
+
 def _rewrite_tensors(folder: Path, edit) -> None:
-    """Edit the tensors and re-record their checksum: a consistent-looking but wrong folder."""
+    """Edit the tensors and re-record their checksums: a consistent-looking but wrong folder."""
     path = folder / "quantized.safetensors"
     tensors = load_file(path)
     edit(tensors)
@@ -161,11 +170,14 @@ def _rewrite_tensors(folder: Path, edit) -> None:
     _edit_map(folder, lambda m: m["weights"].__setitem__("sha256", sha256_file(path)))
 
 
-def _edit_map(folder: Path, edit) -> None:
+def _edit_map(folder: Path, edit, rerecord: bool = True) -> None:
+    """Edit the map; ``rerecord`` also re-records the checksums, so that only the entry checks stand guard."""
     path = folder / "quantization_map.json"
     qmap = json.loads(path.read_text())
     edit(qmap)
     path.write_text(json.dumps(qmap))
+    if rerecord:
+        _rerecord_checksums(folder)
 
 
 @pytest.mark.parametrize("name", ["quantized.safetensors", "quantization_map.json", "unet_config.json"])
@@ -221,6 +233,7 @@ def test_map_bits_that_do_not_match_the_tensors(tmp_path):
     def to_8_bits(qmap):
         qmap["layers"][name]["weight"].update(bits=8, storage="uint8")
         qmap["layers"][name]["config"]["weight"]["bits"] = 8
+        qmap["spec"] = None  # past the spec check (tested below): the tensors' shapes must still give it away
 
     _edit_map(folder, to_8_bits)
     with pytest.raises(ValueError, match=rf"{name}\.qweight.*576.*1152"):  # 4-bit bytes where 8-bit ones belong
@@ -233,7 +246,12 @@ def test_map_entry_inconsistent_with_itself(tmp_path):
     with pytest.raises(ValueError, match=r"conv_in.*storage 'uint8' does not match 4-bit"):
         accuquant_pl.load_quantized(folder)
     folder = _export(tmp_path)
-    _edit_map(folder, lambda m: m["layers"]["conv_in"]["config"]["weight"].__setitem__("bits", 4))
+
+    def config_bits(qmap):
+        qmap["layers"]["conv_in"]["config"]["weight"]["bits"] = 4
+        qmap["spec"] = None  # past the spec check: the entry's format and config must still agree
+
+    _edit_map(folder, config_bits)
     with pytest.raises(ValueError, match="conv_in.*disagrees"):
         accuquant_pl.load_quantized(folder)
 
@@ -246,7 +264,10 @@ def test_map_and_unet_config_disagree(tmp_path):
     folder = _export(tmp_path)
     config = json.loads((folder / "unet_config.json").read_text())
     (folder / "unet_config.json").write_text(json.dumps({**config, "block_out_channels": [8, 32]}))
-    with pytest.raises(ValueError, match=r"weight shape .* does not match"):
+    with pytest.raises(ValueError, match=r"unet_config\.json does not match the SHA-256 recorded in checksums\.json"):
+        accuquant_pl.load_quantized(folder)
+    _rerecord_checksums(folder)
+    with pytest.raises(ValueError, match=r"conv_shortcut'\.split: 16 \(the spec gives 32\)"):
         accuquant_pl.load_quantized(folder)
 
 
@@ -286,3 +307,66 @@ def test_the_folder_can_be_copied(tmp_path):
     x = torch.randn(1, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(accuquant_pl.load_quantized(copied)(x, 1).sample, copy.deepcopy(model)(x, 1).sample)
+
+
+# ----- tampering: the map and configs are covered by checksums, and every entry is checked on its own too -----
+
+ACT_EDITS = {
+    "activation bits 8 -> 4": lambda m: m["layers"]["down_blocks.0.resnets.0.conv1"]["config"]["act"].update(bits=4),
+    "activation symmetric flipped": lambda m: m["layers"]["mid_block.resnets.0.conv2"]["config"]["act"].update(
+        symmetric=True),
+    "attention processor bits 8 -> 4": lambda m: m["attention_processors"][
+        "down_blocks.1.attentions.0.processor"]["config"].update(bits=4),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(ACT_EDITS))
+def test_an_edited_map_is_refused_by_its_checksum(tmp_path, edit):
+    folder = _export(tmp_path)
+    _edit_map(folder, ACT_EDITS[edit], rerecord=False)
+    with pytest.raises(ValueError, match=r"quantization_map\.json does not match the SHA-256 recorded in checksums"):
+        accuquant_pl.load_quantized(folder)
+
+
+@pytest.mark.parametrize("edit", sorted(ACT_EDITS))
+def test_an_edited_activation_entry_is_refused_even_with_recomputed_checksums(tmp_path, edit):
+    folder = _export(tmp_path)
+    _edit_map(folder, ACT_EDITS[edit])
+    with pytest.raises(ValueError, match=r"disagrees with its own spec: (layer|processor) '[\w.]+'\.(act\.)?"
+                                         r"(bits: 4 \(the spec gives 8\)|symmetric: True \(the spec gives False\))"):
+        accuquant_pl.load_quantized(folder)
+
+
+def test_activation_bits_lowered_everywhere_with_the_spec_are_caught_by_the_zero_points(tmp_path):
+    folder = _export(tmp_path)
+
+    def all_acts_to_4_bits(qmap):
+        qmap["spec"]["act_bits"] = 4
+        for entry in qmap["layers"].values():
+            if entry["config"]["act"]["bits"] == 8 and entry["config"]["weight"]["bits"] == 4:  # not first / last
+                entry["config"]["act"]["bits"] = 4
+        for entry in qmap["attention_processors"].values():
+            entry["config"]["bits"] = 4
+
+    _edit_map(folder, all_acts_to_4_bits)
+    with pytest.raises(ValueError, match=r"zero point \d+ is outside the integer range \[0, 15\]"):
+        accuquant_pl.load_quantized(folder)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, float("nan"), float("inf")])
+def test_an_invalid_activation_scale_is_named(tmp_path, value):
+    folder = _export(tmp_path)
+    _rewrite_tensors(folder, lambda t: t["mid_block.resnets.0.conv1.input_quantizer.scale"].fill_(value))
+    with pytest.raises(ValueError, match=r"mid_block\.resnets\.0\.conv1\.input_quantizer.*scale .* is invalid"):
+        accuquant_pl.load_quantized(folder)
+
+
+def test_an_untampered_folder_loads_bit_identical_with_its_checksums(tmp_path):
+    model = _adaround_model(weight_bits=4, act_bits=8)
+    folder = _export(tmp_path, model)
+    record = json.loads((folder / "checksums.json").read_text())["sha256"]
+    assert sorted(record) == ["quantization_map.json", "quantized.safetensors", "scheduler_config.json",
+                              "unet_config.json"]
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(accuquant_pl.load_quantized(folder)(x, 3).sample, model(x, 3).sample)

@@ -192,6 +192,10 @@ class BlockReconstruction(L.LightningModule):
         self._rounding_schedule: AdaRoundSchedule | None = None
         self._iteration = 0
         self.final_stage_done = False
+        # The optimiser, lr schedule and iteration of an epoch a checkpoint was written in the middle of; applied
+        # when that epoch starts again (on_train_epoch_start).
+        self._resume_epoch: dict[str, Any] | None = None
+        self._resume_rng: dict[str, Any] | None = None
 
     # ----- model construction (explicit, before any checkpoint is restored) -----
     def configure_model(self) -> None:
@@ -281,6 +285,16 @@ class BlockReconstruction(L.LightningModule):
             on = i <= e or later_quantized
             set_quant_state(self.student.get_submodule(name), weight=on, act=on)
         self.student.requires_grad_(False)  # only this epoch's unit (or, in the final stage, its groups) trains
+        self._optimizer = self._lr_schedule = None
+        self.trainer.strategy.optimizers = []
+        iters = self.epoch_iterations(e)
+        self._rounding_schedule = AdaRoundSchedule(iters, self.hparams.rounding_weight, self.hparams.rounding_warmup,
+                                                   self.hparams.beta_start, self.hparams.beta_end)
+        if self._epoch_done(e):
+            # A checkpoint written after this epoch's last step but before its end: nothing is left to train,
+            # and the rest of its batches are skipped (on_train_batch_start).
+            self._iteration = iters
+            return
         # In the final stage every unit is hardened, so the student's groups hold no rounding variables.
         groups = unit_parameters(self._trained(e))
         if self._is_final_stage(e):
@@ -291,18 +305,40 @@ class BlockReconstruction(L.LightningModule):
         for group in param_groups:
             for p in group["params"]:
                 p.requires_grad_(True)
-        iters = self.epoch_iterations(e)
-        self._optimizer = torch.optim.Adam(param_groups) if param_groups else None
-        self._lr_schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(self._optimizer, T_max=iters)
-                             if self._optimizer else None)
-        self._rounding_schedule = AdaRoundSchedule(iters, self.hparams.rounding_weight, self.hparams.rounding_warmup,
-                                                   self.hparams.beta_start, self.hparams.beta_end)
+        if param_groups:
+            self._optimizer = torch.optim.Adam(param_groups)
+            self._lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self._optimizer, T_max=iters)
+            # Registered with the strategy and stepped through Lightning's optimizer wrapper, so that Lightning
+            # counts the steps (trainer.global_step): checkpoint callbacks save only when that count moved.
+            self.trainer.strategy.optimizers = [self._optimizer]
         self._iteration = 0
+        self._resume_mid_epoch(e)
         experiment = getattr(self.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_text"):
             experiment.add_text("calib/unit", self.epoch_names[e], global_step=e)
 
+    def _epoch_done(self, e: int) -> bool:
+        return self.final_stage_done if self._is_final_stage(e) else self.unit_names[e] in self.done_units
+
+    def _resume_mid_epoch(self, e: int) -> None:
+        """Continue epoch ``e`` where a checkpoint written inside it left off: optimiser and lr schedule state,
+        iteration count (the data module's loader resumes at the same batch)."""
+        state, self._resume_epoch = self._resume_epoch, None
+        if state is None:
+            return
+        if state["epoch"] != e or self._optimizer is None:
+            raise RuntimeError(f"the checkpoint was written inside epoch {state['epoch']} "
+                               f"({self.epoch_names[state['epoch']]}), but training resumed at epoch {e}")
+        self._optimizer.load_state_dict(state["optimizer"])
+        self._lr_schedule.load_state_dict(state["lr_schedule"])
+        self._iteration = int(state["iteration"])
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        if self._resume_rng is not None:
+            # A mid-epoch checkpoint's RNG state is the one the next step of the uninterrupted run starts from;
+            # restored here, after the resumed epoch's data loader was set up.
+            _set_rng_state(self._resume_rng)
+            self._resume_rng = None
         return -1 if self._iteration >= self.epoch_iterations(self.current_epoch) else None
 
     def _reducer_off(self) -> AbstractContextManager:
@@ -339,7 +375,7 @@ class BlockReconstruction(L.LightningModule):
             self.manual_backward(weight * rounding)
         if self._optimizer is not None:
             self._average_gradients()
-            self._optimizer.step()
+            self.optimizers().step()
             self._lr_schedule.step()
         self._iteration += 1
         # sync_dist: the logged loss is the mean over the ranks' shards of the global batch.
@@ -434,13 +470,13 @@ class BlockReconstruction(L.LightningModule):
             self.done_units.append(self.unit_names[e])
         for p in trained.parameters():
             p.requires_grad_(False)
-        self._optimizer = None
+        self._optimizer = self._lr_schedule = None
+        self.trainer.strategy.optimizers = []
         self._check_ranks_agree(e)
 
     def on_train_epoch_end(self) -> None:
         e = self.current_epoch
-        done = self.final_stage_done if self._is_final_stage(e) else self.unit_names[e] in self.done_units
-        if not done:
+        if not self._epoch_done(e):
             raise RuntimeError(f"{self.epoch_names[e]} got fewer than its {self.epoch_iterations(e)} iterations' batches; "
                                "the data module must yield that many")
 
@@ -460,7 +496,16 @@ class BlockReconstruction(L.LightningModule):
             "done_units": list(self.done_units),
             "final_stage_done": self.final_stage_done,
             "rng": _rng_state(),
+            "mid_epoch": None,
         }
+        if self._optimizer is not None and self._iteration > 0:
+            # Written inside an epoch (a time-based checkpoint): what its remaining steps need.
+            checkpoint["accuquant"]["mid_epoch"] = {
+                "epoch": self.current_epoch,
+                "iteration": self._iteration,
+                "optimizer": self._optimizer.state_dict(),
+                "lr_schedule": self._lr_schedule.state_dict(),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
@@ -476,7 +521,11 @@ class BlockReconstruction(L.LightningModule):
                     q.mark_hardened(tuple(q.alpha.shape))
         self.done_units = list(state["done_units"])
         self.final_stage_done = bool(state.get("final_stage_done", False))  # older checkpoints have no stage
-        _set_rng_state(state["rng"])
+        self._resume_epoch = state.get("mid_epoch")
+        if self._resume_epoch is None:
+            _set_rng_state(state["rng"])
+        else:
+            self._resume_rng = state["rng"]
 
     def configure_optimizers(self) -> None:
         # One optimiser per unit, built in on_train_epoch_start; Lightning holds none.

@@ -22,7 +22,7 @@ from accuquant_pl.data.trajectory_cache import (
     read_cache,
     write_cache,
 )
-from accuquant_pl.io import sha256_tree
+from accuquant_pl.io import recover_directory, sha256_tree
 from accuquant_pl.models.loading import (
     inspect_model_folder,
     load_scheduler_config,
@@ -177,6 +177,8 @@ class StartBatchSampler(BatchSampler):
         self.starts_per_batch = starts_per_batch
         groups.start_weights(weighting)  # names an unknown weighting now, not at the first batch
         self.weighting = weighting
+        self.skip = 0
+        """Batches the next iteration draws but does not yield (a resumed epoch's batches already trained on)."""
 
     def loader_dataset(self) -> Dataset:
         """The dataset this sampler's indices address: ``groups``, then each of ``epoch_groups``."""
@@ -211,14 +213,55 @@ class StartBatchSampler(BatchSampler):
         weights = groups.start_weights(self.weighting)
         m = self.starts_per_batch
         sub = self.batch_size // m  # this rank's items per start
-        for _ in range(self.num_batches):
+        skip, self.skip = self.skip, 0
+        for b in range(self.num_batches):
+            # Skipped batches are still drawn, so that the ones after them are the uninterrupted run's.
             starts = torch.multinomial(weights, m, generator=gen)  # distinct (without replacement)
             order = torch.randperm(num_traj, generator=gen)
+            if b < skip:
+                continue
             batch = []
             for c, s in enumerate(starts.tolist()):
                 first = (c * self.num_replicas + self.rank) * sub
                 batch += [offset + int(i) * num_starts + s for i in order[first : first + sub]]
             yield batch
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`StartBatchSampler` that resumes inside an epoch.
+
+    Lightning saves ``state_dict()`` of such a loader in every checkpoint and hands it back through
+    ``load_state_dict`` on resume. The state is the epoch and the number of batches this loader has handed out
+    in it; the first pass after a resume into that same epoch skips those batches, so a run killed after a
+    mid-epoch checkpoint continues with the batch the uninterrupted run would have drawn next. A resume into
+    another epoch (from an end-of-epoch checkpoint) starts that epoch from its first batch.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch, self._served = 0, 0
+        self._resume_at: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: this body runs at the first batch, after Lightning set the epoch on the sampler.
+        sampler = self.batch_sampler
+        epoch = sampler.epoch
+        resume, self._resume_at = self._resume_at, None
+        skip = resume[1] if resume is not None and resume[0] == epoch else 0
+        sampler.skip = skip
+        self._epoch, self._served = epoch, skip
+        for batch in super().__iter__():
+            self._served += 1  # counted before the yield: a checkpoint taken after this batch includes it
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        try:
+            self._resume_at = (int(state["epoch"]), int(state["served"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"calibration data loader state {state!r} is not one ResumableLoader wrote") from err
 
 
 def collate_by_start(items: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
@@ -429,6 +472,7 @@ class TrajectoryDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         key = self.cache_key()
         folder = self.cache_folder(key)
+        recover_directory(folder)  # a cache whose replacement was killed half-way is moved back first
         if folder.exists():
             try:
                 check_cache(folder, key)
@@ -503,8 +547,8 @@ class TrajectoryDataModule(L.LightningDataModule):
                                     hp.start_weighting, seed=hp.seed, num_replicas=shard.get("num_replicas", 1),
                                     rank=shard.get("rank", 0), starts_per_batch=hp.starts_per_batch,
                                     epoch_groups=epoch_groups)
-        return DataLoader(sampler.loader_dataset(), batch_sampler=sampler, num_workers=hp.num_workers,
-                          collate_fn=collate_by_start)
+        return ResumableLoader(sampler.loader_dataset(), batch_sampler=sampler, num_workers=hp.num_workers,
+                               collate_fn=collate_by_start)
 
     def calibration_inputs(self, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:
         """Model inputs (x_k, t_k, conditioning) drawn over all steps, to initialise activation quantizers.

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from .int_matmul import INT32_SAFE_K, affine_int_mm, int8_shift, to_int8, with_ones_row
 from .layers import make_act_quantizer
 from .packing import storage_dtype, storage_kind, stored_numel, unpack_weight
-from .quantizers import ActivationQuantizer, is_off, quant_range
+from .quantizers import ActivationQuantizer, check_qparams, is_off, quant_range
 from .spec import LayerQuantConfig
 
 EXECUTION_MODES = ("dequant", "cached", "int")
@@ -153,11 +153,7 @@ class DeployedLayer(nn.Module):
             return
         self.levels(check=True)
         qmin, qmax = quant_range(self.fmt.bits, self.fmt.symmetric)
-        zp = self.weight_zero_point.to(torch.int32)
-        if zp.numel() and (zp.min() < qmin or zp.max() > qmax):
-            raise ValueError(f"weight zero points outside [{qmin}, {qmax}]")
-        if not (torch.isfinite(self.weight_scale).all() and (self.weight_scale > 0).all()):
-            raise ValueError("weight scales must be finite and positive")
+        check_qparams(self.weight_scale, self.weight_zero_point, qmin, qmax, "weight")
 
     # ----- activations -----
     def _segments(self) -> list[tuple[int, int, ActivationQuantizer]]:

@@ -6,6 +6,7 @@ loaded tensors are assigned into it, so a deployed model holds the packed intege
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .attention import install_quant_processor
-from .convert import SPEC_ATTR, _set_submodule
+from .convert import SPEC_ATTR, _set_submodule, plan_layers
 from .deployed import DEPLOYED_LAYERS, DeployedLayer, WeightFormat
 from .freeze import frozen_state
 from .layers import QUANT_CLASSES, QUANT_LAYERS
@@ -38,12 +39,52 @@ def _layer_parts(name: str, entry: dict[str, Any]) -> tuple[type[nn.Module], Wei
     return _FLOAT_OF[entry["class"]], fmt, config
 
 
+def _config_differences(prefix: str, recorded: Any, planned: Any) -> list[str]:
+    if isinstance(recorded, dict) and isinstance(planned, dict):
+        return [d for key in sorted(set(recorded) | set(planned))
+                for d in _config_differences(f"{prefix}.{key}", recorded.get(key), planned.get(key))]
+    return [] if recorded == planned else [f"{prefix}: {recorded!r} (the spec gives {planned!r})"]
+
+
+def check_map_against_model(model: nn.Module, layers: dict[str, Any], processors: dict[str, Any],
+                            spec: QuantSpec | None) -> None:
+    """Raise ``ValueError`` unless the map quantizes exactly the layers (and attention processors) that ``spec``
+    plans for ``model``, each with the planned configuration; without a spec, exactly its Conv2d / Linear layers.
+
+    This is what keeps an edited map entry (activation bits, symmetry, a processor's bits) from loading: the
+    tensors alone cannot tell a 4-bit from an 8-bit activation range."""
+    if spec is None:
+        expected = {n for n, m in model.named_modules() if type(m) in QUANT_LAYERS}
+        planned_layers, planned_processors = None, None
+    else:
+        planned_layers, planned_processors = plan_layers(model, spec)
+        expected = set(planned_layers)
+    missing, extra = sorted(expected - set(layers)), sorted(set(layers) - expected)
+    if missing or extra:
+        raise ValueError(f"the quantization map's layers are not the model's: missing {missing[:10]}, "
+                         f"not in the model {extra[:10]}")
+    if planned_layers is None:
+        return
+    wrong = [d for name, cfg in planned_layers.items()
+             for d in _config_differences(f"layer {name!r}", layers[name].get("config"), asdict(cfg))]
+    if set(processors) != set(planned_processors):
+        wrong.append(f"attention processors {sorted(set(processors) ^ set(planned_processors))[:10]} "
+                     "differ from the ones the spec quantizes")
+    wrong += [d for name, cfg in planned_processors.items() if name in processors
+              for d in _config_differences(f"processor {name!r}", processors[name].get("config"), asdict(cfg))]
+    if wrong:
+        raise ValueError(f"the quantization map disagrees with its own spec: {'; '.join(wrong[:5])}"
+                         f"{' ...' if len(wrong) > 5 else ''}")
+
+
 def build_deployed(unet_cls: type[nn.Module], config: dict[str, Any], layers: dict[str, Any],
-                   processors: dict[str, Any]) -> nn.Module:
+                   processors: dict[str, Any], spec: QuantSpec | None = None) -> nn.Module:
     """The deployed structure of ``unet_cls(config)`` on the meta device (load tensors with
-    :func:`load_deployed_state`). Raises ``ValueError`` naming any map entry the model cannot take."""
+    :func:`load_deployed_state`). Raises ``ValueError`` naming any map entry the model cannot take, and
+    any that is not what ``spec`` plans for it (:func:`check_map_against_model`)."""
     with torch.device("meta"):
         model = unet_cls.from_config(config)
+    check_map_against_model(model, layers, processors, spec)
     # Processors first: installing one reads its attention's to_q device, still a plain meta Linear here.
     for pname, entry in processors.items():
         attn_name = pname.removesuffix(".processor")
@@ -137,9 +178,9 @@ def freeze(model: nn.Module, execution: str = "dequant") -> nn.Module:
     With ``execution="dequant"`` or ``"cached"`` its outputs are bit-identical to ``model``'s.
     """
     layers, processors, tensors = frozen_state(model)
-    deployed = build_deployed(type(model), dict(model.config), layers, processors)
-    load_deployed_state(deployed, tensors)
     spec: QuantSpec | None = getattr(model, SPEC_ATTR, None)
+    deployed = build_deployed(type(model), dict(model.config), layers, processors, spec)
+    load_deployed_state(deployed, tensors)
     if spec is not None:
         setattr(deployed, SPEC_ATTR, spec)
     first = next(model.parameters(), None)

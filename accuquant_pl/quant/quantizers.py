@@ -50,6 +50,24 @@ def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def check_qparams(scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
+                  label: str = "quantizer") -> None:
+    """Raise ``ValueError`` naming ``label`` and the first bad value unless every scale is finite and positive
+    and every zero point lies in ``[quant_min, quant_max]``.
+
+    A non-positive scale would be clamped to float epsilon by the forward (a layer of zeros), an out-of-range
+    zero point would shift every level: both are refused rather than run."""
+    bad_scale = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad_scale.any()):
+        value = scale.reshape(-1)[bad_scale.reshape(-1)][0].item()
+        raise ValueError(f"{label}: scale {value!r} is invalid; scales must be finite and > 0")
+    zp = zero_point.to(torch.int64)
+    bad_zp = (zp < quant_min) | (zp > quant_max)
+    if bool(bad_zp.any()):
+        value = int(zp.reshape(-1)[bad_zp.reshape(-1)][0])
+        raise ValueError(f"{label}: zero point {value} is outside the integer range [{quant_min}, {quant_max}]")
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round half to even in the forward pass, identity gradient (straight-through estimator)."""
     # round(x) + (x - x) rather than x + (round(x) - x): the value is exactly round(x), bit for bit.
@@ -222,7 +240,9 @@ class _AffineQuantizer(nn.Module):
         return is_off(self.bits)
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        """Copy ``scale``/``zero_point`` into this quantizer (keeps its device, dtype and Parameter)."""
+        """Copy ``scale``/``zero_point`` into this quantizer (keeps its device, dtype and Parameter); invalid
+        values (see :func:`check_qparams`) raise ``ValueError``."""
+        check_qparams(scale, zero_point, self.quant_min, self.quant_max, self._label())
         with torch.no_grad():
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
@@ -232,6 +252,20 @@ class _AffineQuantizer(nn.Module):
         # sample for activations), so step sizes learn at a rate comparable to the other parameters.
         n = max(elements // max(self.scale.numel(), 1), 1)
         return grad_scale(self.scale.clamp_min(_EPS), 1.0 / math.sqrt(n * max(self.quant_max, 1)))
+
+    def _label(self) -> str:
+        return type(self).__name__
+
+    @property
+    def holds_qparams(self) -> bool:
+        """True when ``scale``/``zero_point`` are in use (so must be valid)."""
+        return not self.is_off
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if f"{prefix}scale" in state_dict and not self.scale.is_meta and self.holds_qparams:
+            check_qparams(self.scale.detach(), self.zero_point, self.quant_min, self.quant_max,
+                          f"{type(self).__name__} {prefix.rstrip('.')!r}")
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, axis={self.axis}"
@@ -335,6 +369,10 @@ class ActivationQuantizer(_AffineQuantizer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.initialized)
+
+    @property
+    def holds_qparams(self) -> bool:
+        return not self.is_off and bool(self.initialized)  # an uncalibrated quantizer keeps placeholder ones
 
     def _label(self) -> str:
         return f"ActivationQuantizer {self.name!r}" if self.name else "ActivationQuantizer"

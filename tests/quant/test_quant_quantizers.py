@@ -6,7 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+from accuquant_pl.quant.layers import QuantLinear
 from accuquant_pl.quant.quantizers import (
     ActivationQuantizer,
     WeightQuantizer,
@@ -232,3 +234,41 @@ def test_ste_helpers_are_value_exact():
     assert torch.equal(grad_scale(x, 0.0123), x)
     grad_scale(x, 0.5).sum().backward()
     assert torch.all(x.grad == 0.5)
+
+
+# ----- invalid parameters are refused, not clamped into a silently wrong layer -----
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("cls", [WeightQuantizer, ActivationQuantizer])
+def test_set_qparams_refuses_an_invalid_scale(cls, scale):
+    q = cls(bits=4, axis=None)
+    with pytest.raises(ValueError, match=rf"scale {scale!r} is invalid; scales must be finite and > 0"):
+        q.set_qparams(torch.tensor(scale), torch.tensor(0))
+
+
+@pytest.mark.parametrize(("symmetric", "zero_point", "bounds"), [(False, 16, r"\[0, 15\]"), (False, -1, r"\[0, 15\]"),
+                                                                 (True, -9, r"\[-8, 7\]")])
+def test_set_qparams_refuses_an_out_of_range_zero_point(symmetric, zero_point, bounds):
+    q = ActivationQuantizer(bits=4, symmetric=symmetric)
+    with pytest.raises(ValueError, match=rf"zero point {zero_point} is outside the integer range {bounds}"):
+        q.set_qparams(torch.tensor(0.1), torch.tensor(zero_point))
+
+
+def test_a_negative_weight_scale_in_a_state_dict_is_named_not_clamped():
+    # Before: the forward clamped -0.1 to float epsilon and the layer's output was zeros, without a word.
+    layer = QuantLinear.from_module(nn.Linear(4, 3), weight_bits=4, act_bits=16)
+    state = layer.state_dict()
+    state["weight_quantizer.scale"] = state["weight_quantizer.scale"].clone().fill_(-0.1)
+    with pytest.raises(ValueError, match=r"WeightQuantizer 'weight_quantizer': scale -0\.1\d* is invalid"):
+        layer.load_state_dict(state)
+    state["weight_quantizer.scale"].fill_(0.1)
+    state["weight_quantizer.zero_point"].fill_(99)
+    with pytest.raises(ValueError, match=r"zero point 99 is outside the integer range \[0, 15\]"):
+        layer.load_state_dict(state)
+
+
+def test_an_uncalibrated_activation_quantizer_loads_its_placeholder_scale():
+    q = ActivationQuantizer(bits=8)
+    fresh = ActivationQuantizer(bits=8)
+    fresh.load_state_dict(q.state_dict())  # scale 1, zero point 0, not initialised: nothing to refuse
+    assert not bool(fresh.initialized)
