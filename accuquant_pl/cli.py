@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from accuquant_pl.calibration.resume import (
+    CheckpointError,
+    checkpoint_data_args,
+    is_file_path,
+    read_checkpoint,
+    settings_differences,
+)
 
 
 def _import(class_path: str) -> type | None:
@@ -19,21 +29,58 @@ def _import(class_path: str) -> type | None:
 class AccuQuantCLI(LightningCLI):
     """``fit``/``validate``/``test``/``predict`` with ``model.class_path`` and ``data.class_path`` chosen in YAML."""
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--use_checkpoint_config", type=bool, default=False,
+            help="With fit --ckpt_path: resume with the checkpoint's model and data settings where they differ from "
+                 "the config given. By default such a resume stops before any work and lists the differences.")
+
     def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        checkpoint = read_checkpoint(ckpt_path) if ckpt_path and is_file_path(ckpt_path) else None
         # LightningCLI replaces the model config by the checkpoint's hyperparameters. An evaluation model
         # that declares ``converts_calibration_checkpoints`` reads a calibration checkpoint itself, so the
         # model the user configured must stay.
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            model = self.config[subcommand].get("model")
-            cls = _import(model.class_path) if getattr(model, "class_path", None) else None
-            if getattr(cls, "converts_calibration_checkpoints", False):
-                return
+        model = config.get("model")
+        cls = _import(model.class_path) if getattr(model, "class_path", None) else None
+        if getattr(cls, "converts_calibration_checkpoints", False):
+            return
+        section = getattr(cls, "CHECKPOINT_SECTION", None)
+        if subcommand == "fit" and checkpoint is not None and section is not None:
+            if section not in checkpoint:
+                written_by = (checkpoint.get("hyper_parameters") or {}).get("_class_path", "another module")
+                raise CheckpointError(f"--ckpt_path {ckpt_path} was written by {written_by}, not by a "
+                                      f"{cls.__name__} calibration (it has no {section!r} section)")
+            self._check_resume_settings(config, checkpoint)
         super()._parse_ckpt_path()
+
+    def _check_resume_settings(self, config: Any, checkpoint: dict[str, Any]) -> None:
+        """Refuse a resume whose model or data settings differ from the checkpoint's, unless
+        ``--use_checkpoint_config`` asks for the checkpoint's (then the data config is replaced too; Lightning
+        replaces the model's)."""
+        as_dict = lambda ns: ns.as_dict() if hasattr(ns, "as_dict") else dict(ns or {})  # noqa: E731
+        data = as_dict(config.get("data")) if config.get("data") is not None else None
+        differences = settings_differences(checkpoint, as_dict(config.get("model")), data)
+        if not differences:
+            return
+        if not config.get("use_checkpoint_config"):
+            listed = "\n  ".join(differences)
+            raise CheckpointError(
+                f"--ckpt_path {config.get('ckpt_path')} was written with other settings than the ones given "
+                f"(checkpoint -> requested):\n  {listed}\nResume with the checkpoint's settings "
+                "(--use_checkpoint_config true), or start a new run without --ckpt_path.")
+        if data is not None and checkpoint.get("datamodule_hyper_parameters") is not None:
+            args = checkpoint_data_args(checkpoint, dict(data.get("init_args") or {}))
+            replaced = {"class_path": data["class_path"], "init_args": args}
+            self.config = self.parser.parse_object({self.config.subcommand: {"data": replaced}}, self.config)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> AccuQuantCLI:
-    """Entry point of ``python main.py``; ``args`` lets tests drive it in-process."""
+    """Entry point of ``python main.py``; ``args`` lets tests drive it in-process (errors raise)."""
     return AccuQuantCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -44,3 +91,12 @@ def main(args: list[str] | None = None, run: bool = True) -> AccuQuantCLI:
         args=args,
         run=run,
     )
+
+
+def script_main() -> None:
+    """``python main.py``: as :func:`main`, but a checkpoint that cannot be resumed from ends the program with
+    its one-paragraph message instead of a traceback."""
+    try:
+        main()
+    except CheckpointError as err:
+        sys.exit(f"error: {err}")

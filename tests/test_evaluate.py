@@ -73,8 +73,8 @@ def test_ckpt_path_must_be_a_calibration_checkpoint(tmp_path, tiny_model_dir):
     bogus = tmp_path / "bogus.ckpt"
     import lightning
 
-    torch.save({"state_dict": {}, "epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__},
-               bogus)
+    torch.save({"state_dict": {}, "loops": {}, "epoch": 0, "global_step": 0,
+                "pytorch-lightning_version": lightning.__version__}, bogus)
     with pytest.raises(ValueError, match="calibration checkpoint"):
         main([*eval_args(tmp_path, tiny_model_dir, "bogus"), "--ckpt_path", str(bogus)])
 

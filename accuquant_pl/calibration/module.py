@@ -74,6 +74,9 @@ class BlockReconstruction(L.LightningModule):
     round-to-nearest weights with calibrated activation ranges.
     """
 
+    CHECKPOINT_SECTION = "accuquant"
+    """The key of the calibration's own state in a checkpoint (done units, RNG, a mid-epoch position)."""
+
     def __init__(
         self,
         pretrained: str = "models/digits-ddpm",
@@ -180,6 +183,8 @@ class BlockReconstruction(L.LightningModule):
         self.save_hyperparameters()
         # A checkpoint's hyper_parameters (load_from_checkpoint, evaluation of --ckpt_path) hold the spec as plain data.
         self.spec = QuantSpec.from_dict(quant) if isinstance(quant, dict) else (quant or QuantSpec())
+        # Saved as plain data too, so that a checkpoint of a plain-Trainer run loads with torch.load(weights_only=True).
+        self.hparams["quant"] = self.spec.to_dict()
         self.automatic_optimization = False
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None  # FP block-output targets; not part of the checkpoint
@@ -278,8 +283,16 @@ class BlockReconstruction(L.LightningModule):
         return self.student.get_submodule(self.unit_names[index])
 
     # ----- one epoch = one unit -----
+    def on_train_start(self) -> None:
+        # Lightning does not call on_train_epoch_start again when it resumes from a checkpoint written inside an
+        # epoch (it ran before that checkpoint), so the epoch's optimiser and schedules are set up here.
+        if self.trainer.fit_loop.restarted_mid_epoch:
+            self._begin_epoch(self.current_epoch)
+
     def on_train_epoch_start(self) -> None:
-        e = self.current_epoch
+        self._begin_epoch(self.current_epoch)
+
+    def _begin_epoch(self, e: int) -> None:
         later_quantized = self.hparams.later_units == "quantized"
         for i, name in enumerate(self.unit_names):
             on = i <= e or later_quantized
@@ -492,7 +505,7 @@ class BlockReconstruction(L.LightningModule):
 
     # ----- checkpoints: done units are hardened, so rebuild that structure before the state dict loads -----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["accuquant"] = {
+        checkpoint[self.CHECKPOINT_SECTION] = {
             "done_units": list(self.done_units),
             "final_stage_done": self.final_stage_done,
             "rng": _rng_state(),
@@ -500,7 +513,7 @@ class BlockReconstruction(L.LightningModule):
         }
         if self._optimizer is not None and self._iteration > 0:
             # Written inside an epoch (a time-based checkpoint): what its remaining steps need.
-            checkpoint["accuquant"]["mid_epoch"] = {
+            checkpoint[self.CHECKPOINT_SECTION]["mid_epoch"] = {
                 "epoch": self.current_epoch,
                 "iteration": self._iteration,
                 "optimizer": self._optimizer.state_dict(),
@@ -509,9 +522,10 @@ class BlockReconstruction(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        state = checkpoint.get("accuquant")
+        state = checkpoint.get(self.CHECKPOINT_SECTION)
         if state is None:
-            raise ValueError("checkpoint has no 'accuquant' section: it was not written by BlockReconstruction")
+            raise ValueError(f"checkpoint has no {self.CHECKPOINT_SECTION!r} section: it was not written by "
+                             "BlockReconstruction")
         unknown = [n for n in state["done_units"] if n not in self.unit_names]
         if unknown:
             raise ValueError(f"checkpoint names units {unknown} that this model does not have")

@@ -17,14 +17,18 @@ from tests.conftest import REPO, checkpoint_and_export_callbacks
 
 
 def tiny_args(tmp_path: Path, model_dir: Path, config: str = "digits_w4a8_accuquant.yaml", name: str = "run",
-              **model_args) -> list[str]:
+              checkpoint_every: float | None = 60.0, extra_callbacks: list[dict] | None = None,
+              plugins: list[dict] | None = None, **model_args) -> list[str]:
+    """``fit`` arguments that run ``config`` on a tiny model, 2 iterations per unit, writing under ``tmp_path/name``;
+    ``checkpoint_every``: CalibrationCheckpoint's every_n_seconds; ``plugins`` replace the config's."""
     root = tmp_path / name
     override = {
         "trainer": {
             "default_root_dir": str(root), "enable_progress_bar": False, "enable_model_summary": False,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(root), "name": "tb"}},
-            "callbacks": checkpoint_and_export_callbacks(root),
+            "callbacks": [*checkpoint_and_export_callbacks(root, checkpoint_every), *(extra_callbacks or [])],
+            **({"plugins": plugins} if plugins is not None else {}),
         },
         # The main config's final stage is off unless a test asks for it (tests/test_configs.py runs it).
         "model": {"init_args": {"pretrained": str(model_dir), "iterations_per_unit": 2, "act_calibration_samples": 8,

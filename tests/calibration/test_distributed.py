@@ -154,9 +154,11 @@ def _compare_ddp_to_one_process(tmp_path: Path, model_dir: Path, objective: str,
     a, b = logged_losses(two), logged_losses(tmp_path / "one")
     assert a.shape == b.shape == (2 * len(ref.model.unit_names) + final_stage,)
     # Only the order of the float reductions differs: CI measured 1.3e-5 relative on a loss of 3.6e-5 (4.8e-10
-    # absolute); a broken gradient average (the same shard on both ranks) gives 6e-2.
+    # absolute); another machine 1e-7 on every step but one, whose loss moved 4.5e-4 (a fake-quantized value on
+    # a rounding tie in one rank's shard) while both runs exported the same codes. A broken gradient average
+    # (the same shard on both ranks) gives 6e-2.
     units = 2 * len(ref.model.unit_names)
-    torch.testing.assert_close(a[:units], b[:units], rtol=1e-4, atol=0)
+    torch.testing.assert_close(a[:units], b[:units], rtol=1e-3, atol=0)
     # The stage's first Adam step moves every step size and bias by about its learning rate whatever its
     # gradient's size, so the reductions' rounding on near-zero gradients shows in its second loss: 1.04e-4
     # relative measured. Stage groups of the units' n instead of the stage's (n = 4 for 2) differ by far more.

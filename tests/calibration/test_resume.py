@@ -1,0 +1,96 @@
+"""``fit --ckpt_path``: a file that is not a calibration checkpoint, or a resume under other settings, is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+
+from accuquant_pl.calibration.resume import CheckpointError
+from accuquant_pl.cli import main
+from tests.calibration.test_calibration_cli import tiny_args
+from tests.conftest import REPO, tiny_unet
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A tiny W4A8 AccuQuant run stopped after its first unit: (tmp folder, model folder, last.ckpt)."""
+    root = tmp_path_factory.mktemp("resume")
+    model_dir = root / "tiny-ddpm"
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(model_dir)
+    main([*tiny_args(root, model_dir, name="first"), "--trainer.max_epochs", "1"])
+    return root, model_dir, root / "first" / "checkpoints" / "last.ckpt"
+
+
+def _resume(calibrated, *extra: str):
+    root, model_dir, ckpt = calibrated
+    return main([*tiny_args(root, model_dir, name="resumed"), "--ckpt_path", str(ckpt), *extra])
+
+
+@pytest.mark.parametrize(("args", "difference"), [
+    (["--model.init_args.quant.weight_bits", "8"], "model.init_args.quant.weight_bits: 4 -> 8"),
+    (["--model.init_args.objective", "per_step"], "model.init_args.objective: 'accuquant' -> 'per_step'"),
+    (["--data.init_args.group_size", "2"], "data.init_args.group_size: 1 -> 2"),
+    (["--model.init_args.pretrained", "models/digits-ddpm"], "model.init_args.pretrained: '"),
+])
+def test_a_resume_under_other_settings_names_them_before_any_work(calibrated, args, difference):
+    with pytest.raises(CheckpointError, match="other settings") as err:
+        _resume(calibrated, *args)
+    assert difference in str(err.value)
+    assert "--use_checkpoint_config true" in str(err.value)
+    root = calibrated[0]
+    assert not (root / "resumed" / "checkpoints").exists(), "work started before the settings were compared"
+
+
+def test_settings_that_cannot_change_the_result_may_differ(calibrated):
+    cli = _resume(calibrated, "--data.init_args.sampling_batch_size", "3", "--trainer.log_every_n_steps", "1",
+                  "--trainer.max_epochs", "2")
+    assert len(cli.model.done_units) == 2
+
+
+def test_use_checkpoint_config_resumes_with_the_checkpoints_settings(calibrated):
+    cli = _resume(calibrated, "--model.init_args.quant.weight_bits", "8", "--data.init_args.group_size", "2",
+                  "--use_checkpoint_config", "true", "--trainer.max_epochs", "2")
+    assert cli.model.spec.weight_bits == 4 and cli.datamodule.hparams.group_size == 1
+    assert len(cli.model.done_units) == 2
+
+
+def _not_checkpoints(tmp_path) -> dict[str, str]:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+                      .numpy().tobytes())
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    foreign = tmp_path / "pretraining.ckpt"
+    torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": {"_class_path": "some.Pretraining"}}, foreign)
+    return {str(text): "not a checkpoint", str(noise): "not a checkpoint", str(plain): "without Lightning's",
+            str(foreign): "written by some.Pretraining, not by a BlockReconstruction calibration",
+            str(tmp_path / "missing.ckpt"): "does not exist", str(tmp_path): "is a folder"}
+
+
+def test_a_path_that_is_not_a_calibration_checkpoint_is_named(calibrated, tmp_path):
+    root, model_dir, ckpt = calibrated
+    data = ckpt.read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    cases = {**_not_checkpoints(tmp_path), str(truncated): "truncated, or another kind of file"}
+    for path, message in cases.items():
+        with pytest.raises(CheckpointError, match="--ckpt_path") as err:
+            main([*tiny_args(root, model_dir, name="bad"), "--ckpt_path", path])
+        assert path in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_the_command_line_prints_one_line_not_a_traceback(tmp_path):
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(bytes(range(256)) * 8)
+    proc = subprocess.run([sys.executable, "main.py", "fit", "--config", "configs/digits_w4a8_qdiff.yaml",
+                           "--ckpt_path", str(noise)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --ckpt_path '{noise}' is not a checkpoint"), proc.stderr[-2000:]
