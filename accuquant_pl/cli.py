@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from accuquant_pl.calibration.resume import (
     CheckpointError,
-    checkpoint_data_args,
+    checkpoint_data_config,
     is_file_path,
     read_checkpoint,
     settings_differences,
@@ -55,16 +55,17 @@ class AccuQuantCLI(LightningCLI):
                 written_by = (checkpoint.get("hyper_parameters") or {}).get("_class_path", "another module")
                 raise CheckpointError(f"--ckpt_path {ckpt_path} was written by {written_by}, not by a "
                                       f"{cls.__name__} calibration (it has no {section!r} section)")
-            self._check_resume_settings(config, checkpoint)
+            self._check_resume_settings(config, checkpoint, section)
         super()._parse_ckpt_path()
 
-    def _check_resume_settings(self, config: Any, checkpoint: dict[str, Any]) -> None:
+    def _check_resume_settings(self, config: Any, checkpoint: dict[str, Any], section: str) -> None:
         """Refuse a resume whose model or data settings differ from the checkpoint's, unless
         ``--use_checkpoint_config`` asks for the checkpoint's (then the data config is replaced too; Lightning
         replaces the model's)."""
         as_dict = lambda ns: ns.as_dict() if hasattr(ns, "as_dict") else dict(ns or {})  # noqa: E731
         data = as_dict(config.get("data")) if config.get("data") is not None else None
-        differences = settings_differences(checkpoint, as_dict(config.get("model")), data)
+        precision = config.get("trainer", {}).get("precision")
+        differences = settings_differences(checkpoint, as_dict(config.get("model")), data, precision, section)
         if not differences:
             return
         if not config.get("use_checkpoint_config"):
@@ -73,10 +74,14 @@ class AccuQuantCLI(LightningCLI):
                 f"--ckpt_path {config.get('ckpt_path')} was written with other settings than the ones given "
                 f"(checkpoint -> requested):\n  {listed}\nResume with the checkpoint's settings "
                 "(--use_checkpoint_config true), or start a new run without --ckpt_path.")
+        replaced: dict[str, Any] = {}
         if data is not None and checkpoint.get("datamodule_hyper_parameters") is not None:
-            args = checkpoint_data_args(checkpoint, dict(data.get("init_args") or {}))
-            replaced = {"class_path": data["class_path"], "init_args": args}
-            self.config = self.parser.parse_object({self.config.subcommand: {"data": replaced}}, self.config)
+            replaced["data"] = checkpoint_data_config(checkpoint, data)
+        saved_precision = checkpoint[section].get("precision")
+        if saved_precision is not None:
+            replaced["trainer"] = {"precision": saved_precision}
+        if replaced:
+            self.config = self.parser.parse_object({self.config.subcommand: replaced}, self.config)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> AccuQuantCLI:

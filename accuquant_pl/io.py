@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,36 +17,37 @@ from typing import Any
 import torch
 
 
-def _temp_prefix(path: Path) -> str:
-    # Host and pid in the name let a later write tell a dead writer's leftovers from a live writer's file.
-    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+def _lock(fd: int) -> None:
+    # Held by a writer for as long as its temp file or folder exists; the kernel drops it when the writer dies,
+    # however it dies, which is how a later write tells a killed writer's leftovers from a live writer's.
+    fcntl.flock(fd, fcntl.LOCK_EX)
 
 
-def _writer_is_dead(temp: Path, path: Path) -> bool:
-    """True for a temp file / folder of ``path`` left by a process of this host that no longer runs."""
-    ours = f".{path.name}.{socket.gethostname()}."
-    if not temp.name.startswith(ours):
-        return False  # another machine's (on a shared filesystem), or not one of ours: not ours to judge
-    pid = temp.name[len(ours):].partition(".")[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
+def _writer_is_gone(temp: Path) -> bool:
+    """True when no process holds the lock of ``temp`` (its writer finished or was killed)."""
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, owned by another user
-    return False
+        fd = os.open(temp, os.O_RDONLY)
+    except OSError:
+        return False  # vanished meanwhile, or unreadable: not ours to remove
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete the temp files and folders that killed writes of ``path`` left beside it; returns what went."""
+    """Delete the temp files and folders that killed writes of ``path`` left beside it; returns what went.
+
+    A temp file or folder whose writer still runs is kept (the writer holds its lock)."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
     removed = []
-    for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        if _writer_is_dead(temp, path):
+    for temp in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
+        if _writer_is_gone(temp):
             if temp.is_dir():
                 shutil.rmtree(temp, ignore_errors=True)
             else:
@@ -63,16 +64,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp_path = Path(tmp)
     try:
+        _lock(fd)
         yield tmp_path
         tmp_path.chmod(0o644)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -123,13 +125,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
     remove_stale_temps(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
+    fd = os.open(tmp, os.O_RDONLY)
     try:
+        _lock(fd)
         yield tmp
         if path.exists():
-            # Two renames: in the instant between them ``path`` is missing; recover_directory (called by the
-            # next write and by the loaders) moves the old folder back if a kill lands there.
+            # Two renames: in the instant between them ``path`` is missing. Readers then read the old folder
+            # (readable_directory); if a kill lands there, the next write moves it back (recover_directory).
             old = _swap_folder(path)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -139,6 +143,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def readable_directory(path: str | os.PathLike) -> Path:
+    """The folder to read ``path`` from: ``path``, or, while a replacement by :func:`atomic_directory` is between
+    its two renames (or was killed there), the old folder moved aside. Readers never rename: the next write
+    restores the folder (:func:`recover_directory`)."""
+    path = Path(path)
+    old = _swap_folder(path)
+    return old if not path.exists() and old.is_dir() else path
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -27,12 +27,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, recover_directory, sha256_file
+from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, readable_directory, sha256_file
 from accuquant_pl.models.loading import SUPPORTED_UNETS, UNet
 from accuquant_pl.quant import QuantSpec, load_quantized
 from accuquant_pl.quant import serialization as fake_quant_format
 from accuquant_pl.quant.convert import SPEC_ATTR
-from accuquant_pl.quant.deployed_model import build_deployed, load_deployed_state, set_execution
+from accuquant_pl.quant.deployed_model import (
+    build_deployed,
+    check_map_against_model,
+    load_deployed_state,
+    set_execution,
+)
 from accuquant_pl.quant.freeze import frozen_state
 
 WEIGHTS_NAME = "quantized.safetensors"
@@ -53,7 +58,13 @@ def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | Non
     """
     folder = Path(folder)
     spec = spec or getattr(model, SPEC_ATTR, None)
+    if spec is None:
+        raise ValueError("export needs the QuantSpec the model was quantized with (quantize() records it on the "
+                         "model; or pass spec=): the loader checks every map entry against it")
     layers, processors, tensors = frozen_state(model)
+    with torch.device("meta"):
+        float_model = type(model).from_config(dict(model.config))
+    check_map_against_model(float_model, layers, processors, spec)  # what the loader will check, before writing
     with atomic_directory(folder) as tmp:
         with atomic_path(tmp / WEIGHTS_NAME) as weights:
             save_file(tensors, weights, metadata={"format": FORMAT})
@@ -83,8 +94,10 @@ def verify_checksums(folder: Path) -> None:
     if record.get("format") != FORMAT or not isinstance(files, dict):
         raise ValueError(f"{folder / CHECKSUMS} is not a checksum list of this format; the folder is damaged")
     unrecorded = [name for name in (MAP_NAME, WEIGHTS_NAME, UNET_CONFIG) if name not in files]
+    unrecorded += sorted(p.name for p in folder.iterdir() if p.name not in files and p.name != CHECKSUMS)
     if unrecorded:
-        raise ValueError(f"{folder / CHECKSUMS} records no checksum of {unrecorded}; the folder is damaged")
+        raise ValueError(f"{folder / CHECKSUMS} records no checksum of {unrecorded}: the folder was changed after "
+                         "export; re-export the model")
     for name, digest in files.items():
         path = folder / name
         if Path(name).name != name or not path.is_file():
@@ -115,17 +128,9 @@ def _unet_class(folder: Path) -> tuple[type[nn.Module], dict[str, Any]]:
     return SUPPORTED_UNETS[cls_name], config
 
 
-def _read_tensors(folder: Path, qmap: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    # Its bytes were checked against checksums.json (verify_checksums) before.
     path = folder / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"quantized model folder {str(folder)!r} has no {WEIGHTS_NAME}")
-    weights = qmap.get("weights")
-    recorded = weights.get("sha256") if isinstance(weights, dict) else None
-    if recorded is None:
-        raise ValueError(f"{folder / MAP_NAME} records no checksum of {WEIGHTS_NAME}; the map is damaged")
-    if sha256_file(path) != recorded:
-        raise ValueError(f"{path} does not match the SHA-256 recorded in {MAP_NAME}: the file was truncated or "
-                         "modified after export; re-export the model")
     try:
         return load_file(path)
     except SafetensorError as err:
@@ -140,17 +145,21 @@ def _load_packed(folder: Path, qmap: dict[str, Any], execution: str) -> nn.Modul
     for key in ("layers", "attention_processors"):
         if not isinstance(qmap.get(key), dict):
             raise ValueError(f"{folder / MAP_NAME} has no {key!r} section; the map is damaged")
+    if not isinstance(qmap.get("spec"), dict):
+        raise ValueError(f"{folder / MAP_NAME} records no QuantSpec; the map is damaged")
     try:
-        spec = QuantSpec.from_dict(qmap["spec"]) if qmap.get("spec") is not None else None
+        spec = QuantSpec.from_dict(qmap["spec"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / MAP_NAME}: its spec is invalid: {err}") from err
     try:
         model = build_deployed(unet_cls, config, qmap["layers"], qmap["attention_processors"], spec)
-        load_deployed_state(model, _read_tensors(folder, qmap))
     except ValueError as err:
         raise ValueError(f"{folder / MAP_NAME}: {err}") from err
-    if spec is not None:
-        setattr(model, SPEC_ATTR, spec)
+    try:
+        load_deployed_state(model, _read_tensors(folder))
+    except ValueError as err:
+        raise ValueError(f"{folder / WEIGHTS_NAME}: {err}") from err
+    setattr(model, SPEC_ATTR, spec)
     model.eval().requires_grad_(False)
     set_execution(model, execution)
     return model
@@ -176,8 +185,8 @@ def load_quantized_unet(folder: str | Path, execution: str = "dequant") -> UNet:
     A missing file, a map that does not fit the UNet config, a missing, extra or reshaped tensor, a modified
     or truncated weights file: each raises ``FileNotFoundError`` / ``ValueError`` naming the problem.
     """
-    folder = Path(folder)
-    recover_directory(folder)  # an export whose replacement was killed between its two renames
+    # An export being replaced (or whose replacement was killed) between its two renames is read where it is.
+    folder = readable_directory(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"quantized model folder {str(folder)!r} does not exist")
     _unet_class(folder)  # the config is checked first: it says what the folder is meant to hold
@@ -197,7 +206,7 @@ def load_quantized_unet(folder: str | Path, execution: str = "dequant") -> UNet:
 
 def load_scheduler_config_of(folder: str | Path) -> dict[str, Any] | None:
     """The scheduler config saved in a quantized model folder, or None if it has none."""
-    path = Path(folder) / SCHEDULER_CONFIG
+    path = readable_directory(folder) / SCHEDULER_CONFIG
     return _read_json(path) if path.is_file() else None
 
 

@@ -65,7 +65,7 @@ class EpochTimer(L.Callback):
 
 def run(config: str, every_n_seconds: float | None, extra: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        cli = main(["fit", "--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        cli = main(["--config", config, "--trainer.logger", "false",
                     "--trainer.default_root_dir", tmp, *extra], run=False)
         checkpoint, timer = TimedCheckpoint(str(Path(tmp) / "checkpoints"), every_n_seconds), EpochTimer()
         # The config's own checkpoint, export and evaluation callbacks are left out: this measures calibration.

@@ -44,6 +44,11 @@ class CalibrationCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
         if self.every_n_seconds is None:
             return
+        epoch_done = getattr(pl_module, "epoch_done", None)
+        if callable(epoch_done) and epoch_done(trainer.current_epoch):
+            # The epoch's last step: the end-of-epoch save follows. A save here would be resumed by Lightning as
+            # a mid-epoch checkpoint of an epoch that has no work left.
+            return
         due = time.monotonic() - self._last_time_checked >= self.every_n_seconds
         # Every rank joins the save (trainer.save_checkpoint has a barrier): rank 0's clock decides for all.
         if trainer.strategy.broadcast(due):

@@ -233,7 +233,8 @@ def test_map_bits_that_do_not_match_the_tensors(tmp_path):
     def to_8_bits(qmap):
         qmap["layers"][name]["weight"].update(bits=8, storage="uint8")
         qmap["layers"][name]["config"]["weight"]["bits"] = 8
-        qmap["spec"] = None  # past the spec check (tested below): the tensors' shapes must still give it away
+        # The spec says so too (past the spec check, tested below): the tensors' shapes must still give it away.
+        qmap["spec"]["overrides"] = [{"pattern": name, "weight_bits": 8, "act_bits": None}]
 
     _edit_map(folder, to_8_bits)
     with pytest.raises(ValueError, match=rf"{name}\.qweight.*576.*1152"):  # 4-bit bytes where 8-bit ones belong
@@ -249,7 +250,8 @@ def test_map_entry_inconsistent_with_itself(tmp_path):
 
     def config_bits(qmap):
         qmap["layers"]["conv_in"]["config"]["weight"]["bits"] = 4
-        qmap["spec"] = None  # past the spec check: the entry's format and config must still agree
+        # The spec says so too (past the spec check): the entry's format and config must still agree.
+        qmap["spec"]["overrides"] = [{"pattern": "conv_in", "weight_bits": 4, "act_bits": None}]
 
     _edit_map(folder, config_bits)
     with pytest.raises(ValueError, match="conv_in.*disagrees"):
@@ -370,3 +372,21 @@ def test_an_untampered_folder_loads_bit_identical_with_its_checksums(tmp_path):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(accuquant_pl.load_quantized(folder)(x, 3).sample, model(x, 3).sample)
+
+
+def test_a_map_without_its_spec_or_with_an_extra_file_is_refused(tmp_path):
+    folder = _export(tmp_path)
+    _edit_map(folder, lambda m: m.__setitem__("spec", None))
+    with pytest.raises(ValueError, match=r"quantization_map\.json records no QuantSpec"):
+        accuquant_pl.load_quantized(folder)
+    folder = _export(tmp_path)
+    (folder / "notes.txt").write_text("added after export")
+    with pytest.raises(ValueError, match=r"records no checksum of \['notes\.txt'\]"):
+        accuquant_pl.load_quantized(folder)
+
+
+def test_export_refuses_a_spec_that_is_not_the_models(tmp_path):
+    model = _adaround_model(weight_bits=4, act_bits=8)
+    with pytest.raises(ValueError, match=r"disagrees with its own spec: layer '[\w.]+'\.act\.bits: 8 \(the spec gives 6\)"):
+        export_quantized(model, tmp_path / "q", QuantSpec(weight_bits=4, act_bits=6, adaround=True))
+    assert not (tmp_path / "q").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -51,15 +50,21 @@ def _quantized_model():
     return model.eval()
 
 
-def test_an_export_killed_between_its_two_renames_is_restored_on_the_next_load(tmp_path):
+def test_an_export_killed_between_its_two_renames_still_loads_and_is_restored_by_the_next_export(tmp_path):
     model = _quantized_model()
     folder = export_quantized(model, tmp_path / "q", scheduler_config={"_class_name": "DDPMScheduler"})
     _run_killed(KILLED_BETWEEN_RENAMES, folder)
     assert not folder.exists() and (tmp_path / ".q.old").is_dir()  # the window the issue found
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
+        # A reader reads the old folder where it is (it never renames: a writer may be between its renames)...
         assert torch.equal(accuquant_pl.load_quantized(folder)(x, 4).sample, model(x, 4).sample)
-    assert not (tmp_path / ".q.old").exists()
+    assert not folder.exists()
+    # ... and the next export puts the folder back in place before replacing it.
+    export_quantized(model, folder, scheduler_config={"_class_name": "DDPMScheduler"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    with torch.no_grad():
+        assert torch.equal(accuquant_pl.load_quantized(folder)(x, 4).sample, model(x, 4).sample)
 
 
 def test_the_next_write_restores_the_folder_and_removes_the_killed_writes_temp_folder(tmp_path):
@@ -85,6 +90,15 @@ def test_a_stale_swap_folder_beside_a_complete_one_is_removed(tmp_path):
     assert not (tmp_path / ".q.old").exists() and (tmp_path / "q").is_dir()
 
 
+HOLDS_A_TEMP_FILE = textwrap.dedent("""
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what atomic_path's writer holds while it writes
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
 def test_temp_files_of_killed_writes_are_cleaned_by_the_next_write_and_live_ones_kept(tmp_path):
     target = tmp_path / "last.ckpt"
     _run_killed(KILLED_INSIDE_A_WRITE, target)
@@ -92,21 +106,18 @@ def test_temp_files_of_killed_writes_are_cleaned_by_the_next_write_and_live_ones
     _run_killed(KILLED_INSIDE_A_WRITE, target)  # its start removes the first killed write's temp file
     stale = sorted(tmp_path.glob(".last.ckpt.*.tmp"))
     assert len(first) == 1 and len(stale) == 1 and stale != first and not target.exists()
-    # A writer that is still running (here: a sleeping process) keeps its temp file.
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # A writer that is still running keeps its temp file: it holds the file's lock.
+    live_temp = tmp_path / ".last.ckpt.live.tmp"
+    live = subprocess.Popen([sys.executable, "-c", HOLDS_A_TEMP_FILE, str(live_temp)], stdout=subprocess.PIPE,
+                            text=True)
     try:
-        mine = tmp_path / f".last.ckpt.{socket.gethostname()}.{live.pid}.abc123.tmp"
-        mine.write_text("in progress")
+        assert live.stdout.readline().strip() == "locked"
         with atomic_path(target) as tmp:
             tmp.write_text("complete")
         assert target.read_text() == "complete"
-        assert not any(p.exists() for p in stale)
-        assert mine.exists()
-        # Another machine's temp file on a shared filesystem is not ours to judge either.
-        foreign = tmp_path / ".last.ckpt.another-host.1.abc123.tmp"
-        foreign.write_text("elsewhere")
-        assert remove_stale_temps(target) == [] and foreign.exists()
+        assert not any(p.exists() for p in stale) and live_temp.exists()
+        assert remove_stale_temps(target) == []
     finally:
         live.kill()
         live.wait()
-    assert remove_stale_temps(target) == [mine]
+    assert remove_stale_temps(target) == [live_temp] and not live_temp.exists()

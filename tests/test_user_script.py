@@ -7,6 +7,7 @@ from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.quant import QuantSpec
 from accuquant_pl.quantized_model import load_quantized_model
+from callbacks.calibration_checkpoint import CalibrationCheckpoint
 from callbacks.quantized_export import ExportQuantized
 
 
@@ -16,10 +17,13 @@ def test_readme_example_with_a_plain_trainer(tmp_path, tiny_model_dir):
     model = BlockReconstruction(pretrained=str(tiny_model_dir), quant=QuantSpec(weight_bits=4, act_bits=8, adaround=True),
                                 objective="accuquant", iterations_per_unit=2, lr_adaround=1e-2,
                                 act_calibration_samples=8)
-    trainer = L.Trainer(accelerator="cpu", callbacks=[ExportQuantized(str(tmp_path / "q"))], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(accelerator="cpu", callbacks=[CalibrationCheckpoint(str(tmp_path / "ckpt")),
+                                                       ExportQuantized(str(tmp_path / "q"))],
+                        logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(model, data)
     assert trainer.current_epoch == len(model.unit_names) == len(model.done_units)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["accuquant"]["done_units"] == model.unit_names
     unet, _ = load_quantized_model(tmp_path / "q")
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(unet(x, 3).sample, model.student(x, 3).sample)

@@ -41,6 +41,7 @@ from accuquant_pl.quant import (
     set_quant_state,
     unit_parameters,
 )
+from accuquant_pl.quant.quantizers import MIN_SCALE
 from accuquant_pl.sampling import network_inputs
 
 
@@ -196,9 +197,10 @@ class BlockReconstruction(L.LightningModule):
         self._scheduler: SchedulerMixin | None = None
         self._rounding_schedule: AdaRoundSchedule | None = None
         self._iteration = 0
+        self._step_sizes: list[nn.Parameter] = []
         self.final_stage_done = False
-        # The optimiser, lr schedule and iteration of an epoch a checkpoint was written in the middle of; applied
-        # when that epoch starts again (on_train_epoch_start).
+        # The optimiser, lr schedule and iteration (and RNG) of an epoch a checkpoint was written in the middle of;
+        # applied when training resumes inside that epoch (_begin_epoch, on_train_batch_start).
         self._resume_epoch: dict[str, Any] | None = None
         self._resume_rng: dict[str, Any] | None = None
 
@@ -303,7 +305,7 @@ class BlockReconstruction(L.LightningModule):
         iters = self.epoch_iterations(e)
         self._rounding_schedule = AdaRoundSchedule(iters, self.hparams.rounding_weight, self.hparams.rounding_warmup,
                                                    self.hparams.beta_start, self.hparams.beta_end)
-        if self._epoch_done(e):
+        if self.epoch_done(e):
             # A checkpoint written after this epoch's last step but before its end: nothing is left to train,
             # and the rest of its batches are skipped (on_train_batch_start).
             self._iteration = iters
@@ -312,6 +314,7 @@ class BlockReconstruction(L.LightningModule):
         groups = unit_parameters(self._trained(e))
         if self._is_final_stage(e):
             groups["bias"] = layer_biases(self.student)
+        self._step_sizes = [*groups.get("act_scale", []), *groups.get("weight_scale", [])]
         lrs = {"adaround": self.hparams.lr_adaround, "act_scale": self.hparams.lr_act_scale,
                "weight_scale": self.hparams.lr_weight_scale, "bias": self.hparams.lr_bias}
         param_groups = [{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps]
@@ -330,7 +333,8 @@ class BlockReconstruction(L.LightningModule):
         if experiment is not None and hasattr(experiment, "add_text"):
             experiment.add_text("calib/unit", self.epoch_names[e], global_step=e)
 
-    def _epoch_done(self, e: int) -> bool:
+    def epoch_done(self, e: int) -> bool:
+        """True once epoch ``e`` has taken all its steps (its unit hardened, or the final stage finished)."""
         return self.final_stage_done if self._is_final_stage(e) else self.unit_names[e] in self.done_units
 
     def _resume_mid_epoch(self, e: int) -> None:
@@ -339,11 +343,12 @@ class BlockReconstruction(L.LightningModule):
         state, self._resume_epoch = self._resume_epoch, None
         if state is None:
             return
-        if state["epoch"] != e or self._optimizer is None:
+        if state["epoch"] != e:
             raise RuntimeError(f"the checkpoint was written inside epoch {state['epoch']} "
                                f"({self.epoch_names[state['epoch']]}), but training resumed at epoch {e}")
-        self._optimizer.load_state_dict(state["optimizer"])
-        self._lr_schedule.load_state_dict(state["lr_schedule"])
+        if self._optimizer is not None:
+            self._optimizer.load_state_dict(state["optimizer"])
+            self._lr_schedule.load_state_dict(state["lr_schedule"])
         self._iteration = int(state["iteration"])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
@@ -390,6 +395,11 @@ class BlockReconstruction(L.LightningModule):
             self._average_gradients()
             self.optimizers().step()
             self._lr_schedule.step()
+            with torch.no_grad():
+                # A step size an Adam step took below MIN_SCALE is put back on it: the forward clamps there anyway,
+                # and a stored step size <= 0 would be an invalid quantizer (refused on load and export).
+                for p in self._step_sizes:
+                    p.clamp_(min=MIN_SCALE)
         self._iteration += 1
         # sync_dist: the logged loss is the mean over the ranks' shards of the global batch.
         self.log_dict({"calib/loss": loss, "calib/rounding": rounding.detach(), "calib/unit": float(e), **terms},
@@ -489,7 +499,7 @@ class BlockReconstruction(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         e = self.current_epoch
-        if not self._epoch_done(e):
+        if not self.epoch_done(e):
             raise RuntimeError(f"{self.epoch_names[e]} got fewer than its {self.epoch_iterations(e)} iterations' batches; "
                                "the data module must yield that many")
 
@@ -509,15 +519,17 @@ class BlockReconstruction(L.LightningModule):
             "done_units": list(self.done_units),
             "final_stage_done": self.final_stage_done,
             "rng": _rng_state(),
+            "precision": str(self.trainer.precision),  # compared on resume (a result-changing trainer setting)
             "mid_epoch": None,
         }
-        if self._optimizer is not None and self._iteration > 0:
-            # Written inside an epoch (a time-based checkpoint): what its remaining steps need.
+        e = self.current_epoch
+        if self._iteration > 0 and e < len(self.epoch_names) and not self.epoch_done(e):
+            # Written inside an epoch (a time-based checkpoint): what its remaining steps need. The optimiser's
+            # state is Lightning's own checkpoint["optimizer_states"] (the epoch's Adam is the strategy's).
             checkpoint[self.CHECKPOINT_SECTION]["mid_epoch"] = {
-                "epoch": self.current_epoch,
+                "epoch": e,
                 "iteration": self._iteration,
-                "optimizer": self._optimizer.state_dict(),
-                "lr_schedule": self._lr_schedule.state_dict(),
+                "lr_schedule": self._lr_schedule.state_dict() if self._lr_schedule is not None else None,
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -536,11 +548,17 @@ class BlockReconstruction(L.LightningModule):
         self.done_units = list(state["done_units"])
         self.final_stage_done = bool(state.get("final_stage_done", False))  # older checkpoints have no stage
         self._resume_epoch = state.get("mid_epoch")
+        if self._resume_epoch is not None and self._resume_epoch["lr_schedule"] is not None:
+            optimizer_states = checkpoint.get("optimizer_states") or []
+            if len(optimizer_states) != 1:
+                raise ValueError("the checkpoint was written inside an epoch but holds no optimiser state (saved "
+                                 "weights-only?); resume from a checkpoint saved at the end of a unit")
+            self._resume_epoch = {**self._resume_epoch, "optimizer": optimizer_states[0]}
         if self._resume_epoch is None:
             _set_rng_state(state["rng"])
         else:
             self._resume_rng = state["rng"]
 
     def configure_optimizers(self) -> None:
-        # One optimiser per unit, built in on_train_epoch_start; Lightning holds none.
+        # One optimiser per epoch, built and registered with the strategy when the epoch begins (_begin_epoch).
         return None

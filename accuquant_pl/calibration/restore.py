@@ -11,7 +11,8 @@ from accuquant_pl.calibration.module import BlockReconstruction, _rng_state, _se
 
 
 def is_calibration_checkpoint(checkpoint: dict[str, Any]) -> bool:
-    return "accuquant" in checkpoint and "state_dict" in checkpoint and "hyper_parameters" in checkpoint
+    section = BlockReconstruction.CHECKPOINT_SECTION
+    return section in checkpoint and "state_dict" in checkpoint and "hyper_parameters" in checkpoint
 
 
 def student_from_checkpoint(checkpoint: dict[str, Any], pretrained: str | None = None) -> nn.Module:
@@ -22,8 +23,8 @@ def student_from_checkpoint(checkpoint: dict[str, Any], pretrained: str | None =
         pretrained: FP model folder to build the structure from, when it moved since calibration.
     """
     if not is_calibration_checkpoint(checkpoint):
-        raise ValueError("not a calibration checkpoint: it lacks the 'accuquant', 'state_dict' or "
-                         "'hyper_parameters' section that BlockReconstruction writes")
+        raise ValueError(f"not a calibration checkpoint: it lacks the {BlockReconstruction.CHECKPOINT_SECTION!r}, "
+                         "'state_dict' or 'hyper_parameters' section that BlockReconstruction writes")
     hparams = dict(checkpoint["hyper_parameters"])
     if pretrained is not None:
         hparams["pretrained"] = pretrained

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-DATA_KEYS_WITHOUT_EFFECT = ("cache_dir", "cache_path", "rebuild", "num_workers", "sampling_batch_size")
-"""Data-module settings that cannot change a calibration's result: where the trajectory cache lives, how it is
-built (the cache is keyed on everything that changes the trajectories) and how batches are loaded."""
+DATA_KEYS_WITHOUT_EFFECT = ("cache_dir", "cache_path", "rebuild", "num_workers")
+"""Data-module settings that cannot change a calibration's result: where the trajectory cache lives, whether a
+mismatching one is rebuilt, and how batches are loaded."""
 
 _PRIVATE_KEYS = ("_instantiator",)  # LightningCLI's bookkeeping in saved hyperparameters
 
@@ -26,9 +27,16 @@ class CheckpointError(ValueError):
 
 
 def is_file_path(ckpt_path: str | os.PathLike) -> bool:
-    """False for the names Lightning resolves itself (``last``, ``best``, ``hpc``, ``registry:...``)."""
+    """False for the names Lightning resolves itself (``last``, ``best``, ``hpc``, ``registry``, ``registry:...``)."""
     text = str(ckpt_path)
-    return text not in LIGHTNING_CKPT_ALIASES and not text.startswith("registry")
+    return text not in (*LIGHTNING_CKPT_ALIASES, "registry") and not text.startswith("registry:")
+
+
+def unified_precision(value: str | int | None) -> str:
+    """Lightning's name of a ``trainer.precision`` setting (``32`` and None -> ``'32-true'``, ``bf16`` ->
+    ``'bf16-mixed'``, ...), as ``trainer.precision`` reports it."""
+    text = "32" if value is None else str(value)
+    return {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}.get(text, text)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -46,8 +54,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               f"expected {expected}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError,
-            UnicodeDecodeError, AttributeError) as err:
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"GLOBAL (\S+)", str(err))
+        if refused is None:
+            raise CheckpointError(f"--ckpt_path {str(path)!r} is a damaged or foreign torch file (torch.load: "
+                                  f"UnpicklingError); expected {expected}") from err
+        raise CheckpointError(f"--ckpt_path {str(path)!r} holds a pickled {refused.group(1)}, which a safe load "
+                              "(torch.load weights_only=True) refuses; it was written by another program or an "
+                              "older version: start a new run") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, UnicodeDecodeError,
+            AttributeError) as err:
         raise CheckpointError(f"--ckpt_path {str(path)!r} is a damaged or foreign torch file (torch.load: "
                               f"{type(err).__name__}); expected {expected}") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
@@ -76,12 +92,17 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def settings_differences(checkpoint: dict[str, Any], model: dict[str, Any], data: dict[str, Any] | None) -> list[str]:
-    """``key: checkpoint value -> requested value`` for every model or data setting that changes the result and
-    differs between ``checkpoint`` and the requested ``model`` / ``data`` configs (``{'class_path', 'init_args'}``)."""
+def settings_differences(checkpoint: dict[str, Any], model: dict[str, Any], data: dict[str, Any] | None,
+                         precision: str | int | None = None, section: str = "accuquant") -> list[str]:
+    """``key: checkpoint value -> requested value`` for every setting that changes the result and differs between
+    ``checkpoint`` and the requested ``model`` / ``data`` configs (``{'class_path', 'init_args'}``) and
+    ``trainer.precision`` (compared when the checkpoint's ``section`` records one)."""
     saved_model = dict(checkpoint.get("hyper_parameters") or {})
     old = _settings(saved_model.get("_class_path"), saved_model, "model")
     new = _settings(model.get("class_path"), dict(model.get("init_args") or {}), "model")
+    saved_precision = (checkpoint.get(section) or {}).get("precision")
+    if saved_precision is not None:
+        old["trainer.precision"], new["trainer.precision"] = saved_precision, unified_precision(precision)
     saved_data = checkpoint.get("datamodule_hyper_parameters")
     if saved_data is not None and data is not None:
         old.update(_settings(saved_data.get("_class_path"), saved_data, "data", DATA_KEYS_WITHOUT_EFFECT))
@@ -91,9 +112,11 @@ def settings_differences(checkpoint: dict[str, Any], model: dict[str, Any], data
             if not _same(old.get(key), new.get(key))]
 
 
-def checkpoint_data_args(checkpoint: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
-    """The data module's init args to resume with under ``use_checkpoint_config``: the checkpoint's settings,
-    with the requested values of the settings that cannot change the result (cache location, workers)."""
-    saved = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items()
-             if k not in (*_PRIVATE_KEYS, "_class_path")}
-    return {**saved, **{k: requested[k] for k in DATA_KEYS_WITHOUT_EFFECT if k in requested}}
+def checkpoint_data_config(checkpoint: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
+    """The data module config (``{'class_path', 'init_args'}``) to resume with under ``use_checkpoint_config``: the
+    checkpoint's, with the requested values of the settings that cannot change the result (cache, workers)."""
+    saved = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    args = {k: v for k, v in saved.items() if k not in (*_PRIVATE_KEYS, "_class_path")}
+    asked = dict(requested.get("init_args") or {})
+    return {"class_path": saved.get("_class_path", requested.get("class_path")),
+            "init_args": {**args, **{k: asked[k] for k in DATA_KEYS_WITHOUT_EFFECT if k in asked}}}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .quantizers import broadcast_shape, channel_rows, check_bits, check_qparams, init_qparams, is_off, quant_range
+from .quantizers import broadcast_shape, channel_rows, check_bits, check_loaded_qparams, init_qparams, is_off, quant_range
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -131,11 +131,13 @@ class AdaRoundQuantizer(nn.Module):
         self.rounding = up.to(torch.uint8)
         self.alpha = None
 
+    @property
+    def holds_qparams(self) -> bool:
+        return not self.is_off
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if f"{prefix}scale" in state_dict and not self.scale.is_meta and not self.is_off:
-            check_qparams(self.scale, self.zero_point, self.quant_min, self.quant_max,
-                          f"{type(self).__name__} {prefix.rstrip('.')!r}")
+        check_loaded_qparams(self, state_dict, prefix)
 
     def mark_hardened(self, weight_shape: tuple[int, ...]) -> None:
         """Give the quantizer the hardened structure (zeros, to be overwritten by a state dict load)."""

@@ -29,11 +29,10 @@ from torch.nn import functional as F
 from .int_matmul import INT32_SAFE_K, affine_int_mm, int8_shift, to_int8, with_ones_row
 from .layers import make_act_quantizer
 from .packing import storage_dtype, storage_kind, stored_numel, unpack_weight
-from .quantizers import ActivationQuantizer, check_qparams, is_off, quant_range
+from .quantizers import MIN_SCALE, ActivationQuantizer, check_qparams, is_off, quant_range
 from .spec import LayerQuantConfig
 
 EXECUTION_MODES = ("dequant", "cached", "int")
-_EPS = torch.finfo(torch.float32).eps  # the clamp ActivationQuantizer applies to its step size in forward
 
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ class DeployedLayer(nn.Module):
     @staticmethod
     def _act_levels(x: torch.Tensor, q: ActivationQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
         """Shifted activation levels (float, integer-valued) and the shifted zero point (int32 scalar)."""
-        s = q.scale.detach().clamp_min(_EPS).to(x.dtype)
+        s = q.scale.detach().clamp_min(MIN_SCALE).to(x.dtype)
         shift = int8_shift(q.quant_max)
         # Same formula as fake_quantize, so the levels are exactly those the fake-quantized layer uses.
         levels = torch.clamp(torch.round(x * (1.0 / s)) + q.zero_point.to(x.dtype), q.quant_min, q.quant_max)
@@ -319,7 +318,7 @@ class DeployedConv2d(DeployedLayer):
         for c0, c1, q, w8, w_sum in plan.segments:
             levels, zx = self._act_levels(x[:, c0:c1], q)
             cols = self._im2col(levels.to(torch.int8).permute(0, 2, 3, 1), int(zx))
-            part = affine_int_mm(cols, zx, w8, plan.zw, w_sum).to(torch.float32) * q.scale.detach().clamp_min(_EPS)
+            part = affine_int_mm(cols, zx, w8, plan.zw, w_sum).to(torch.float32) * q.scale.detach().clamp_min(MIN_SCALE)
             out = part if out is None else out + part
         out = out * plan.sw
         if self.bias is not None:
@@ -354,7 +353,7 @@ class DeployedLinear(DeployedLayer):
         for c0, c1, q, w8, w_sum in plan.segments:
             levels, zx = self._act_levels(rows[:, c0:c1], q)
             part = affine_int_mm(levels.to(torch.int8), zx, w8, plan.zw, w_sum).to(torch.float32)
-            part = part * q.scale.detach().clamp_min(_EPS)
+            part = part * q.scale.detach().clamp_min(MIN_SCALE)
             out = part if out is None else out + part
         out = out * plan.sw
         if self.bias is not None:

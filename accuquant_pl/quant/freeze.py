@@ -18,9 +18,8 @@ from .attention import QuantAttnProcessor
 from .deployed import WeightFormat
 from .layers import QuantLayerMixin, quantized_layers
 from .packing import pack_weight
-from .quantizers import ActivationQuantizer, WeightQuantizer, broadcast_shape
+from .quantizers import MIN_SCALE, ActivationQuantizer, WeightQuantizer, broadcast_shape
 
-_EPS = torch.finfo(torch.float32).eps  # the clamp WeightQuantizer applies to its step size in forward
 
 
 def weight_levels(layer: QuantLayerMixin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,7 +36,7 @@ def weight_levels(layer: QuantLayerMixin) -> tuple[torch.Tensor, torch.Tensor, t
             q = torch.clamp(w_floor + wq.rounding.to(w.dtype) + zp, wq.quant_min, wq.quant_max)
             scale = wq.scale.detach().clone()
         elif isinstance(wq, WeightQuantizer):
-            scale = wq.scale.detach().clamp_min(_EPS)  # the value WeightQuantizer.forward uses
+            scale = wq.scale.detach().clamp_min(MIN_SCALE)  # the value WeightQuantizer.forward uses
             shape = broadcast_shape(w, wq.axis)
             s, zp = scale.to(w.dtype).reshape(shape), wq.zero_point.to(w.dtype).reshape(shape)
             q = torch.clamp(torch.round(w * (1.0 / s)) + zp, wq.quant_min, wq.quant_max)
@@ -88,6 +87,12 @@ def frozen_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any], dict
     quantizer, which become ``qweight`` / ``weight_scale`` / ``weight_zero_point`` (or ``weight_float``).
     """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, m in model.named_modules():
+        if isinstance(m, ActivationQuantizer) and not m.is_off:
+            # The step size the forward uses (a learned one can have gone below it), so that the deployed model,
+            # whose loader refuses a scale that is not > 0, runs what was calibrated.
+            key = f"{name}.scale" if name else "scale"
+            state[key] = state[key].clamp_min(MIN_SCALE)
     layers: dict[str, Any] = {}
     for name, layer in quantized_layers(model):
         entry, tensors = freeze_layer(name, layer)

@@ -21,7 +21,8 @@ from .observers import TensorObserver
 OFF_BITS = 16
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, OFF_BITS)
 INIT_METHODS = ("minmax", "percentile", "mse")
-_EPS = torch.finfo(torch.float32).eps
+MIN_SCALE = torch.finfo(torch.float32).eps
+"""The smallest step size a quantizer uses: forwards clamp to it, learned step sizes are projected onto it."""
 _MSE_CHUNK_ELEMS = 2**24  # floats per MSE-search chunk (64 MiB in float32)
 
 
@@ -66,6 +67,14 @@ def check_qparams(scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
     if bool(bad_zp.any()):
         value = int(zp.reshape(-1)[bad_zp.reshape(-1)][0])
         raise ValueError(f"{label}: zero point {value} is outside the integer range [{quant_min}, {quant_max}]")
+
+
+def check_loaded_qparams(quantizer: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+    """:func:`check_qparams` for a quantizer that has just loaded ``state_dict`` (skipped on the meta device and
+    where ``holds_qparams`` is False: 16-bit, or an activation quantizer not calibrated yet)."""
+    if f"{prefix}scale" in state_dict and not quantizer.scale.is_meta and quantizer.holds_qparams:
+        check_qparams(quantizer.scale.detach(), quantizer.zero_point, quantizer.quant_min, quantizer.quant_max,
+                      f"{type(quantizer).__name__} {prefix.rstrip('.')!r}")
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +135,9 @@ def minmax_qparams(
     max_val = max_val.float().clamp(min=0.0)
     if symmetric:
         # Divide by qmax so the positive end is not clipped; the extra negative level stays unused.
-        scale = (torch.maximum(-min_val, max_val) / qmax).clamp_min(_EPS)
+        scale = (torch.maximum(-min_val, max_val) / qmax).clamp_min(MIN_SCALE)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
-    scale = ((max_val - min_val) / (qmax - qmin)).clamp_min(_EPS)
+    scale = ((max_val - min_val) / (qmax - qmin)).clamp_min(MIN_SCALE)
     zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax).to(torch.int32)
     return scale, zero_point
 
@@ -251,7 +260,7 @@ class _AffineQuantizer(nn.Module):
         # LSQ: scale the step-size gradient by 1/sqrt(N * Qp), N = elements sharing one step size (per
         # sample for activations), so step sizes learn at a rate comparable to the other parameters.
         n = max(elements // max(self.scale.numel(), 1), 1)
-        return grad_scale(self.scale.clamp_min(_EPS), 1.0 / math.sqrt(n * max(self.quant_max, 1)))
+        return grad_scale(self.scale.clamp_min(MIN_SCALE), 1.0 / math.sqrt(n * max(self.quant_max, 1)))
 
     def _label(self) -> str:
         return type(self).__name__
@@ -263,9 +272,7 @@ class _AffineQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if f"{prefix}scale" in state_dict and not self.scale.is_meta and self.holds_qparams:
-            check_qparams(self.scale.detach(), self.zero_point, self.quant_min, self.quant_max,
-                          f"{type(self).__name__} {prefix.rstrip('.')!r}")
+        check_loaded_qparams(self, state_dict, prefix)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, axis={self.axis}"

@@ -66,19 +66,22 @@ def _kill_when(proc: subprocess.Popen, ckpt: Path, ready: Callable[[dict[str, An
 
 
 def _reference(workspace, name: str, config: str, **model_args) -> Path:
-    """The export of an uninterrupted run (computed once per module)."""
+    """The run folder of an uninterrupted run (computed once per module)."""
     root, model_dir = workspace
-    folder = root / name / "quantized"
-    if not folder.exists():
+    if not (root / name / "quantized").exists():
         _run(tiny_args(root, model_dir, config, name=name, **model_args), root / f"{name}.log")
-    return folder
+    return root / name
 
 
-def _assert_same_files(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    different = [n for n in names if (a / n).read_bytes() != (b / n).read_bytes()]
+def _assert_same_result(a: Path, b: Path) -> None:
+    """The exports under ``a`` and ``b`` (run folders) are the same bytes, and so are the RNG states their final
+    checkpoints recorded (the global RNG went through the same draws, resume or not)."""
+    names = sorted(p.name for p in (a / "quantized").iterdir())
+    assert names == sorted(p.name for p in (b / "quantized").iterdir())
+    different = [n for n in names if (a / "quantized" / n).read_bytes() != (b / "quantized" / n).read_bytes()]
     assert not different, f"resumed export differs from the uninterrupted one in {different}"
+    rng_a, rng_b = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["accuquant"]["rng"] for r in (a, b))
+    assert torch.equal(rng_a["torch"], rng_b["torch"]) and rng_a["python"] == rng_b["python"]
 
 
 def test_killed_after_a_unit_checkpoint_resumes_to_identical_files(workspace):
@@ -90,7 +93,7 @@ def test_killed_after_a_unit_checkpoint_resumes_to_identical_files(workspace):
     assert state["global_step"] == 2 * len(state["accuquant"]["done_units"])  # Lightning counted every step
     assert not (root / "qdiff_killed" / "quantized").exists()
     _run([*args, "--ckpt_path", str(ckpt)], log)
-    _assert_same_files(reference, root / "qdiff_killed" / "quantized")
+    _assert_same_result(reference, root / "qdiff_killed")
 
 
 def test_killed_inside_the_final_stage_resumes_to_identical_files(workspace):
@@ -107,7 +110,26 @@ def test_killed_inside_the_final_stage_resumes_to_identical_files(workspace):
     state = _kill_when(_start(args, log), ckpt, inside_the_stage, log)
     assert not state["accuquant"]["final_stage_done"] and state["accuquant"]["mid_epoch"]["iteration"] < 6
     _run([*args, "--ckpt_path", str(ckpt)], log)
-    _assert_same_files(reference, root / "stage_killed" / "quantized")
+    _assert_same_result(reference, root / "stage_killed")
+
+
+def test_killed_twice_inside_units_resumes_to_identical_files(workspace):
+    # Checkpoints after every step, so both kills land on checkpoints written inside a unit (mid-epoch), the
+    # second one in a run that was itself resumed from such a checkpoint.
+    root, model_dir = workspace
+    reference = _reference(workspace, "qdiff_full", "digits_w4a8_qdiff.yaml")
+    args = tiny_args(root, model_dir, "digits_w4a8_qdiff.yaml", name="twice", checkpoint_every=0,
+                     extra_callbacks=[PACE])
+    ckpt, log = root / "twice" / "checkpoints" / "last.ckpt", root / "twice.log"
+
+    def inside_unit(k: int) -> Callable[[dict[str, Any]], bool]:
+        return lambda s: len(s["accuquant"]["done_units"]) >= k and s["accuquant"]["mid_epoch"] is not None
+
+    first = _kill_when(_start(args, log), ckpt, inside_unit(3), log)
+    second = _kill_when(_start([*args, "--ckpt_path", str(ckpt)], log), ckpt, inside_unit(6), log)
+    assert first["accuquant"]["mid_epoch"]["iteration"] == second["accuquant"]["mid_epoch"]["iteration"] == 1
+    _run([*args, "--ckpt_path", str(ckpt)], log)
+    _assert_same_result(reference, root / "twice")
 
 
 def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(workspace):
@@ -131,5 +153,5 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(workspace):
     assert len(torch.load(folder / "last.ckpt", weights_only=True)["accuquant"]["done_units"]) == 3
     _run([*tiny_args(root, model_dir, "digits_w4a8_qdiff.yaml", name="write_killed"),
           "--ckpt_path", str(folder / "last.ckpt")], log)
-    _assert_same_files(reference, root / "write_killed" / "quantized")
+    _assert_same_result(reference, root / "write_killed")
     assert not stale[0].exists(), "the killed write's temp file was not cleaned up by the next save"

@@ -11,6 +11,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from accuquant_pl.calibration.resume import CheckpointError
 from accuquant_pl.cli import main
+from accuquant_pl.quant import QuantSpec
 from tests.calibration.test_calibration_cli import tiny_args
 from tests.conftest import REPO, tiny_unet
 
@@ -35,6 +36,7 @@ def _resume(calibrated, *extra: str):
     (["--model.init_args.objective", "per_step"], "model.init_args.objective: 'accuquant' -> 'per_step'"),
     (["--data.init_args.group_size", "2"], "data.init_args.group_size: 1 -> 2"),
     (["--model.init_args.pretrained", "models/digits-ddpm"], "model.init_args.pretrained: '"),
+    (["--trainer.precision", "bf16-mixed"], "trainer.precision: '32-true' -> 'bf16-mixed'"),
 ])
 def test_a_resume_under_other_settings_names_them_before_any_work(calibrated, args, difference):
     with pytest.raises(CheckpointError, match="other settings") as err:
@@ -46,7 +48,7 @@ def test_a_resume_under_other_settings_names_them_before_any_work(calibrated, ar
 
 
 def test_settings_that_cannot_change_the_result_may_differ(calibrated):
-    cli = _resume(calibrated, "--data.init_args.sampling_batch_size", "3", "--trainer.log_every_n_steps", "1",
+    cli = _resume(calibrated, "--data.init_args.rebuild", "true", "--trainer.log_every_n_steps", "1",
                   "--trainer.max_epochs", "2")
     assert len(cli.model.done_units) == 2
 
@@ -66,10 +68,13 @@ def _not_checkpoints(tmp_path) -> dict[str, str]:
                       .numpy().tobytes())
     plain = tmp_path / "plain.ckpt"
     torch.save({"weights": torch.zeros(2)}, plain)
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": {"quant": QuantSpec()}}, pickled)
     foreign = tmp_path / "pretraining.ckpt"
     torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": {"_class_path": "some.Pretraining"}}, foreign)
     return {str(text): "not a checkpoint", str(noise): "not a checkpoint", str(plain): "without Lightning's",
             str(foreign): "written by some.Pretraining, not by a BlockReconstruction calibration",
+            str(pickled): "holds a pickled accuquant_pl.quant.spec.QuantSpec, which a safe load",
             str(tmp_path / "missing.ckpt"): "does not exist", str(tmp_path): "is a folder"}
 
 
