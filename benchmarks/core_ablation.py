@@ -1,0 +1,150 @@
+"""Round-to-nearest core ablation on the shipped digits teacher: one row per quantization-core choice.
+
+Every row is RTN (weights rounded to nearest on their MSE grid, activation ranges from the FP calibration
+trajectories, no optimisation) at W8A8, W4A8 and W4A4, evaluated on the robust protocol
+(``accuquant_pl.metrics.sample_errors``): the FP and quantized samplers start from the same noises of
+``--eval-samples`` held-out seeds, sampled in batches of ``PROTOCOL_BATCH_SIZE``; per-sample final MSE vs FP
+(mean with a bootstrap 95 % interval, median, p90, p99, share above 0.01) and the share of samples whose digit
+(the shipped classifier's reading) changes. Rows are written to the JSON after each one, and a rerun skips the
+rows the JSON already holds, so an interrupted sweep continues.
+
+    OMP_NUM_THREADS=1 python benchmarks/core_ablation.py [--bits w8a8,w4a8,w4a4] [--rows default,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from accuquant_pl.data.digits_quality import DigitClassifier  # noqa: E402
+from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
+from accuquant_pl.evaluation import samples_from  # noqa: E402
+from accuquant_pl.io import atomic_torch_save, atomic_write_json  # noqa: E402
+from accuquant_pl.metrics.sample_errors import (  # noqa: E402
+    PROTOCOL_BATCH_SIZE,
+    PROTOCOL_FIRST_SEED,
+    per_sample_mse,
+    sample_error_stats,
+)
+from accuquant_pl.models.loading import load_unet  # noqa: E402
+from accuquant_pl.quant import QuantSpec, rtn_quantize  # noqa: E402
+
+FIRST_LAST = ("conv_in", "conv_out")
+
+CORE_CHOICES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "first/last layers FP": {"first_last_bits": 16},
+    "first/last layers at the base bits": {"first_last_bits": None},
+    "first/last weights FP (acts 8-bit)": {"overrides": [{"pattern": p, "weight_bits": 16} for p in FIRST_LAST]},
+    "first/last activations FP (weights 8-bit)": {"overrides": [{"pattern": p, "act_bits": 16} for p in FIRST_LAST]},
+    "network input FP (conv_in input only)": {"overrides": [{"pattern": "conv_in", "act_bits": 16}]},
+    "activation init minmax": {"act_init": "minmax"},
+    "activation init mse": {"act_init": "mse"},
+    "attention act-act matmuls not quantized": {"quantize_attention_matmuls": False},
+    "skip concat one range (no split)": {"split_skip": False},
+    "symmetric weights": {"weight_symmetric": True},
+    "symmetric activations": {"act_symmetric": True},
+    "per-tensor weights": {"weight_per_channel": False},
+}
+"""Each row's departure from the default ``QuantSpec`` (which is what the first row runs)."""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default=str(REPO / "models" / "digits-ddpm"))
+    p.add_argument("--bits", default="w8a8,w4a8,w4a4", help="comma list of wXaY")
+    p.add_argument("--rows", default=",".join(CORE_CHOICES), help="comma list of row names (see CORE_CHOICES)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--num-trajectories", type=int, default=64, help="FP calibration trajectories (seed 0..)")
+    p.add_argument("--act-calibration-samples", type=int, default=256)
+    p.add_argument("--eval-samples", type=int, default=1024)
+    p.add_argument("--out", default=str(REPO / "docs" / "results" / "core_ablation.json"))
+    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "trajectories"))
+    p.add_argument("--fp-samples", default=str(REPO / ".cache" / "protocol" / "fp_samples.pt"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (recorded: float reduction order, hence a few samples, can depend on it)")
+    return p.parse_args()
+
+
+def fp_samples(args: argparse.Namespace, teacher: torch.nn.Module, scheduler: Any, seeds: list[int]) -> torch.Tensor:
+    """The FP teacher's samples of the protocol seeds, cached (they are every row's reference)."""
+    path = Path(args.fp_samples)
+    key = {"teacher": str(Path(args.teacher).resolve()), "seeds": [seeds[0], len(seeds)], "steps": args.steps,
+           "batch_size": PROTOCOL_BATCH_SIZE, "threads": args.threads}
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        if cached.get("key") == json.dumps(key):
+            return cached["samples"]
+    samples = samples_from(teacher, scheduler, seeds, args.steps, batch_size=PROTOCOL_BATCH_SIZE)
+    atomic_torch_save({"key": json.dumps(key), "samples": samples}, path)
+    return samples
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    unknown = [r for r in args.rows.split(",") if r not in CORE_CHOICES]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(CORE_CHOICES)}")
+    teacher = load_unet(args.teacher)
+    data = TrajectoryDataModule(teacher=args.teacher, num_inference_steps=args.steps,
+                                num_trajectories=args.num_trajectories, cache_dir=args.cache_dir)
+    data.prepare_data()
+    data.setup("fit")
+    scheduler = data.make_scheduler()
+    batches = [{"x": b["x"], "timestep": b["timesteps"][:, 0]}
+               for b in data.calibration_inputs(args.act_calibration_samples)]
+    seeds = list(range(PROTOCOL_FIRST_SEED, PROTOCOL_FIRST_SEED + args.eval_samples))
+    reference = fp_samples(args, teacher, scheduler, seeds)
+    classifier = DigitClassifier()
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if out.is_file() else []
+    done = {(r["bits"], r["row"]) for r in rows}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir", "fp_samples", "teacher")}
+    if rows and rows[0].get("threads", args.threads) != args.threads:
+        raise SystemExit(f"{out} was measured with {rows[0]['threads']} threads; rerun with --threads {rows[0]['threads']}")
+    for bits in args.bits.split(","):
+        w, a = (int(v) for v in bits[1:].split("a"))
+        for name in args.rows.split(","):
+            if (bits, name) in done:
+                continue
+            spec = QuantSpec(weight_bits=w, act_bits=a, **copy.deepcopy(CORE_CHOICES[name]))
+            start = time.time()
+            student = rtn_quantize(copy.deepcopy(teacher), spec, batches).eval()
+            q = samples_from(student, scheduler, seeds, args.steps, batch_size=PROTOCOL_BATCH_SIZE)
+            stats = sample_error_stats(reference, q, labeller=classifier.labels)
+            errors = per_sample_mse(reference, q)
+            rows.append({"bits": bits, "row": name, "threads": args.threads, "spec": spec.to_dict(), **stats.as_dict(),
+                         "per_sample_mse": errors.tolist(), "seconds": time.time() - start})
+            print(f"{bits} {name}: mean {stats.mean:.5f} [{stats.mean_ci95[0]:.5f}, {stats.mean_ci95[1]:.5f}] "
+                  f"median {stats.median:.6f} p99 {stats.p99:.4f} >0.01 {stats.share_above:.3f} "
+                  f"digit changed {stats.label_change_share:.3f}", flush=True)
+            atomic_write_json(out, {"settings": settings, "protocol": {"first_seed": PROTOCOL_FIRST_SEED,
+                                    "batch_size": PROTOCOL_BATCH_SIZE}, "rows": rows})
+    print(markdown_table(rows))
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The ablation as a markdown table (docs/results.md)."""
+    lines = ["| bits | core choice | mean final MSE [95 % CI] | median | p99 | share > 0.01 | digit changed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["mean_ci95"]
+        lines.append(f"| {r['bits'].upper()} | {r['row']} | {r['mean']:.5f} [{lo:.5f}, {hi:.5f}] | "
+                     f"{r['median']:.6f} | {r['p99']:.4f} | {100 * r['share_above']:.1f} % | "
+                     f"{100 * r['label_change_share']:.1f} % |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
