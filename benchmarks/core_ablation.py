@@ -47,7 +47,7 @@ CORE_CHOICES: dict[str, dict[str, Any]] = {
     "first/last layers at the base bits": {"first_last_bits": None},
     "first/last weights FP (acts 8-bit)": {"overrides": [{"pattern": p, "weight_bits": 16} for p in FIRST_LAST]},
     "first/last activations FP (weights 8-bit)": {"overrides": [{"pattern": p, "act_bits": 16} for p in FIRST_LAST]},
-    "network input FP (conv_in input only)": {"overrides": [{"pattern": "conv_in", "act_bits": 16}]},
+    "network input FP (input_bits 16)": {"input_bits": 16},
     "activation init minmax": {"act_init": "minmax"},
     "activation init mse": {"act_init": "mse"},
     "attention act-act matmuls not quantized": {"quantize_attention_matmuls": False},

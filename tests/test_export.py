@@ -390,3 +390,14 @@ def test_export_refuses_a_spec_that_is_not_the_models(tmp_path):
     with pytest.raises(ValueError, match=r"disagrees with its own spec: layer '[\w.]+'\.act\.bits: 8 \(the spec gives 6\)"):
         export_quantized(model, tmp_path / "q", QuantSpec(weight_bits=4, act_bits=6, adaround=True))
     assert not (tmp_path / "q").exists()
+
+
+def test_a_float_network_input_exports_and_loads_bit_identical(tmp_path):
+    model = _adaround_model(weight_bits=4, act_bits=8, input_bits=16)
+    assert model.conv_in.input_quantizer.is_off
+    folder = _export(tmp_path, model)
+    loaded = accuquant_pl.load_quantized(folder)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 7).sample, model(x, 7).sample)
+    assert json.loads((folder / "quantization_map.json").read_text())["layers"]["conv_in"]["config"]["act"]["bits"] == 16

@@ -16,7 +16,7 @@ from .layers import QUANT_LAYERS, harden
 from .quantizers import ActivationQuantizer
 from .spec import LayerOverride, LayerQuantConfig, QuantSpec
 from .state import observing
-from .unet import FIRST_LAST_LAYERS, check_unet, skip_split_points
+from .unet import FIRST_LAST_LAYERS, INPUT_LAYER, check_unet, skip_split_points
 
 SPEC_ATTR = "accuquant_spec"
 """Attribute under which :func:`quantize` records the spec on the model (read by serialization)."""
@@ -58,6 +58,8 @@ def plan_layers(model: nn.Module, spec: QuantSpec) -> tuple[dict[str, LayerQuant
             base = (spec.weight_bits, spec.act_bits)
             if name in FIRST_LAST_LAYERS and spec.first_last_bits is not None:
                 base = (spec.first_last_bits, spec.first_last_bits)
+            if name == INPUT_LAYER and spec.input_bits is not None:
+                base = (base[0], spec.input_bits)
             w_bits, a_bits = _resolve_bits(name, spec, base, used)
             layers[name] = LayerQuantConfig(spec.weight_config(w_bits), spec.act_config(a_bits), splits.get(name))
         elif isinstance(module, Attention) and spec.quantize_attention_matmuls:

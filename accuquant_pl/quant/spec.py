@@ -85,6 +85,9 @@ class QuantSpec:
     """Input-activation bit width of every layer and of attention matmul operands."""
     first_last_bits: int | None = 8
     """Weight and activation bits of the UNet's conv_in and conv_out (None = same as the rest)."""
+    input_bits: int | None = None
+    """Bits of the network input: the sampler state x_t, conv_in's input activation (16 = kept in float; None =
+    conv_in's activation bits as above). Overrides naming conv_in still win."""
     weight_init: str = "mse"
     """Weight grid initialisation: 'mse', 'minmax' or 'percentile'."""
     act_init: str = "percentile"
@@ -116,8 +119,9 @@ class QuantSpec:
         self.overrides = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides]
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.act_bits, "act_bits")
-        if self.first_last_bits is not None:
-            check_bits(self.first_last_bits, "first_last_bits")
+        for name in ("first_last_bits", "input_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
         check_init_method(self.weight_init, "weight_init")
         check_init_method(self.act_init, "act_init")
         if not 0.0 < self.act_percentile <= 1.0:

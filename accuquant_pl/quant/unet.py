@@ -10,6 +10,8 @@ from torch import nn
 
 SUPPORTED_UNETS = (UNet2DModel, UNet2DConditionModel)
 FIRST_LAST_LAYERS = ("conv_in", "conv_out")
+INPUT_LAYER = "conv_in"
+"""The layer whose input activation is the network input (the sampler state x_t)."""
 # Top-level modules that run before conv_in, in UNet2DConditionModel.forward / UNet2DModel.forward order.
 _EMBEDDINGS = ("time_embedding", "class_embedding", "add_embedding", "encoder_hid_proj")
 

@@ -207,3 +207,30 @@ def test_split_points_equal_actual_hidden_channels(kind):
 def test_split_skip_off():
     model = quantize(make_unet(), QuantSpec(split_skip=False))
     assert all(layer.input_quantizer_skip is None for _, layer in quantized_layers(model))
+
+
+# ----- the network input's precision -----
+
+@pytest.mark.parametrize("input_bits", [16, 4])
+def test_input_bits_changes_exactly_the_first_layers_input_quantizer(input_bits):
+    from accuquant_pl.quant import plan_layers
+
+    base_spec = QuantSpec(weight_bits=4, act_bits=8)
+    base_layers, base_processors = plan_layers(make_unet(), base_spec)
+    layers, processors = plan_layers(make_unet(), QuantSpec(weight_bits=4, act_bits=8, input_bits=input_bits))
+    assert processors == base_processors
+    changed = {n for n in layers if layers[n] != base_layers[n]}
+    assert changed == {"conv_in"}
+    assert layers["conv_in"].act.bits == input_bits and layers["conv_in"].weight == base_layers["conv_in"].weight
+    model = quantize(make_unet(), QuantSpec(weight_bits=4, act_bits=8, input_bits=input_bits))
+    assert model.conv_in.input_quantizer.bits == input_bits
+    assert model.conv_in.input_quantizer.is_off == (input_bits == 16)
+
+
+def test_input_bits_is_validated_and_an_override_still_wins():
+    from accuquant_pl.quant import plan_layers
+
+    with pytest.raises(ValueError, match="input_bits=9 is invalid"):
+        QuantSpec(input_bits=9)
+    spec = QuantSpec(input_bits=16, overrides=[LayerOverride("conv_in", act_bits=6)])
+    assert plan_layers(make_unet(), spec)[0]["conv_in"].act.bits == 6
