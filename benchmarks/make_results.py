@@ -27,6 +27,7 @@ from accuquant_pl.io import atomic_write_text  # noqa: E402
 from accuquant_pl.models.loading import load_unet  # noqa: E402
 from accuquant_pl.plots import plot_error_curves  # noqa: E402
 from accuquant_pl.sample_metrics import SampleQualityMeter, real_images  # noqa: E402
+from benchmarks.make_protocol_results import protocol_section  # noqa: E402
 
 # rows record a knob only when it was overridden; the rest ran with BlockReconstruction's defaults
 DEFAULTS = {k: v.default for k, v in inspect.signature(BlockReconstruction.__init__).parameters.items()}
@@ -200,6 +201,7 @@ def main() -> None:
                   "calibration fits. Solid (right): distance of the quantized sampler's own state to the FP state "
                   "after each step, the quantity AccuQuant fits over n steps.", "",
                   "![W4A8 error accumulation](results/error_curves_w4a8.png)", ""]
+    lines += protocol_section(folder)  # benchmarks/make_protocol_results.py: core ablation and peers
     atomic_write_text(args.out, "\n".join(lines))
     print("\n".join(lines))
 

@@ -1,0 +1,40 @@
+"""The robust-protocol section of docs/results.md is written between its markers and replaced on a rerun."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO))
+
+from benchmarks.make_protocol_results import END, START, protocol_section, write_section  # noqa: E402
+
+STATS = {"mean": 0.00125, "mean_ci95": [0.0007, 0.00185], "median": 9.1e-05, "p99": 0.0418, "share_above": 0.013,
+         "label_change_share": 0.021}
+
+
+def test_section_from_the_benchmarks_json_replaces_itself(tmp_path):
+    (tmp_path / "core_ablation.json").write_text(json.dumps({
+        "settings": {"eval_samples": 1024, "num_trajectories": 64},
+        "protocol": {"first_seed": 100000, "batch_size": 64},
+        "rows": [{"bits": "w8a8", "row": "default", "threads": 2, **STATS}]}))
+    (tmp_path / "peers.json").write_text(json.dumps({"rows": [
+        {"bits": "w8a8", "method": "optimum-quanto 0.2.7", **STATS,
+         "quantizes": {"conv_weights": 25, "linear_weights": 26, "conv_inputs": 0, "linear_inputs": 26,
+                       "outputs": 4, "attention_matmuls": 0}},
+        {"bits": "w4a4", "method": "optimum-quanto 0.2.7", "skipped": "no int4 activations"}]}))
+    lines = protocol_section(tmp_path)
+    text = "\n".join(lines)
+    assert lines[0] == START and lines[-1] == END
+    assert "| W8A8 | default | 0.00125 [0.00070, 0.00185] | 0.000091 | 0.0418 | 1.3 % | 2.1 % |" in text
+    assert "| W8A8 | optimum-quanto 0.2.7 | 25 / 26 / 0 / 26 / 4 / 0 |" in text
+    assert "| W4A4 | optimum-quanto 0.2.7 | cannot run: no int4 activations |" in text
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nearlier tables\n")
+    write_section(page, lines)
+    write_section(page, lines)  # a rerun replaces the section instead of appending a second one
+    written = page.read_text()
+    assert written.startswith("# Results\n\nearlier tables\n") and written.count(START) == 1
+    assert protocol_section(tmp_path / "missing") == []
