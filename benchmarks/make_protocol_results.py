@@ -17,7 +17,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+
 from accuquant_pl.io import atomic_write_text  # noqa: E402
+from accuquant_pl.metrics.sample_errors import paired_comparison  # noqa: E402
 
 START, END = "<!-- robust-protocol:start -->", "<!-- robust-protocol:end -->"
 
@@ -29,18 +32,29 @@ def _stats_cells(r: dict[str, Any]) -> str:
             f"{100 * r['share_above']:.1f} % | {change}")
 
 
+def _paired_vs(r: dict[str, Any], base: dict[str, Any] | None) -> str:
+    if base is None or base is r or "per_sample_mse" not in r:
+        return "-"
+    c = paired_comparison(torch.tensor(r["per_sample_mse"]), torch.tensor(base["per_sample_mse"]))
+    mark = " *" if c.excludes_one else ""
+    return f"{c.ratio:.2f} [{c.ratio_ci95[0]:.2f}, {c.ratio_ci95[1]:.2f}]{mark}"
+
+
 def core_ablation_lines(data: dict[str, Any]) -> list[str]:
     rows = data["rows"]
     protocol = data["protocol"]
+    defaults = {r["bits"]: r for r in rows if r["row"] == "default"}
     lines = ["### Core ablation: round-to-nearest, one quantization-core choice per row", "",
              f"`python benchmarks/core_ablation.py --threads {rows[0]['threads']}` ({len(rows)} rows). "
              f"{data['settings']['eval_samples']} held-out seeds from {protocol['first_seed']}, sampled in batches "
              f"of {protocol['batch_size']}; activation ranges from {data['settings']['num_trajectories']} FP "
              "calibration trajectories; no optimisation. Each row departs from the default `QuantSpec` in the "
-             "named choice only.", "",
-             "| bits | core choice | mean final MSE [95 % CI] | median | p99 | share > 0.01 | digit changed |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['bits'].upper()} | {r['row']} | {_stats_cells(r)} |" for r in rows]
+             "named choice only. *vs default*: the row's mean error over the default row's, paired on the same "
+             "seeds, with a bootstrap 95 % interval; * marks an interval that excludes 1.", "",
+             "| bits | core choice | mean final MSE [95 % CI] | median | p99 | share > 0.01 | digit changed | "
+             "vs default |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['bits'].upper()} | {r['row']} | {_stats_cells(r)} | {_paired_vs(r, defaults.get(r['bits']))} |"
+              for r in rows]
     return [*lines, ""]
 
 

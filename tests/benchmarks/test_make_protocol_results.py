@@ -19,7 +19,8 @@ def test_section_from_the_benchmarks_json_replaces_itself(tmp_path):
     (tmp_path / "core_ablation.json").write_text(json.dumps({
         "settings": {"eval_samples": 1024, "num_trajectories": 64},
         "protocol": {"first_seed": 100000, "batch_size": 64},
-        "rows": [{"bits": "w8a8", "row": "default", "threads": 2, **STATS}]}))
+        "rows": [{"bits": "w8a8", "row": "default", "threads": 2, **STATS, "per_sample_mse": [0.002, 0.004, 0.006]},
+                 {"bits": "w8a8", "row": "halved", "threads": 2, **STATS, "per_sample_mse": [0.001, 0.002, 0.003]}]}))
     (tmp_path / "peers.json").write_text(json.dumps({"rows": [
         {"bits": "w8a8", "method": "optimum-quanto 0.2.7", **STATS,
          "quantizes": {"conv_weights": 25, "linear_weights": 26, "conv_inputs": 0, "linear_inputs": 26,
@@ -28,7 +29,8 @@ def test_section_from_the_benchmarks_json_replaces_itself(tmp_path):
     lines = protocol_section(tmp_path)
     text = "\n".join(lines)
     assert lines[0] == START and lines[-1] == END
-    assert "| W8A8 | default | 0.00125 [0.00070, 0.00185] | 0.000091 | 0.0418 | 1.3 % | 2.1 % |" in text
+    assert "| W8A8 | default | 0.00125 [0.00070, 0.00185] | 0.000091 | 0.0418 | 1.3 % | 2.1 % | - |" in text
+    assert "| W8A8 | halved |" in text and "| 0.50 [0.50, 0.50] * |" in text  # paired with the default row
     assert "| W8A8 | optimum-quanto 0.2.7 | 25 / 26 / 0 / 26 / 4 / 0 |" in text
     assert "| W4A4 | optimum-quanto 0.2.7 | cannot run: no int4 activations |" in text
     page = tmp_path / "results.md"
