@@ -61,7 +61,10 @@ def core_ablation_lines(data: dict[str, Any]) -> list[str]:
 def peers_lines(data: dict[str, Any]) -> list[str]:
     lines = ["### Peers: optimum-quanto against our round-to-nearest", "",
              "`python benchmarks/peers.py`. Quantized operations counted on each model: conv / linear weights, "
-             "conv / linear inputs, module outputs, attention act-act matmul operand pairs.", "",
+             "conv / linear inputs, module outputs, attention act-act matmul operand pairs. The counts say which "
+             "tensors, not at which bits: quanto quantizes conv_in and conv_out like every other layer, ours keep "
+             "them at 8 bits (`first_last_bits`); the core ablation's 'first/last layers at the base bits' row is "
+             "our figure with them at the base bits too.", "",
              "| bits | method | quantizes (cw / lw / ci / li / out / attn) | mean final MSE [95 % CI] | median | p99 | "
              "share > 0.01 | digit changed |", "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
