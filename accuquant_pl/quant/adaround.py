@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .quantizers import broadcast_shape, channel_rows, check_bits, check_loaded_qparams, init_qparams, is_off, quant_range
+from .quantizers import CheckedQParams, broadcast_shape, channel_rows, check_bits, init_qparams, is_off, quant_range
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -52,7 +52,7 @@ class AdaRoundSchedule:
         return beta, self.reg_weight
 
 
-class AdaRoundQuantizer(nn.Module):
+class AdaRoundQuantizer(CheckedQParams, nn.Module):
     """Per-channel (``axis``) AdaRound weight quantizer.
 
     The grid (``scale``, ``zero_point`` buffers) comes from an MSE search at :meth:`init_from_weight` and
@@ -130,14 +130,6 @@ class AdaRoundQuantizer(nn.Module):
             raise ValueError(f"unknown hardening method {method!r}; use 'learned' or 'nearest'")
         self.rounding = up.to(torch.uint8)
         self.alpha = None
-
-    @property
-    def holds_qparams(self) -> bool:
-        return not self.is_off
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        check_loaded_qparams(self, state_dict, prefix)
 
     def mark_hardened(self, weight_shape: tuple[int, ...]) -> None:
         """Give the quantizer the hardened structure (zeros, to be overwritten by a state dict load)."""

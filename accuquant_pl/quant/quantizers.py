@@ -69,12 +69,20 @@ def check_qparams(scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
         raise ValueError(f"{label}: zero point {value} is outside the integer range [{quant_min}, {quant_max}]")
 
 
-def check_loaded_qparams(quantizer: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
-    """:func:`check_qparams` for a quantizer that has just loaded ``state_dict`` (skipped on the meta device and
-    where ``holds_qparams`` is False: 16-bit, or an activation quantizer not calibrated yet)."""
-    if f"{prefix}scale" in state_dict and not quantizer.scale.is_meta and quantizer.holds_qparams:
-        check_qparams(quantizer.scale.detach(), quantizer.zero_point, quantizer.quant_min, quantizer.quant_max,
-                      f"{type(quantizer).__name__} {prefix.rstrip('.')!r}")
+class CheckedQParams:
+    """Mixin of the quantizers that hold ``scale`` / ``zero_point`` / ``quant_min`` / ``quant_max``: a state-dict
+    load is followed by :func:`check_qparams` (skipped on the meta device and where ``holds_qparams`` is False)."""
+
+    @property
+    def holds_qparams(self) -> bool:
+        """True when ``scale``/``zero_point`` are in use (so must be valid)."""
+        return not self.is_off
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if f"{prefix}scale" in state_dict and not self.scale.is_meta and self.holds_qparams:
+            check_qparams(self.scale.detach(), self.zero_point, self.quant_min, self.quant_max,
+                          f"{type(self).__name__} {prefix.rstrip('.')!r}")
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +238,7 @@ def init_qparams(rows: torch.Tensor, method: str, bits: int, symmetric: bool, *,
     return init_mse(rows, bits, symmetric, grid)
 
 
-class _AffineQuantizer(nn.Module):
+class _AffineQuantizer(CheckedQParams, nn.Module):
     """Shared state of a uniform affine quantizer: bits, range, learnable ``scale``, integer ``zero_point``."""
 
     def __init__(self, bits: int, symmetric: bool, axis: int | None, num_channels: int,
@@ -264,15 +272,6 @@ class _AffineQuantizer(nn.Module):
 
     def _label(self) -> str:
         return type(self).__name__
-
-    @property
-    def holds_qparams(self) -> bool:
-        """True when ``scale``/``zero_point`` are in use (so must be valid)."""
-        return not self.is_off
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        check_loaded_qparams(self, state_dict, prefix)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, axis={self.axis}"
