@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .quantizers import CheckedQParams, broadcast_shape, channel_rows, check_bits, init_qparams, is_off, quant_range
+from .quantizers import (
+    CheckedQParams,
+    broadcast_shape,
+    channel_rows,
+    check_bits,
+    init_qparams,
+    is_off,
+    quant_range,
+)
 
 ZETA, GAMMA = 1.1, -0.1
 

@@ -21,7 +21,6 @@ from .packing import pack_weight
 from .quantizers import MIN_SCALE, ActivationQuantizer, WeightQuantizer, broadcast_shape
 
 
-
 def weight_levels(layer: QuantLayerMixin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(levels, scale, zero_point)`` of a quantized layer's weight; levels are int32 in the weight's shape.
 
