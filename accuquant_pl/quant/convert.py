@@ -16,6 +16,7 @@ from .layers import QUANT_LAYERS, harden
 from .quantizers import ActivationQuantizer
 from .spec import LayerOverride, LayerQuantConfig, QuantSpec
 from .state import observing
+from .timesteps import attach_timestep_router
 from .unet import FIRST_LAST_LAYERS, INPUT_LAYER, check_unet, skip_split_points
 
 SPEC_ATTR = "accuquant_spec"
@@ -94,6 +95,7 @@ def apply_plan(model: nn.Module, layers: dict[str, LayerQuantConfig], processors
     for name, m in model.named_modules():
         if isinstance(m, ActivationQuantizer):
             m.name = name
+    attach_timestep_router(model)
 
 
 def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
@@ -129,9 +131,11 @@ def calibrate_activations(model: nn.Module, batches: Iterable[dict[str, Any]], m
             q.reset_observations()
         for batch in batches:
             model(**_forward_kwargs(batch))
-    missing = [q.name for q in quantizers if not q.is_off and (q.observer is None or q.observer.seen == 0)]
+    missing = [q.name if q.num_groups == 1 else f"{q.name} timestep {q.group_range(g)}"
+               for q in quantizers for g in q.unobserved_groups()]
     if missing:
-        raise RuntimeError(f"activation quantizers saw no data during calibration: {missing}")
+        raise RuntimeError(f"activation quantizers saw no data during calibration: {missing[:10]}"
+                           f"{' ...' if len(missing) > 10 else ''}")
     for q in quantizers:
         q.init_from_observations(method)
 

@@ -14,7 +14,8 @@ Execution (``set_execution``; nothing of it is saved):
 * ``int``: int8 x int8 -> int32 GEMMs (``torch._int_mm``; convolutions through im2col) with exact zero-point
   corrections, then one float rescale. Equal to the fake-quantized layer up to float summation order.
   Layers it cannot run (unquantized or per-channel activations, grouped convolutions, ...) fall back to
-  ``dequant``; ``fallback_reason`` says why.
+  ``dequant``; ``fallback_reason`` says why. With timestep-grouped activation ranges a batch whose samples
+  sit in different groups runs that one forward as ``dequant`` (a GEMM takes one activation scale).
 """
 
 from __future__ import annotations
@@ -172,13 +173,31 @@ class DeployedLayer(nn.Module):
         return torch.cat([self.input_quantizer(hidden), self.input_quantizer_skip(skip)], dim=self.channel_axis)
 
     @staticmethod
-    def _act_levels(x: torch.Tensor, q: ActivationQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    def _int_qparams(x: torch.Tensor, q: ActivationQuantizer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``q``'s scalar step size (clamped as the forward does) and zero point for this forward's input ``x``;
+        None when the batch's samples sit in different timestep groups (one GEMM takes one activation scale)."""
+        if q.num_groups == 1:
+            return q.scale.detach().clamp_min(MIN_SCALE), q.zero_point
+        groups = q.groups_of(x)
+        if groups.numel() > 1 and not bool((groups == groups[0]).all()):
+            return None
+        g = int(groups[0])
+        return q.scale.detach()[g].clamp_min(MIN_SCALE), q.zero_point[g]
+
+    @staticmethod
+    def _act_levels(x: torch.Tensor, q: ActivationQuantizer, scale: torch.Tensor,
+                    zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shifted activation levels (float, integer-valued) and the shifted zero point (int32 scalar)."""
-        s = q.scale.detach().clamp_min(MIN_SCALE).to(x.dtype)
+        s = scale.to(x.dtype)
         shift = int8_shift(q.quant_max)
         # Same formula as fake_quantize, so the levels are exactly those the fake-quantized layer uses.
-        levels = torch.clamp(torch.round(x * (1.0 / s)) + q.zero_point.to(x.dtype), q.quant_min, q.quant_max)
-        return levels - shift, (q.zero_point.to(torch.int32) - shift).reshape(())
+        levels = torch.clamp(torch.round(x * (1.0 / s)) + zero_point.to(x.dtype), q.quant_min, q.quant_max)
+        return levels - shift, (zero_point.to(torch.int32) - shift).reshape(())
+
+    def _segment_qparams(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """:meth:`_int_qparams` of every input segment; None if any segment cannot take one scale."""
+        qparams = [self._int_qparams(x, q) for _, _, q, _, _ in self._int.segments]
+        return None if any(p is None for p in qparams) else qparams
 
     # ----- execution -----
     def int_unsupported(self) -> str | None:
@@ -308,17 +327,17 @@ class DeployedConv2d(DeployedLayer):
                 for i in range(kh) for j in range(kw)]
         return torch.cat(taps, dim=-1).reshape(b * ho * wo, kh * kw * c)
 
-    def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _int_forward(self, x: torch.Tensor, qparams: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         plan = self._int
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         b, _, h, w = x.shape
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         out = None
-        for c0, c1, q, w8, w_sum in plan.segments:
-            levels, zx = self._act_levels(x[:, c0:c1], q)
+        for (c0, c1, q, w8, w_sum), (sx, zp) in zip(plan.segments, qparams, strict=True):
+            levels, zx = self._act_levels(x[:, c0:c1], q, sx, zp)
             cols = self._im2col(levels.to(torch.int8).permute(0, 2, 3, 1), int(zx))
-            part = affine_int_mm(cols, zx, w8, plan.zw, w_sum).to(torch.float32) * q.scale.detach().clamp_min(MIN_SCALE)
+            part = affine_int_mm(cols, zx, w8, plan.zw, w_sum).to(torch.float32) * sx
             out = part if out is None else out + part
         out = out * plan.sw
         if self.bias is not None:
@@ -326,8 +345,9 @@ class DeployedConv2d(DeployedLayer):
         return out.reshape(b, ho, wo, -1).permute(0, 3, 1, 2).contiguous().to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._int is not None:
-            return self._int_forward(x)
+        qparams = self._segment_qparams(x) if self._int is not None else None
+        if qparams is not None:
+            return self._int_forward(x, qparams)
         return self._conv(self.quantize_input(x), self._weight_for_forward())
 
 
@@ -346,14 +366,13 @@ class DeployedLinear(DeployedLayer):
         self.out_channels = linear.out_features
         self._init_storage(fmt, config, linear.in_features, linear.bias is not None, device)
 
-    def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _int_forward(self, x: torch.Tensor, qparams: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         plan = self._int
         rows = x.reshape(-1, x.shape[-1])
         out = None
-        for c0, c1, q, w8, w_sum in plan.segments:
-            levels, zx = self._act_levels(rows[:, c0:c1], q)
-            part = affine_int_mm(levels.to(torch.int8), zx, w8, plan.zw, w_sum).to(torch.float32)
-            part = part * q.scale.detach().clamp_min(MIN_SCALE)
+        for (c0, c1, q, w8, w_sum), (sx, zp) in zip(plan.segments, qparams, strict=True):
+            levels, zx = self._act_levels(rows[:, c0:c1], q, sx, zp)
+            part = affine_int_mm(levels.to(torch.int8), zx, w8, plan.zw, w_sum).to(torch.float32) * sx
             out = part if out is None else out + part
         out = out * plan.sw
         if self.bias is not None:
@@ -361,8 +380,9 @@ class DeployedLinear(DeployedLayer):
         return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._int is not None:
-            return self._int_forward(x)
+        qparams = self._segment_qparams(x) if self._int is not None else None
+        if qparams is not None:
+            return self._int_forward(x, qparams)
         return F.linear(self.quantize_input(x), self._weight_for_forward(), self.bias)
 
 

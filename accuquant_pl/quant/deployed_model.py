@@ -20,6 +20,7 @@ from .freeze import frozen_state
 from .layers import QUANT_CLASSES, QUANT_LAYERS
 from .quantizers import ActivationQuantizer
 from .spec import ActQuantConfig, LayerQuantConfig, QuantSpec
+from .timesteps import attach_timestep_router
 
 _FLOAT_OF = {q.__name__: f for f, q in QUANT_LAYERS.items()}
 
@@ -37,6 +38,14 @@ def _layer_parts(name: str, entry: dict[str, Any]) -> tuple[type[nn.Module], Wei
         raise ValueError(f"quantization map entry of layer {name!r}: weight format ({fmt.bits} bits) disagrees "
                          f"with its config ({config.weight.bits} bits)")
     return _FLOAT_OF[entry["class"]], fmt, config
+
+
+def _normalised(config: Any, cls: type) -> Any:
+    """``config`` with the defaults of keys added after it was written (a readable entry only)."""
+    try:
+        return asdict(cls.from_dict(config) if hasattr(cls, "from_dict") else cls(**config))
+    except (KeyError, TypeError, ValueError):
+        return config  # malformed: compared as it is, so the difference names it
 
 
 def _config_differences(prefix: str, recorded: Any, planned: Any) -> list[str]:
@@ -66,12 +75,14 @@ def check_map_against_model(model: nn.Module, layers: dict[str, Any], processors
     if planned_layers is None:
         return
     wrong = [d for name, cfg in planned_layers.items()
-             for d in _config_differences(f"layer {name!r}", layers[name].get("config"), asdict(cfg))]
+             for d in _config_differences(f"layer {name!r}", _normalised(layers[name].get("config"), LayerQuantConfig),
+                                          asdict(cfg))]
     if set(processors) != set(planned_processors):
         wrong.append(f"attention processors {sorted(set(processors) ^ set(planned_processors))[:10]} "
                      "differ from the ones the spec quantizes")
     wrong += [d for name, cfg in planned_processors.items() if name in processors
-              for d in _config_differences(f"processor {name!r}", processors[name].get("config"), asdict(cfg))]
+              for d in _config_differences(f"processor {name!r}", _normalised(processors[name].get("config"), ActQuantConfig),
+                                           asdict(cfg))]
     if wrong:
         raise ValueError(f"the quantization map disagrees with its own spec: {'; '.join(wrong[:5])}"
                          f"{' ...' if len(wrong) > 5 else ''}")
@@ -113,6 +124,7 @@ def build_deployed(unet_cls: type[nn.Module], config: dict[str, Any], layers: di
     for name, m in model.named_modules():
         if isinstance(m, ActivationQuantizer):
             m.name = name
+    attach_timestep_router(model)
     return model
 
 

@@ -35,6 +35,7 @@ def make_act_quantizer(cfg: ActQuantConfig, num_channels: int | None, axis: int 
     return ActivationQuantizer(
         cfg.bits, cfg.symmetric, axis if cfg.per_channel else None, num_channels if cfg.per_channel else 1,
         cfg.init, cfg.percentile, cfg.mse_grid, cfg.max_samples, device=device,
+        timestep_boundaries=cfg.timestep_boundaries,
     )
 
 

@@ -43,6 +43,15 @@ def check_init_method(method: str, field: str = "method") -> None:
         raise ValueError(f"{field}={method!r} is not a known init method; choose one of {INIT_METHODS}")
 
 
+def check_timestep_boundaries(boundaries: tuple[float, ...] | list[float], field: str = "timestep_boundaries") -> None:
+    """Raise ``ValueError`` naming ``field`` unless ``boundaries`` are finite and strictly increasing."""
+    values = list(boundaries)
+    if any(isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) for b in values):
+        raise ValueError(f"{field}={values!r}: boundaries must be finite numbers (timesteps)")
+    if any(b >= c for b, c in zip(values, values[1:], strict=False)):
+        raise ValueError(f"{field}={values!r}: boundaries must be strictly increasing")
+
+
 def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """Integer range ``(quant_min, quant_max)`` of a ``bits``-bit quantizer."""
     check_bits(bits)
@@ -120,8 +129,14 @@ def fake_quantize(
     range and 0 where clamped (as torch's fake_quantize), and w.r.t. ``scale`` it is the LSQ gradient.
     """
     shape = broadcast_shape(x, axis)
-    s = scale.to(x.dtype).reshape(shape)
-    zp = zero_point.to(x.dtype).reshape(shape)
+    return fake_quantize_broadcast(x, scale.reshape(shape), zero_point.reshape(shape), quant_min, quant_max)
+
+
+def fake_quantize_broadcast(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                            quant_max: int) -> torch.Tensor:
+    """:func:`fake_quantize` with ``scale`` / ``zero_point`` already shaped to broadcast against ``x`` (e.g. one
+    step size per sample and channel)."""
+    s, zp = scale.to(x.dtype), zero_point.to(x.dtype)
     # x * (1/s) rather than x / s: torch's kernels multiply by the inverse, which matters at rounding ties.
     q = torch.clamp(round_ste(x * (1.0 / s)) + zp, quant_min, quant_max)
     return (q - zp) * s
@@ -242,12 +257,13 @@ class _AffineQuantizer(CheckedQParams, nn.Module):
     """Shared state of a uniform affine quantizer: bits, range, learnable ``scale``, integer ``zero_point``."""
 
     def __init__(self, bits: int, symmetric: bool, axis: int | None, num_channels: int,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, groups: int = 1) -> None:
         super().__init__()
         check_bits(bits)
         self.bits, self.symmetric, self.axis = bits, symmetric, axis
         self.quant_min, self.quant_max = quant_range(bits, symmetric)
-        shape = (num_channels,) if axis is not None else ()
+        # One (scale, zero point) set per group (timestep groups of activation quantizers), then per channel.
+        shape = ((groups,) if groups > 1 else ()) + ((num_channels,) if axis is not None else ())
         self.scale = nn.Parameter(torch.ones(shape, device=device))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32, device=device))
 
@@ -264,10 +280,10 @@ class _AffineQuantizer(CheckedQParams, nn.Module):
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
 
-    def _lsq_scale(self, elements: int) -> torch.Tensor:
+    def _lsq_scale(self, elements: int, groups: int = 1) -> torch.Tensor:
         # LSQ: scale the step-size gradient by 1/sqrt(N * Qp), N = elements sharing one step size (per
         # sample for activations), so step sizes learn at a rate comparable to the other parameters.
-        n = max(elements // max(self.scale.numel(), 1), 1)
+        n = max(elements // max(self.scale.numel() // groups, 1), 1)
         return grad_scale(self.scale.clamp_min(MIN_SCALE), 1.0 / math.sqrt(n * max(self.quant_max, 1)))
 
     def _label(self) -> str:
@@ -311,12 +327,21 @@ class ActivationQuantizer(_AffineQuantizer):
     raises ``RuntimeError``; initialisation never happens as a side effect of a forward.
     Statistics: running min/max (exact) plus a bounded, approximately uniform sample of values used by
     the percentile and MSE methods (``max_samples`` values).
+
+    Timestep groups: with ``timestep_boundaries`` ``b_1 < ... < b_{G-1}`` the quantizer holds ``G`` step sizes
+    (and zero points); a sample at timestep ``t`` uses group ``#{i: b_i <= t}``. The timestep comes from
+    ``timestep_source`` (a :class:`~accuquant_pl.quant.timesteps.TimestepRouter` that the model's forward
+    fills), one per sample or one for the batch; statistics and initialisation are per group.
     """
 
     def __init__(self, bits: int = 8, symmetric: bool = False, axis: int | None = None, num_channels: int = 1,
                  init_method: str = "percentile", percentile: float = 0.9999, grid: int = 80,
-                 max_samples: int = 65536, device: torch.device | str | None = None) -> None:
-        super().__init__(bits, symmetric, axis, num_channels, device)
+                 max_samples: int = 65536, device: torch.device | str | None = None,
+                 timestep_boundaries: tuple[float, ...] | list[float] = ()) -> None:
+        check_timestep_boundaries(timestep_boundaries)
+        boundaries = tuple(float(b) for b in timestep_boundaries)
+        super().__init__(bits, symmetric, axis, num_channels, device, groups=len(boundaries) + 1)
+        self.timestep_boundaries = boundaries
         check_init_method(init_method, "init_method")
         self.init_method, self.percentile, self.grid = init_method, percentile, grid
         self.num_channels, self.max_samples = num_channels, max_samples
@@ -325,43 +350,107 @@ class ActivationQuantizer(_AffineQuantizer):
         self._ready = is_off(bits)
         self.observing = False
         self.name = ""  # set by the converter; only used in error messages
-        self.observer: TensorObserver | None = None
+        self.observers: list[TensorObserver | None] = [None] * self.num_groups
+        self.timestep_source = None  # set by attach_timestep_router when there are groups
+        self._boundary_tensors: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def num_groups(self) -> int:
+        """Number of timestep groups (1 = one range for every timestep)."""
+        return len(self.timestep_boundaries) + 1
+
+    @property
+    def observer(self) -> TensorObserver | None:
+        """Statistics of the single group (use ``observers`` when there are timestep groups)."""
+        if self.num_groups != 1:
+            raise AttributeError(f"{self._label()} has {self.num_groups} timestep groups; read .observers")
+        return self.observers[0]
+
+    def group_range(self, group: int) -> str:
+        """Human-readable timestep range of ``group`` (for messages)."""
+        b = self.timestep_boundaries
+        lo = f"{b[group - 1]:g} <= " if group > 0 else ""
+        hi = f" < {b[group]:g}" if group < len(b) else ""
+        return f"group {group} ({lo}t{hi})"
+
+    def groups_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Timestep group of each row of ``x``'s batch axis: ``[1]`` when the batch shares its timestep, else
+        ``[x.shape[0]]`` (a batch of ``B`` timesteps is repeated over ``x.shape[0] // B`` consecutive rows: the
+        attention heads that diffusers folds into the batch axis)."""
+        if self.timestep_source is None:
+            raise RuntimeError(f"{self._label()} has timestep groups but no timestep source: it runs inside a "
+                               "model prepared by quantize() / load_quantized(), whose forward provides the timestep")
+        t = self.timestep_source.current(self._label())
+        boundaries = self._boundary_tensors.get(t.device)
+        if boundaries is None:
+            boundaries = torch.tensor(self.timestep_boundaries, dtype=torch.float64, device=t.device)
+            self._boundary_tensors[t.device] = boundaries
+        groups = torch.bucketize(t.to(torch.float64), boundaries, right=True)
+        if groups.numel() == 1 or groups.numel() == x.shape[0]:
+            return groups
+        if x.shape[0] % groups.numel():
+            raise ValueError(f"{self._label()}: an input batch of {x.shape[0]} rows does not divide into the "
+                             f"{groups.numel()} timesteps of the forward")
+        return groups.repeat_interleave(x.shape[0] // groups.numel())
 
     def observe(self, x: torch.Tensor) -> None:
         """Accumulate calibration statistics of ``x`` (no effect on the quantization parameters)."""
         if self.is_off:
             return
+        if self.num_groups == 1:
+            self._observe_group(0, x)
+            return
+        groups = self.groups_of(x)
+        if groups.numel() == 1:
+            self._observe_group(int(groups), x)
+            return
+        for g in groups.unique().tolist():
+            self._observe_group(g, x[groups == g])
+
+    def _observe_group(self, group: int, x: torch.Tensor) -> None:
         rows = channel_rows(x.detach(), self.axis)
         if rows.shape[1] != self.num_channels:
             raise ValueError(f"{self._label()}: expected {self.num_channels} channels, got {rows.shape[1]}")
-        if self.observer is None:
-            self.observer = TensorObserver(self.num_channels, self._max_rows())
-        self.observer.update(rows)
+        if self.observers[group] is None:
+            self.observers[group] = TensorObserver(self.num_channels, self._max_rows())
+        self.observers[group].update(rows)
 
     def _max_rows(self) -> int:
         # Keep at least 1024 rows per channel so per-channel percentiles stay meaningful.
         return max(self.max_samples // self.num_channels, 1024)
 
+    def unobserved_groups(self) -> list[int]:
+        """Groups that have seen no data since the last initialisation (empty for 16-bit quantizers)."""
+        if self.is_off:
+            return []
+        return [g for g, obs in enumerate(self.observers) if obs is None or obs.seen == 0]
+
     def init_from_observations(self, method: str | None = None) -> None:
-        """Set scale/zero point from the accumulated observations, then drop them."""
+        """Set scale/zero point (of every timestep group) from the accumulated observations, then drop them."""
         if self.is_off:
             return
         method = method or self.init_method
         check_init_method(method)
-        if self.observer is None or self.observer.seen == 0:
-            raise RuntimeError(f"{self._label()}: no observations; run calibration data through it first")
-        obs = self.observer
-        if method == "minmax":
-            qparams = minmax_qparams(obs.min_val, obs.max_val, self.bits, self.symmetric)
-        elif method == "percentile":
-            qparams = init_percentile(obs.samples, self.bits, self.symmetric, self.percentile)
+        missing = self.unobserved_groups()
+        if missing:
+            where = "" if self.num_groups == 1 else " for timestep " + ", ".join(self.group_range(g) for g in missing)
+            raise RuntimeError(f"{self._label()}: no observations{where}; run calibration data through it first")
+        qparams = [self._qparams_of(obs, method) for obs in self.observers]
+        if self.num_groups == 1:
+            scale, zero_point = qparams[0]
         else:
-            qparams = init_mse(obs.samples, self.bits, self.symmetric, self.grid,
-                               min_val=obs.min_val, max_val=obs.max_val)
-        self.set_qparams(*qparams)
+            scale, zero_point = torch.stack([s for s, _ in qparams]), torch.stack([z for _, z in qparams])
+        self.set_qparams(scale, zero_point)
         self.initialized.fill_(True)
         self._ready = True
-        self.observer = None
+        self.reset_observations()
+
+    def _qparams_of(self, obs: TensorObserver, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if method == "minmax":
+            return minmax_qparams(obs.min_val, obs.max_val, self.bits, self.symmetric)
+        if method == "percentile":
+            return init_percentile(obs.samples, self.bits, self.symmetric, self.percentile)
+        return init_mse(obs.samples, self.bits, self.symmetric, self.grid, min_val=obs.min_val, max_val=obs.max_val)
 
     def calibrate(self, x: torch.Tensor, method: str | None = None) -> None:
         """Shortcut for ``observe(x)`` followed by ``init_from_observations(method)``."""
@@ -370,7 +459,7 @@ class ActivationQuantizer(_AffineQuantizer):
 
     def reset_observations(self) -> None:
         """Forget accumulated statistics."""
-        self.observer = None
+        self.observers = [None] * self.num_groups
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -382,6 +471,17 @@ class ActivationQuantizer(_AffineQuantizer):
 
     def _label(self) -> str:
         return f"ActivationQuantizer {self.name!r}" if self.name else "ActivationQuantizer"
+
+    def qparams_for(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` shaped to broadcast against ``x``: this forward's timestep group(s), and the
+        channel axis if per-channel. ``scale`` replaces ``self.scale`` (e.g. its LSQ-gradient-scaled view)."""
+        scale = self.scale if scale is None else scale
+        shape = broadcast_shape(x, self.axis)
+        if self.num_groups == 1:
+            return scale.reshape(shape), self.zero_point.reshape(shape)
+        groups = self.groups_of(x)
+        shape[0] = groups.numel()
+        return scale[groups].reshape(shape), self.zero_point[groups].reshape(shape)
 
     def forward(self, x: torch.Tensor, enabled: bool = True) -> torch.Tensor:
         """Quantize ``x`` if ``enabled``; while ``observing``, record statistics and return ``x`` unchanged."""
@@ -395,8 +495,11 @@ class ActivationQuantizer(_AffineQuantizer):
                 f"{self._label()} ({self.bits}-bit) used before initialisation: call "
                 "calibrate_activations(model, batches) or observe() + init_from_observations() first"
             )
-        scale = self._lsq_scale(x[0].numel() if x.dim() > 1 else x.numel())
-        return fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
+        scale = self._lsq_scale(x[0].numel() if x.dim() > 1 else x.numel(), self.num_groups)
+        if self.num_groups == 1:
+            return fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
+        return fake_quantize_broadcast(x, *self.qparams_for(x, scale), self.quant_min, self.quant_max)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, init={self.init_method}"
+        groups = f", timestep_boundaries={list(self.timestep_boundaries)}" if self.num_groups > 1 else ""
+        return f"{super().extra_repr()}, init={self.init_method}{groups}"

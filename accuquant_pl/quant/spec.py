@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .quantizers import check_bits, check_init_method
+from .quantizers import check_bits, check_init_method, check_timestep_boundaries, is_off
 
 
 @dataclass
@@ -46,6 +46,9 @@ class ActQuantConfig:
     """Number of clipping ratios tried by the 'mse' init."""
     max_samples: int = 65536
     """Bound on the number of activation values kept for percentile/MSE init."""
+    timestep_boundaries: list[float] = field(default_factory=list)
+    """Timesteps at which the step size changes: group g covers boundaries[g-1] <= t < boundaries[g]
+    (empty = one range for every timestep)."""
 
 
 @dataclass
@@ -112,6 +115,11 @@ class QuantSpec:
     """Number of clipping ratios tried by MSE initialisation."""
     act_max_samples: int = 65536
     """Bound on activation values kept per quantizer for percentile/MSE initialisation."""
+    act_timestep_boundaries: list[float] = field(default_factory=list)
+    """Timestep-aware activation ranges: the timesteps at which every activation quantizer switches to its next
+    step size (group g covers boundaries[g-1] <= t < boundaries[g]; e.g. [250, 500, 750] = 4 groups over
+    1000 training timesteps). Each group is initialised from its own timesteps' statistics, learned, exported
+    and applied by the deployed model from the timestep it is given. Empty = one range for all timesteps."""
     overrides: list[LayerOverride] = field(default_factory=list)
     """Per-name bit-width overrides, applied in order (later ones win)."""
 
@@ -124,6 +132,8 @@ class QuantSpec:
                 check_bits(getattr(self, name), name)
         check_init_method(self.weight_init, "weight_init")
         check_init_method(self.act_init, "act_init")
+        check_timestep_boundaries(self.act_timestep_boundaries, "act_timestep_boundaries")
+        self.act_timestep_boundaries = [float(b) for b in self.act_timestep_boundaries]
         if not 0.0 < self.act_percentile <= 1.0:
             raise ValueError(f"act_percentile={self.act_percentile!r} must be in (0, 1]")
         for i, o in enumerate(self.overrides):
@@ -138,8 +148,10 @@ class QuantSpec:
 
     def act_config(self, bits: int) -> ActQuantConfig:
         """Activation config of a tensor quantized at ``bits``."""
+        # A 16-bit (float) tensor has no step size, so no timestep groups either.
+        boundaries = [] if is_off(bits) else list(self.act_timestep_boundaries)
         return ActQuantConfig(bits, self.act_symmetric, self.act_per_channel, self.act_init,
-                              self.act_percentile, self.mse_grid, self.act_max_samples)
+                              self.act_percentile, self.mse_grid, self.act_max_samples, boundaries)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""

@@ -116,3 +116,24 @@ def test_mixed_start_batches_calibrate_every_unit(tmp_path, tiny_model_dir, conf
     record = next(c for c in cli.trainer.callbacks if type(c).__name__ == "RecordStarts")
     assert len(record.starts) == 2 * len(module.unit_names)
     assert all(len(starts) == 2 and starts[0] != starts[1] for starts in record.starts)
+
+
+def test_timestep_grouped_ranges_are_learned_by_every_objective_and_exported(tmp_path, tiny_model_dir):
+    """Six DDIM steps over 100 training timesteps: boundaries 40 and 70 put two steps in each of three groups."""
+    boundaries = ["--model.init_args.quant.act_timestep_boundaries", "[40, 70]"]
+    scales = {}
+    for config in ("digits_w4a8_rtn.yaml", "digits_w4a8_qdiff.yaml", "digits_w4a8_accuquant.yaml"):
+        name = config.removesuffix(".yaml")
+        cli = main([*tiny_args(tmp_path, tiny_model_dir, config, name=name), *boundaries])
+        folder = tmp_path / name / "quantized"
+        unet, _ = load_quantized_model(folder)
+        x = torch.randn(2, 1, 8, 8)
+        for t in (10, 50, 90):
+            assert torch.equal(unet(x, t).sample, cli.model.student(x, t).sample)
+        tensors = load_file(folder / "quantized.safetensors")
+        scales[name] = {k: v for k, v in tensors.items() if k.endswith("quantizer.scale") and v.dim() >= 1}
+        assert scales[name] and all(v.shape[0] == 3 for v in scales[name].values())
+    init = scales["digits_w4a8_rtn"]  # round-to-nearest keeps the per-group initial step sizes
+    for learned in ("digits_w4a8_qdiff", "digits_w4a8_accuquant"):
+        for g in range(3):
+            assert any(not torch.equal(v[g], init[k][g]) for k, v in scales[learned].items()), (learned, g)
