@@ -14,7 +14,15 @@ from .deployed_model import (
     weight_bytes,
 )
 from .freeze import frozen_state, weight_levels
-from .layers import QUANT_LAYERS, QuantConv2d, QuantLayerMixin, QuantLinear, harden, layer_biases, quantized_layers
+from .layers import (
+    QUANT_LAYERS,
+    QuantConv2d,
+    QuantLayerMixin,
+    QuantLinear,
+    harden,
+    layer_biases,
+    quantized_layers,
+)
 from .packing import pack_int4, pack_weight, unpack_int4, unpack_weight
 from .quantizers import ActivationQuantizer, WeightQuantizer, fake_quantize, quant_range
 from .serialization import load_quantized, quantization_map, save_quantized
