@@ -21,23 +21,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from accuquant_pl.data.digits_quality import DigitClassifier  # noqa: E402
-from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
-from accuquant_pl.evaluation import samples_from  # noqa: E402
-from accuquant_pl.io import atomic_torch_save, atomic_write_json  # noqa: E402
+from accuquant_pl.io import atomic_write_json  # noqa: E402
 from accuquant_pl.metrics.sample_errors import (  # noqa: E402
     PROTOCOL_BATCH_SIZE,
     PROTOCOL_FIRST_SEED,
     per_sample_mse,
     sample_error_stats,
 )
-from accuquant_pl.models.loading import load_unet  # noqa: E402
 from accuquant_pl.quant import QuantSpec, rtn_quantize  # noqa: E402
+from benchmarks.protocol import FP_CACHE, TRAJECTORY_CACHE, setup_protocol  # noqa: E402
 
 FIRST_LAST = ("conv_in", "conv_out")
 
@@ -71,43 +67,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--act-calibration-samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=1024)
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "core_ablation.json"))
-    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "trajectories"))
-    p.add_argument("--fp-samples", default=str(REPO / ".cache" / "protocol" / "fp_samples.pt"))
+    p.add_argument("--cache-dir", default=TRAJECTORY_CACHE)
+    p.add_argument("--fp-samples", default=FP_CACHE)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (recorded: float reduction order, hence a few samples, can depend on it)")
     return p.parse_args()
 
 
-def fp_samples(args: argparse.Namespace, teacher: torch.nn.Module, scheduler: Any, seeds: list[int]) -> torch.Tensor:
-    """The FP teacher's samples of the protocol seeds, cached (they are every row's reference)."""
-    path = Path(args.fp_samples)
-    key = {"teacher": str(Path(args.teacher).resolve()), "seeds": [seeds[0], len(seeds)], "steps": args.steps,
-           "batch_size": PROTOCOL_BATCH_SIZE, "threads": args.threads}
-    if path.is_file():
-        cached = torch.load(path, weights_only=True)
-        if cached.get("key") == json.dumps(key):
-            return cached["samples"]
-    samples = samples_from(teacher, scheduler, seeds, args.steps, batch_size=PROTOCOL_BATCH_SIZE)
-    atomic_torch_save({"key": json.dumps(key), "samples": samples}, path)
-    return samples
-
-
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
     unknown = [r for r in args.rows.split(",") if r not in CORE_CHOICES]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {list(CORE_CHOICES)}")
-    teacher = load_unet(args.teacher)
-    data = TrajectoryDataModule(teacher=args.teacher, num_inference_steps=args.steps,
-                                num_trajectories=args.num_trajectories, cache_dir=args.cache_dir)
-    data.prepare_data()
-    data.setup("fit")
-    scheduler = data.make_scheduler()
-    batches = [{"x": b["x"], "timestep": b["timesteps"][:, 0]}
-               for b in data.calibration_inputs(args.act_calibration_samples)]
-    seeds = list(range(PROTOCOL_FIRST_SEED, PROTOCOL_FIRST_SEED + args.eval_samples))
-    reference = fp_samples(args, teacher, scheduler, seeds)
+    protocol = setup_protocol(args.teacher, args.eval_samples, args.steps, args.num_trajectories, args.threads,
+                              args.cache_dir, args.fp_samples)
+    batches = protocol.calibration_batches(args.act_calibration_samples)
+    reference = protocol.reference
     classifier = DigitClassifier()
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
@@ -122,8 +97,8 @@ def main() -> None:
                 continue
             spec = QuantSpec(weight_bits=w, act_bits=a, **copy.deepcopy(CORE_CHOICES[name]))
             start = time.time()
-            student = rtn_quantize(copy.deepcopy(teacher), spec, batches).eval()
-            q = samples_from(student, scheduler, seeds, args.steps, batch_size=PROTOCOL_BATCH_SIZE)
+            student = rtn_quantize(copy.deepcopy(protocol.teacher), spec, batches).eval()
+            q = protocol.samples(student)
             stats = sample_error_stats(reference, q, labeller=classifier.labels)
             errors = per_sample_mse(reference, q)
             rows.append({"bits": bits, "row": name, "threads": args.threads, "spec": spec.to_dict(), **stats.as_dict(),

@@ -83,4 +83,9 @@ python benchmarks/quality.py --bits w4a8 --methods accuquant --rounding-weight 1
 python benchmarks/quality.py --bits w4a8 --methods per_step --rounding-weight 1e-4 --out $R/sensitivity_per_step_rw1e-4.json
 $Q --bits w4a8 --methods accuquant --group-sizes 4 --gradients approx --rounding-weight 1e-4 \
    --out $R/sensitivity_accuquant_approx_rw1e-4.json
+# the robust protocol (1024 held-out seeds, batches of 64; docs/results.md "Robust protocol"): RTN core ablation,
+# optimum-quanto against our RTN, and the main multi-seed comparison of the shipped configs (~5 h more)
+python benchmarks/core_ablation.py --threads 2
+python benchmarks/peers.py --threads 2
+python benchmarks/main_comparison.py --threads 2
 python benchmarks/make_results.py

@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import install_quant_processor
 from .layers import QUANT_LAYERS, harden
-from .quantizers import ActivationQuantizer
+from .quantizers import ActivationQuantizer, is_off
 from .spec import LayerOverride, LayerQuantConfig, QuantSpec
 from .state import observing
 from .timesteps import attach_timestep_router
@@ -58,7 +58,9 @@ def plan_layers(model: nn.Module, spec: QuantSpec) -> tuple[dict[str, LayerQuant
         if type(module) in QUANT_LAYERS:
             base = (spec.weight_bits, spec.act_bits)
             if name in FIRST_LAST_LAYERS and spec.first_last_bits is not None:
-                base = (spec.first_last_bits, spec.first_last_bits)
+                # Higher precision for the first and last layers where the rest is quantized: a float (16-bit)
+                # tensor, e.g. every activation of a weight-only W4A16 spec, stays float.
+                base = tuple(b if is_off(b) else spec.first_last_bits for b in base)
             if name == INPUT_LAYER and spec.input_bits is not None:
                 base = (base[0], spec.input_bits)
             w_bits, a_bits = _resolve_bits(name, spec, base, used)

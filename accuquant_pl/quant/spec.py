@@ -87,7 +87,8 @@ class QuantSpec:
     act_bits: int = 8
     """Input-activation bit width of every layer and of attention matmul operands."""
     first_last_bits: int | None = 8
-    """Weight and activation bits of the UNet's conv_in and conv_out (None = same as the rest)."""
+    """Weight and activation bits of the UNet's conv_in and conv_out where the rest is quantized (a tensor kind
+    the spec keeps in float, e.g. activations at act_bits 16, stays float; None = same as the rest)."""
     input_bits: int | None = None
     """Bits of the network input: the sampler state x_t, conv_in's input activation (16 = kept in float; None =
     conv_in's activation bits as above). Overrides naming conv_in still win."""

@@ -118,6 +118,15 @@ def test_first_last_and_overrides():
     assert proc.query_quantizer.bits == 8 and proc.probs_quantizer.bits == 8
 
 
+def test_first_last_bits_keep_a_float_tensor_kind_float():
+    """Weight-only W4A16: conv_in / conv_out get 8-bit weights, and their inputs stay float like every other."""
+    layers = dict(quantized_layers(quantize(make_unet(), QuantSpec(weight_bits=4, act_bits=16))))
+    for name in ("conv_in", "conv_out"):
+        assert layers[name].weight_quantizer.bits == 8 and layers[name].input_quantizer.is_off
+    layers = dict(quantized_layers(quantize(make_unet(), QuantSpec(weight_bits=16, act_bits=4))))
+    assert layers["conv_in"].weight_quantizer.is_off and layers["conv_in"].input_quantizer.bits == 8
+
+
 def test_unmatched_override_rejected_before_any_change():
     model = make_unet()
     spec = QuantSpec(overrides=[LayerOverride("down_blocks.0.*", 4), LayerOverride("no_such_block.*", 4)])

@@ -1,0 +1,183 @@
+"""The main comparison on the robust protocol: RTN, per-step, AccuQuant over bit widths and calibration seeds.
+
+Every row calibrates the shipped digits teacher with a shipped config, exactly as a user runs it
+(``python main.py fit --config configs/digits_<bits>_<method>.yaml``, in a subprocess, with the calibration seed
+as ``seed_everything`` and the trajectory seed), loads the exported folder and evaluates it on the robust
+protocol (``accuquant_pl.metrics.sample_errors``): 1024 held-out seeds sampled in batches of 64, per-sample final
+MSE against the FP samples of the same noises, the share of changed digits, FID against real held-out digits,
+FID2FP32 and KID on the same samples, and the error-accumulation curve on the first 256 seeds.
+
+Methods:
+    rtn                 configs/digits_<bits>_rtn.yaml
+    per_step            configs/digits_<bits>_qdiff.yaml (Q-Diffusion / BRECQ per-step reconstruction)
+    accuquant           configs/digits_<bits>_accuquant.yaml (the shipped recipe, with its final stage)
+    accuquant_block_n2  the AccuQuant config's units with block-output targets over n = 2 steps, no final stage
+
+Rows are written to the JSON after each one and a rerun skips them; a calibration killed half-way resumes from
+its last checkpoint. Only rows of one sweep on one machine are comparable (docs/results.md says why).
+
+    python benchmarks/main_comparison.py --threads 2 [--bits w4a8] [--methods ...] [--seeds 0,1,2,3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from accuquant_pl.data.digits_quality import DigitClassifier  # noqa: E402
+from accuquant_pl.evaluation import paired_errors, samples_from  # noqa: E402
+from accuquant_pl.io import atomic_write_json, atomic_write_text  # noqa: E402
+from accuquant_pl.metrics.sample_errors import (  # noqa: E402
+    PROTOCOL_BATCH_SIZE,
+    PROTOCOL_FIRST_SEED,
+    per_sample_mse,
+    sample_error_stats,
+)
+from accuquant_pl.quantized_model import load_quantized_model  # noqa: E402
+from accuquant_pl.sample_metrics import SampleQualityMeter  # noqa: E402
+from benchmarks.protocol import Protocol, setup_protocol  # noqa: E402
+
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rtn": ("rtn", {}),
+    "per_step": ("qdiff", {}),
+    "accuquant": ("accuquant", {}),
+    "accuquant_block_n2": ("accuquant", {"model": {"final_stage_iterations": 0, "final_stage_group_size": None},
+                                         "data": {"group_size": 2}}),
+}
+"""Method -> (config suffix, overrides of the config's ``init_args``)."""
+CURVE_SEEDS = 256
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default="w4a8,w8a8,w4a4", help="comma list of wXaY (a configs/digits_<bits>_* set each)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")
+    p.add_argument("--seeds", default="0,1,2,3", help="calibration seeds (seed_everything and trajectory seed)")
+    p.add_argument("--eval-samples", type=int, default=1024)
+    p.add_argument("--features", default="inception", help="FID features: inception or random-projection (tests)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of calibration and evaluation (recorded)")
+    p.add_argument("--out", default=str(REPO / "docs" / "results" / "main_comparison.json"))
+    p.add_argument("--work-dir", default=str(REPO / ".cache" / "main_comparison"),
+                   help="calibration runs, exports and samples")
+    p.add_argument("--config-overrides", default=None,
+                   help="YAML merged into every run's config (tests shrink the runs with it)")
+    return p.parse_args()
+
+
+def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, root: Path) -> list[str]:
+    """``main.py fit`` arguments of one row (its override file is written under ``root``)."""
+    suffix, overrides = METHODS[method]
+    config = REPO / "configs" / f"digits_{bits}_{suffix}.yaml"
+    if not config.is_file():
+        raise SystemExit(f"no config {config.relative_to(REPO)} for bits {bits!r}")
+    override = {
+        "seed_everything": seed,
+        "trainer": {
+            "default_root_dir": str(root), "enable_progress_bar": False, "logger": False,
+            "callbacks": [
+                {"class_path": "callbacks.calibration_checkpoint.CalibrationCheckpoint",
+                 "init_args": {"dirpath": str(root / "checkpoints"), "every_n_seconds": 60}},
+                {"class_path": "callbacks.quantized_export.ExportQuantized",
+                 "init_args": {"dirpath": str(root / "quantized")}},
+            ],
+        },
+        "model": {"init_args": dict(overrides.get("model", {}))},
+        "data": {"init_args": {"seed": seed, "cache_dir": str(REPO / ".cache" / "trajectories"),
+                               **overrides.get("data", {})}},
+    }
+    atomic_write_text(root / "override.yaml", yaml.safe_dump(override))
+    argv = ["fit", "--config", str(config), "--config", str(root / "override.yaml")]
+    if args.config_overrides:
+        argv += ["--config", args.config_overrides]
+    last = root / "checkpoints" / "last.ckpt"
+    return argv + (["--ckpt_path", str(last)] if last.is_file() else [])
+
+
+def calibrate(args: argparse.Namespace, bits: str, method: str, seed: int) -> tuple[Path, float]:
+    """Run (or resume) the row's calibration; returns the export folder and the seconds it took this time."""
+    root = Path(args.work_dir) / f"{bits}_{method}_seed{seed}"
+    folder, timing = root / "quantized", root / "calibration_seconds.json"
+    if (folder / "checksums.json").is_file() and timing.is_file():
+        return folder, json.loads(timing.read_text())["seconds"]
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    start = time.time()
+    subprocess.run([sys.executable, str(REPO / "main.py"), *run_config(args, bits, method, seed, root)],
+                   cwd=REPO, env=env, check=True)
+    # A resumed calibration reports the time of its last part only (the checkpoint does not record the rest).
+    seconds = time.time() - start
+    atomic_write_json(timing, {"seconds": seconds})
+    return folder, seconds
+
+
+def evaluate(folder: Path, protocol: Protocol, meter: SampleQualityMeter, classifier: DigitClassifier) -> dict[str, Any]:
+    """Protocol figures of one exported model (its samples are those of ``Protocol.samples``: the first
+    ``CURVE_SEEDS`` come from the error-curve run, the same batches of 64)."""
+    unet, _ = load_quantized_model(folder)
+    seeds, reference, steps = protocol.seeds, protocol.reference, protocol.steps
+    curve_seeds = seeds[: min(CURVE_SEEDS, len(seeds))]
+    curves = paired_errors(protocol.teacher, unet, protocol.scheduler, curve_seeds, steps,
+                           batch_size=PROTOCOL_BATCH_SIZE)
+    samples = curves.q_samples
+    if len(seeds) > len(curve_seeds):
+        with torch.no_grad():
+            rest = samples_from(unet, protocol.scheduler, seeds[len(curve_seeds):], steps,
+                                batch_size=PROTOCOL_BATCH_SIZE)
+        samples = torch.cat([samples, rest])
+    stats = sample_error_stats(reference, samples, labeller=classifier.labels)
+    quality = meter.measure(samples, reference)
+    return {**stats.as_dict(), "per_sample_mse": per_sample_mse(reference, samples).tolist(),
+            "fid": quality.fid, "fid_fp": quality.fid_fp, "fid2fp32": quality.fid2fp32, "kid": quality.kid,
+            "accumulated": curves.accumulated, "per_step": curves.per_step}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    protocol = setup_protocol(eval_samples=args.eval_samples, threads=args.threads)
+    meter = SampleQualityMeter(features=args.features, real_dataset="digits",
+                               image_size=protocol.teacher.config.sample_size,
+                               features_cache_dir=str(Path(args.work_dir) / "features"))
+    classifier = DigitClassifier()
+    out = Path(args.out)
+    record = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    rows = record["rows"]
+    if rows and rows[0]["threads"] != args.threads:
+        raise SystemExit(f"{out} was measured with {rows[0]['threads']} threads; rerun with --threads {rows[0]['threads']}")
+    done = {(r["bits"], r["method"], r["seed"]) for r in rows}
+    for bits in args.bits.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for method in methods:
+                if (bits, method, seed) in done:
+                    continue
+                folder, seconds = calibrate(args, bits, method, seed)
+                torch.set_num_threads(args.threads)
+                figures = evaluate(folder, protocol, meter, classifier)
+                rows.append({"bits": bits, "method": method, "seed": seed, "threads": args.threads,
+                             "calibration_seconds": seconds, **figures})
+                print(f"{bits} {method} seed {seed}: mean {figures['mean']:.5f} median {figures['median']:.6f} "
+                      f"digit changed {figures['label_change_share']:.3f} FID {figures['fid']:.2f} "
+                      f"FID2FP32 {figures['fid2fp32']:.2f} ({seconds:.0f} s calibration)", flush=True)
+                atomic_write_json(out, {"protocol": {"first_seed": PROTOCOL_FIRST_SEED, "samples": len(protocol.seeds),
+                                                     "batch_size": PROTOCOL_BATCH_SIZE, "features": args.features},
+                                        "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
