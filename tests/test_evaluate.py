@@ -47,6 +47,7 @@ def test_fp_model_against_itself(tmp_path, tiny_model_dir):
     assert m["noise_floor"] > 0, "two disjoint FP sets must differ"
     assert m["kid"] is not None and m["num_samples"] == 12
     assert len(m["per_step"]) == 4 and max(m["accumulated"]) == 0.0
+    assert m["digit_changed"] == 0.0 and m["mse_p99"] == 0.0 and m["share_above_threshold"] == 0.0
     assert (tmp_path / "fp" / "error_curves.png").stat().st_size > 1000
     assert (tmp_path / "fp" / "samples.png").exists()
     assert list((tmp_path / "fp" / "tb").rglob("events.out.tfevents.*"))
@@ -59,8 +60,11 @@ def test_calibration_checkpoint_evaluates_like_its_exported_model(tmp_path, tiny
     main(eval_args(tmp_path, tiny_model_dir, "from_folder", quantized=str(tmp_path / "calib" / "quantized")))
     a, b = read_metrics(tmp_path / "from_ckpt"), read_metrics(tmp_path / "from_folder")
     assert a["mse"] > 0, "a W4A8 model must differ from FP"
-    for key in ("mse", "fid", "fid2fp32", "noise_floor", "kid"):
+    for key in ("mse", "fid", "fid2fp32", "noise_floor", "kid", "mse_median", "mse_p99", "digit_changed"):
         assert a[key] == pytest.approx(b[key], rel=1e-9), key
+    # The per-sample statistics of the robust protocol: the mean (mse) inside its bootstrap interval.
+    assert a["mse_mean_ci_low"] <= a["mse"] <= a["mse_mean_ci_high"] and 0 < a["mse_median"] <= a["mse_p99"]
+    assert 0.0 <= a["share_above_threshold"] <= 1.0 and 0.0 <= a["digit_changed"] <= 1.0
     assert a["accumulated"][-1] == pytest.approx(a["mse"], rel=0.2)  # unclamped vs clamped final states
 
 
