@@ -51,8 +51,8 @@ CORE_CHOICES: dict[str, dict[str, Any]] = {
     "symmetric weights": {"weight_symmetric": True},
     "symmetric activations": {"act_symmetric": True},
     "per-tensor weights": {"weight_per_channel": False},
-    "timestep-grouped act ranges, 4 groups": {"act_timestep_boundaries": [250, 500, 750]},
-    "timestep-grouped act ranges, 10 groups": {"act_timestep_boundaries": list(range(100, 1000, 100))},
+    "timestep-grouped act ranges (4 groups)": {"act_timestep_boundaries": [250, 500, 750]},
+    "timestep-grouped act ranges (10 groups)": {"act_timestep_boundaries": list(range(100, 1000, 100))},
 }
 """Each row's departure from the default ``QuantSpec`` (which is what the first row runs)."""
 

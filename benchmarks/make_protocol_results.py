@@ -1,6 +1,7 @@
-"""Writes the robust-protocol section of docs/results.md from docs/results/core_ablation.json and peers.json.
+"""Writes the robust-protocol section of docs/results.md from docs/results/main_comparison.json, core_ablation.json
+and peers.json.
 
-Cheap (no sampling, no FID): it only formats the rows those benchmarks wrote. The section sits between two
+Cheap (no sampling, no FID): it only formats the rows those benchmarks wrote (and plots the error curves). The section sits between two
 marker comments, which ``make_results.py`` keeps when it regenerates the rest of the page.
 
     python benchmarks/make_protocol_results.py
@@ -21,6 +22,7 @@ import torch  # noqa: E402
 
 from accuquant_pl.io import atomic_write_text  # noqa: E402
 from accuquant_pl.metrics.sample_errors import paired_comparison  # noqa: E402
+from accuquant_pl.plots import plot_error_curves  # noqa: E402
 
 START, END = "<!-- robust-protocol:start -->", "<!-- robust-protocol:end -->"
 
@@ -78,9 +80,70 @@ def peers_lines(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+METHOD_NAMES = {"rtn": "RTN", "per_step": "per-step (Q-Diffusion/BRECQ)", "accuquant": "AccuQuant (shipped recipe)",
+                "accuquant_block_n2": "AccuQuant block-output n = 2"}
+
+
+def _mean_std(values: list[float], fmt: str) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    std = float(t.std()) if len(values) > 1 else 0.0
+    return f"{float(t.mean()):{fmt}} ± {std:{fmt}}"
+
+
+def main_comparison_lines(data: dict[str, Any], results: Path) -> list[str]:
+    """Mean ± std over calibration seeds per (bits, method), the per-seed rows with AccuQuant's paired ratio
+    against the per-step baseline of the same seed, and the error-accumulation plot of each bit width (seed 0)."""
+    rows, protocol = data["rows"], data["protocol"]
+    lines = ["### Main comparison: RTN, per-step and AccuQuant, calibration seeds", "",
+             f"`python benchmarks/main_comparison.py --threads {rows[0]['threads']}` ({len(rows)} rows, one sweep on "
+             f"one machine). Each row calibrates the shipped digits teacher with the shipped config "
+             "(`configs/digits_<bits>_{rtn,qdiff,accuquant}.yaml`; block-output n = 2 is the AccuQuant config with "
+             "`data.group_size: 2` and no final stage) at the given calibration seed (`seed_everything` and the "
+             f"trajectory seed) and evaluates its export on {protocol['samples']} held-out seeds in batches of "
+             f"{protocol['batch_size']}. FID / FID2FP32 / KID ({protocol['features']} features) on the same samples; "
+             "FID of the FP samples against the real digits: "
+             f"{rows[0]['fid_fp']:.2f}.", "",
+             "| bits | method | seeds | mean final MSE | median | share > 0.01 | digit changed | FID | FID2FP32 | KID |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["bits"], r["method"]), []).append(r)
+    for (bits, method), rs in groups.items():
+        cells = [_mean_std([r["mean"] for r in rs], ".5f"), _mean_std([r["median"] for r in rs], ".6f"),
+                 _mean_std([100 * r["share_above"] for r in rs], ".1f") + " %",
+                 _mean_std([100 * r["label_change_share"] for r in rs], ".1f") + " %",
+                 _mean_std([r["fid"] for r in rs], ".2f"), _mean_std([r["fid2fp32"] for r in rs], ".2f"),
+                 _mean_std([r["kid"] for r in rs], ".4f")]
+        lines.append(f"| {bits.upper()} | {METHOD_NAMES.get(method, method)} | "
+                     f"{','.join(str(r['seed']) for r in rs)} | {' | '.join(cells)} |")
+    lines += ["", "Per seed. *vs per-step*: the row's mean error over the per-step baseline's of the same calibration "
+              "seed, paired on the evaluation seeds, bootstrap 95 % interval (* excludes 1); median ratio likewise.",
+              "", "| bits | method | seed | mean final MSE [95 % CI] | median | p99 | share > 0.01 | digit changed | "
+              "FID2FP32 | vs per-step | median vs per-step | calibration s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["bits"], r["seed"]): r for r in rows if r["method"] == "per_step"}
+    for r in sorted(rows, key=lambda r: (r["bits"], r["seed"], list(METHOD_NAMES).index(r["method"]))):
+        b = base.get((r["bits"], r["seed"]))
+        median_ratio = "-" if b is None or b is r else f"{r['median'] / b['median']:.2f}"
+        lines.append(f"| {r['bits'].upper()} | {METHOD_NAMES.get(r['method'], r['method'])} | {r['seed']} | "
+                     f"{_stats_cells(r)} | {r['fid2fp32']:.2f} | {_paired_vs(r, b)} | {median_ratio} | "
+                     f"{r['calibration_seconds']:.0f} |")
+    lines.append("")
+    for bits in sorted({r["bits"] for r in rows}):
+        seed0 = {METHOD_NAMES.get(r["method"], r["method"]): (r["per_step"], r["accumulated"])
+                 for r in rows if r["bits"] == bits and r["seed"] == min(x["seed"] for x in rows if x["bits"] == bits)}
+        name = f"main_comparison_curves_{bits}.png"
+        plot_error_curves(seed0, results / name, title=f"{bits.upper()}: error along the DDIM-50 trajectory "
+                          f"(first 256 protocol seeds, calibration seed 0)")
+        lines += [f"![{bits.upper()} error accumulation](results/{name})", ""]
+    return lines
+
+
 def protocol_section(results: Path) -> list[str]:
     """The section's lines (with its markers); empty when neither benchmark has written rows yet."""
     body: list[str] = []
+    path = results / "main_comparison.json"
+    if path.is_file() and json.loads(path.read_text())["rows"]:
+        body += main_comparison_lines(json.loads(path.read_text()), results)
     for name, fmt in (("core_ablation.json", core_ablation_lines), ("peers.json", peers_lines)):
         path = results / name
         if path.is_file() and json.loads(path.read_text())["rows"]:

@@ -40,3 +40,24 @@ def test_section_from_the_benchmarks_json_replaces_itself(tmp_path):
     written = page.read_text()
     assert written.startswith("# Results\n\nearlier tables\n") and written.count(START) == 1
     assert protocol_section(tmp_path / "missing") == []
+
+
+def _comparison_row(method: str, seed: int, errors: list[float]) -> dict:
+    return {"bits": "w4a8", "method": method, "seed": seed, "threads": 2, "calibration_seconds": 60.0, **STATS,
+            "mean": sum(errors) / len(errors), "per_sample_mse": errors, "fid": 5.0, "fid_fp": 4.0,
+            "fid2fp32": 1.0 + seed, "kid": 0.001, "per_step": [1e-4, 2e-4], "accumulated": [1e-4, 3e-4]}
+
+
+def test_main_comparison_reports_seed_spread_paired_ratios_and_curves(tmp_path):
+    rows = [_comparison_row("per_step", s, [0.002, 0.004, 0.006]) for s in (0, 1)]
+    rows += [_comparison_row("accuquant", 0, [0.001, 0.002, 0.003]), _comparison_row("accuquant", 1, [0.002, 0.004, 0.006])]
+    (tmp_path / "main_comparison.json").write_text(json.dumps({
+        "protocol": {"first_seed": 100000, "samples": 3, "batch_size": 64, "features": "inception"}, "rows": rows}))
+    text = "\n".join(protocol_section(tmp_path))
+    # mean ± std over the two calibration seeds: per-step 0.004 both times, AccuQuant 0.002 and 0.004
+    assert "| W4A8 | per-step (Q-Diffusion/BRECQ) | 0,1 | 0.00400 ± 0.00000 |" in text
+    assert "| W4A8 | AccuQuant (shipped recipe) | 0,1 | 0.00300 ± 0.00141 |" in text
+    # per seed, paired against the per-step row of the same seed
+    assert "| W4A8 | AccuQuant (shipped recipe) | 0 | 0.00200 [" in text and "| 0.50 [0.50, 0.50] * |" in text
+    assert "| W4A8 | AccuQuant (shipped recipe) | 1 | 0.00400 [" in text and "| 1.00 [1.00, 1.00] |" in text
+    assert (tmp_path / "main_comparison_curves_w4a8.png").stat().st_size > 1000
