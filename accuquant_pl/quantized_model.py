@@ -148,7 +148,7 @@ def _load_packed(folder: Path, qmap: dict[str, Any], execution: str) -> nn.Modul
     if not isinstance(qmap.get("spec"), dict):
         raise ValueError(f"{folder / MAP_NAME} records no QuantSpec; the map is damaged")
     try:
-        spec = QuantSpec.from_dict(qmap["spec"])
+        spec = QuantSpec.from_export(qmap["spec"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / MAP_NAME}: its spec is invalid: {err}") from err
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -143,6 +144,17 @@ def evaluate(folder: Path, protocol: Protocol, meter: SampleQualityMeter, classi
             "accumulated": curves.accumulated, "per_step": curves.per_step}
 
 
+def cpu_model() -> str:
+    """The CPU the row ran on: rows of one comparison are evidence only when they share it (docs/results.md)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -169,7 +181,7 @@ def main() -> None:
                 folder, seconds = calibrate(args, bits, method, seed)
                 torch.set_num_threads(args.threads)
                 figures = evaluate(folder, protocol, meter, classifier)
-                rows.append({"bits": bits, "method": method, "seed": seed, "threads": args.threads,
+                rows.append({"bits": bits, "method": method, "seed": seed, "threads": args.threads, "cpu": cpu_model(),
                              "calibration_seconds": seconds, **figures})
                 print(f"{bits} {method} seed {seed}: mean {figures['mean']:.5f} median {figures['median']:.6f} "
                       f"digit changed {figures['label_change_share']:.3f} FID {figures['fid']:.2f} "

@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 model = quanto_model(teacher, w, a if a < 16 else None, batches)
                 operations = quanto_operations(model)
             else:
-                model = rtn_quantize(copy.deepcopy(teacher), our_spec(w, a, quanto_ops), batches).eval()
+                model = rtn_quantize(copy.deepcopy(teacher), our_spec(w, a, quanto_ops), batches,
+                                     protocol.scheduler.config.num_train_timesteps).eval()
                 operations = our_operations(model)
             with torch.no_grad():
                 q = protocol.samples(model)
@@ -165,7 +166,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             args.teacher = _tiny_teacher(Path(tmp) / "tiny")
             args.cache_dir = str(Path(tmp) / "cache")
-            args.steps, args.num_trajectories, args.act_calibration_samples, args.eval_samples = 2, 2, 4, 4
+            # 4 DDIM steps of the tiny model's 100 training timesteps: one in each of the 4 default timestep groups
+            args.steps, args.num_trajectories, args.act_calibration_samples, args.eval_samples = 4, 2, 8, 4
             run(args)
         return
     run(args)

@@ -127,8 +127,9 @@ def test_predict_from_a_quantized_folder(tmp_path, tiny_model_dir):
     from accuquant_pl.quant import QuantSpec, rtn_quantize
     from accuquant_pl.quantized_model import export_quantized, load_quantized_model
 
-    unet = rtn_quantize(load_unet(tiny_model_dir), QuantSpec(weight_bits=4),
-                        [{"sample": torch.randn(4, 1, 8, 8), "timestep": torch.tensor(50)}])
+    unet = rtn_quantize(load_unet(tiny_model_dir), QuantSpec(weight_bits=4),  # one sample per timestep group
+                        [{"sample": torch.randn(4, 1, 8, 8), "timestep": torch.tensor([10, 35, 60, 85])}],
+                        num_train_timesteps=100)
     export_quantized(unet, tmp_path / "q")
     out = tmp_path / "samples"
     cli = main(["predict", "--config", str(REPO / "configs" / "sample_digits.yaml"),

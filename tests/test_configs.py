@@ -124,7 +124,8 @@ def tiny_overrides(tmp_path: Path, config: Path, name: str = "run") -> dict:
     root = tmp_path / name
     folder = model_folder(family(config), tmp_path)
     data = _load(config)["data"]["init_args"]
-    model = {"pretrained": str(folder), "iterations_per_unit": 1, "act_calibration_samples": 4}
+    # every (trajectory, step) item, so that each timestep group sees calibration inputs
+    model = {"pretrained": str(folder), "iterations_per_unit": 1, "act_calibration_samples": 20}
     if _load(config)["model"]["init_args"].get("final_stage_iterations"):
         model["final_stage_iterations"] = 1
     if _load(config)["model"]["init_args"].get("final_stage_group_size"):

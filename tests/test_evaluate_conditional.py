@@ -60,7 +60,7 @@ def test_fid_callback_samples_a_conditional_latent_model_like_predict(tmp_path):
                               group_size=1, cache_dir=str(tmp_path / "cache"), prompt_embeddings=prompts,
                               guidance_scale=3.0)
     module = BlockReconstruction(pretrained=str(folder), objective="per_step", iterations_per_unit=1,
-                                 act_calibration_samples=4)
+                                 act_calibration_samples=8)  # every item: each timestep group sees inputs
     callback = FIDCallback(every_n_units=0, num_samples=3, num_inference_steps=STEPS, first_seed=5,
                            features="random-projection", real_dataset=None, stats_cache_dir=None,
                            output_dir=str(tmp_path / "fid"))

@@ -10,9 +10,10 @@ from tests.conftest import tiny_unet
 
 def _rtn_model():
     model = tiny_unet()
+    # the model trains on 100 timesteps (its scheduler config below): one sample in each quarter
     batches = [{"sample": torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(i)),
-                "timestep": torch.tensor(10 * i)} for i in range(3)]
-    return rtn_quantize(model, QuantSpec(weight_bits=4, act_bits=8), batches)
+                "timestep": torch.tensor([5, 30, 55, 80]) + i} for i in range(3)]
+    return rtn_quantize(model, QuantSpec(weight_bits=4, act_bits=8), batches, num_train_timesteps=100)
 
 
 def test_export_load_round_trip_is_bit_identical(tmp_path):

@@ -23,6 +23,11 @@ SPEC_ATTR = "accuquant_spec"
 """Attribute under which :func:`quantize` records the spec on the model (read by serialization)."""
 
 
+DEFAULT_TRAIN_TIMESTEPS = 1000
+"""diffusers' default ``num_train_timesteps`` (DDPMScheduler), used to resolve ``act_timestep_groups`` when the
+caller does not give the model's own."""
+
+
 def _matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
@@ -46,10 +51,13 @@ def _check_overrides_used(overrides: list[LayerOverride], used: set[int]) -> Non
         raise ValueError(f"override pattern(s) {unused} match no quantizable layer or attention processor")
 
 
-def plan_layers(model: nn.Module, spec: QuantSpec) -> tuple[dict[str, LayerQuantConfig], dict[str, Any]]:
+def plan_layers(model: nn.Module, spec: QuantSpec, num_train_timesteps: int = DEFAULT_TRAIN_TIMESTEPS
+                ) -> tuple[dict[str, LayerQuantConfig], dict[str, Any]]:
     """Per-layer configs for every ``nn.Conv2d``/``nn.Linear`` and act configs for every attention
-    processor, without touching the model. Raises on override patterns that match nothing."""
+    processor, without touching the model. Raises on override patterns that match nothing.
+    ``num_train_timesteps`` resolves ``spec.act_timestep_groups`` (a spec with explicit boundaries needs none)."""
     check_unet(model)
+    spec = spec.resolved(num_train_timesteps)
     splits = skip_split_points(model) if spec.split_skip else {}
     used: set[int] = set()
     layers: dict[str, LayerQuantConfig] = {}
@@ -100,14 +108,16 @@ def apply_plan(model: nn.Module, layers: dict[str, LayerQuantConfig], processors
     attach_timestep_router(model)
 
 
-def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
+def quantize(model: nn.Module, spec: QuantSpec, num_train_timesteps: int = DEFAULT_TRAIN_TIMESTEPS) -> nn.Module:
     """Quantize a diffusers ``UNet2DModel``/``UNet2DConditionModel`` in place and return it.
 
     Every ``nn.Conv2d``/``nn.Linear`` becomes a quantized layer whose weight grid is initialised now
     (weights are known); activation quantizers stay uninitialised until :func:`calibrate_activations`.
-    Attention processors are replaced when ``spec.quantize_attention_matmuls``.
+    Attention processors are replaced when ``spec.quantize_attention_matmuls``. ``num_train_timesteps`` (the
+    scheduler config's) turns ``spec.act_timestep_groups`` into boundaries; the model records the resolved spec.
     """
-    layers, processors = plan_layers(model, spec)
+    spec = spec.resolved(num_train_timesteps)
+    layers, processors = plan_layers(model, spec, num_train_timesteps)
     apply_plan(model, layers, processors)
     setattr(model, SPEC_ATTR, spec)
     return model
@@ -136,18 +146,23 @@ def calibrate_activations(model: nn.Module, batches: Iterable[dict[str, Any]], m
     missing = [q.name if q.num_groups == 1 else f"{q.name} timestep {q.group_range(g)}"
                for q in quantizers for g in q.unobserved_groups()]
     if missing:
+        hint = ("; every timestep group needs calibration inputs at its timesteps (fit the spec's "
+                "act_timestep_groups / act_timestep_boundaries to the sampler's timesteps, or calibrate on more "
+                "inputs, e.g. a larger act_calibration_samples)"
+                if any(q.num_groups > 1 for q in quantizers) else "")
         raise RuntimeError(f"activation quantizers saw no data during calibration: {missing[:10]}"
-                           f"{' ...' if len(missing) > 10 else ''}")
+                           f"{' ...' if len(missing) > 10 else ''}{hint}")
     for q in quantizers:
         q.init_from_observations(method)
 
 
-def rtn_quantize(model: nn.Module, spec: QuantSpec, calibration_batches: Iterable[dict[str, Any]]) -> nn.Module:
+def rtn_quantize(model: nn.Module, spec: QuantSpec, calibration_batches: Iterable[dict[str, Any]],
+                 num_train_timesteps: int = DEFAULT_TRAIN_TIMESTEPS) -> nn.Module:
     """Round-to-nearest baseline: :func:`quantize` + :func:`calibrate_activations`, no optimisation.
 
     With ``spec.adaround`` the AdaRound quantizers are hardened to nearest rounding (identical to RTN).
     """
-    quantize(model, spec)
+    quantize(model, spec, num_train_timesteps)
     if spec.adaround:
         harden(model, "nearest")
     calibrate_activations(model, calibration_batches)

@@ -116,5 +116,5 @@ def load_quantized(fp_model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     _check_tensors(fp_model, tensors)
     fp_model.load_state_dict(tensors, strict=True)
     if qmap["spec"] is not None:
-        setattr(fp_model, SPEC_ATTR, QuantSpec.from_dict(qmap["spec"]))
+        setattr(fp_model, SPEC_ATTR, QuantSpec.from_export(qmap["spec"]))
     return fp_model

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .quantizers import check_bits, check_init_method, check_timestep_boundaries, is_off
@@ -116,11 +116,16 @@ class QuantSpec:
     """Number of clipping ratios tried by MSE initialisation."""
     act_max_samples: int = 65536
     """Bound on activation values kept per quantizer for percentile/MSE initialisation."""
-    act_timestep_boundaries: list[float] = field(default_factory=list)
-    """Timestep-aware activation ranges: the timesteps at which every activation quantizer switches to its next
-    step size (group g covers boundaries[g-1] <= t < boundaries[g]; e.g. [250, 500, 750] = 4 groups over
-    1000 training timesteps). Each group is initialised from its own timesteps' statistics, learned, exported
-    and applied by the deployed model from the timestep it is given. Empty = one range for all timesteps."""
+    act_timestep_groups: int = 4
+    """Timestep-aware activation ranges: every activation quantizer gets this many step sizes, one per equal
+    share of the model's training timesteps (4 over 1000 timesteps: t < 250, < 500, < 750, the rest). Each group
+    is initialised from its own timesteps' statistics, learned, exported and applied by the deployed model from
+    the timestep it is given. 1 = one range for all timesteps (the behaviour before this option). Ignored when
+    act_timestep_boundaries is set."""
+    act_timestep_boundaries: list[float] | None = None
+    """Explicit group boundaries in training timesteps (group g covers boundaries[g-1] <= t < boundaries[g]);
+    [] = one range. None = equal groups from act_timestep_groups, resolved by quantize() from the model's
+    num_train_timesteps (the recorded and exported spec holds the resolved list)."""
     overrides: list[LayerOverride] = field(default_factory=list)
     """Per-name bit-width overrides, applied in order (later ones win)."""
 
@@ -133,14 +138,37 @@ class QuantSpec:
                 check_bits(getattr(self, name), name)
         check_init_method(self.weight_init, "weight_init")
         check_init_method(self.act_init, "act_init")
-        check_timestep_boundaries(self.act_timestep_boundaries, "act_timestep_boundaries")
-        self.act_timestep_boundaries = [float(b) for b in self.act_timestep_boundaries]
+        if isinstance(self.act_timestep_groups, bool) or not isinstance(self.act_timestep_groups, int) \
+                or self.act_timestep_groups < 1:
+            raise ValueError(f"act_timestep_groups={self.act_timestep_groups!r} must be an integer >= 1")
+        if self.act_timestep_boundaries is not None:
+            check_timestep_boundaries(self.act_timestep_boundaries, "act_timestep_boundaries")
+            self.act_timestep_boundaries = [float(b) for b in self.act_timestep_boundaries]
         if not 0.0 < self.act_percentile <= 1.0:
             raise ValueError(f"act_percentile={self.act_percentile!r} must be in (0, 1]")
         for i, o in enumerate(self.overrides):
             for name in ("weight_bits", "act_bits"):
                 if getattr(o, name) is not None:
                     check_bits(getattr(o, name), f"overrides[{i}].{name} (pattern {o.pattern!r})")
+
+    def timestep_boundaries(self, num_train_timesteps: int | None = None) -> list[float]:
+        """The activation timestep-group boundaries: the explicit list, or ``act_timestep_groups`` equal shares
+        of ``num_train_timesteps`` (``ValueError`` if that is needed and not given)."""
+        if self.act_timestep_boundaries is not None:
+            return list(self.act_timestep_boundaries)
+        groups = self.act_timestep_groups
+        if groups == 1:
+            return []
+        if num_train_timesteps is None:
+            raise ValueError(f"act_timestep_groups={groups} needs the model's number of training timesteps: "
+                             "quantize(model, spec, num_train_timesteps=...) resolves it, or set act_timestep_boundaries")
+        if num_train_timesteps < groups:
+            raise ValueError(f"act_timestep_groups={groups} exceeds the {num_train_timesteps} training timesteps")
+        return [num_train_timesteps * g / groups for g in range(1, groups)]
+
+    def resolved(self, num_train_timesteps: int | None) -> QuantSpec:
+        """This spec with explicit ``act_timestep_boundaries`` (what a quantized model records and exports)."""
+        return replace(self, act_timestep_boundaries=self.timestep_boundaries(num_train_timesteps))
 
     def weight_config(self, bits: int) -> WeightQuantConfig:
         """Weight config of a layer quantized at ``bits``."""
@@ -150,7 +178,7 @@ class QuantSpec:
     def act_config(self, bits: int) -> ActQuantConfig:
         """Activation config of a tensor quantized at ``bits``."""
         # A 16-bit (float) tensor has no step size, so no timestep groups either.
-        boundaries = [] if is_off(bits) else list(self.act_timestep_boundaries)
+        boundaries = [] if is_off(bits) else self.timestep_boundaries()
         return ActQuantConfig(bits, self.act_symmetric, self.act_per_channel, self.act_init,
                               self.act_percentile, self.mse_grid, self.act_max_samples, boundaries)
 
@@ -161,4 +189,12 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
         """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+    @classmethod
+    def from_export(cls, data: dict[str, Any]) -> QuantSpec:
+        """The spec recorded in a quantization map: a map written before timestep groups existed has neither
+        timestep key and was quantized with one activation range."""
+        if "act_timestep_groups" not in data and "act_timestep_boundaries" not in data:
+            data = {**data, "act_timestep_boundaries": []}
         return cls(**data)

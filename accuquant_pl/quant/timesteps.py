@@ -71,3 +71,20 @@ def attach_timestep_router(model: nn.Module) -> TimestepRouter | None:
     for q in quantizers:
         q.timestep_source = router
     return router
+
+
+def check_groups_hold_timesteps(boundaries: list[float], timesteps: torch.Tensor, field: str = "act_timestep_boundaries",
+                                num_train_timesteps: int | None = None) -> None:
+    """Raise ``ValueError`` naming ``field`` unless every timestep group holds at least one of the sampler's
+    ``timesteps`` (an empty group could never be initialised nor used)."""
+    if not boundaries:
+        return
+    edges = torch.tensor([float(b) for b in boundaries], dtype=torch.float64)
+    groups = set(torch.bucketize(timesteps.double().reshape(-1), edges, right=True).tolist())
+    empty = [g for g in range(len(boundaries) + 1) if g not in groups]
+    if empty:
+        schedule = f" of {num_train_timesteps} training timesteps" if num_train_timesteps is not None else ""
+        raise ValueError(
+            f"{field}={list(boundaries)} leaves timestep group(s) {empty} without any of the sampler's "
+            f"timesteps{schedule} ({timesteps.min().item():g} .. {timesteps.max().item():g}); choose boundaries "
+            "inside the schedule, fewer act_timestep_groups, or [] / 1 group for one range")

@@ -9,6 +9,7 @@ from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO))
 
+from benchmarks.core_ablation import BASE_ROW  # noqa: E402
 from benchmarks.make_protocol_results import END, START, protocol_section, write_section  # noqa: E402
 
 STATS = {"mean": 0.00125, "mean_ci95": [0.0007, 0.00185], "median": 9.1e-05, "p99": 0.0418, "share_above": 0.013,
@@ -19,7 +20,7 @@ def test_section_from_the_benchmarks_json_replaces_itself(tmp_path):
     (tmp_path / "core_ablation.json").write_text(json.dumps({
         "settings": {"eval_samples": 1024, "num_trajectories": 64},
         "protocol": {"first_seed": 100000, "batch_size": 64},
-        "rows": [{"bits": "w8a8", "row": "default", "threads": 2, **STATS, "per_sample_mse": [0.002, 0.004, 0.006]},
+        "rows": [{"bits": "w8a8", "row": BASE_ROW, "threads": 2, **STATS, "per_sample_mse": [0.002, 0.004, 0.006]},
                  {"bits": "w8a8", "row": "halved", "threads": 2, **STATS, "per_sample_mse": [0.001, 0.002, 0.003]}]}))
     (tmp_path / "peers.json").write_text(json.dumps({"rows": [
         {"bits": "w8a8", "method": "optimum-quanto 0.2.7", **STATS,
@@ -29,7 +30,7 @@ def test_section_from_the_benchmarks_json_replaces_itself(tmp_path):
     lines = protocol_section(tmp_path)
     text = "\n".join(lines)
     assert lines[0] == START and lines[-1] == END
-    assert "| W8A8 | default | 0.00125 [0.00070, 0.00185] | 0.000091 | 0.0418 | 1.3 % | 2.1 % | - |" in text
+    assert "| W8A8 | base: one activation range (earlier default) | 0.00125 [0.00070, 0.00185] | 0.000091 | 0.0418 | 1.3 % | 2.1 % | - |" in text
     assert "| W8A8 | halved |" in text and "| 0.50 [0.50, 0.50] * |" in text  # paired with the default row
     assert "| W8A8 | optimum-quanto 0.2.7 | 25 / 26 / 0 / 26 / 4 / 0 |" in text
     assert "| W4A4 | optimum-quanto 0.2.7 | cannot run: no int4 activations |" in text

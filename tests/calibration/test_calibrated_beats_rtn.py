@@ -30,6 +30,7 @@ def calibrated_final_errors(model_dir, cache_dir, objective: str) -> tuple[float
 def test_per_step_calibration_beats_rtn_on_held_out_noise(tmp_path, tiny_model_dir):
     rtn = calibrated_final_errors(tiny_model_dir, tmp_path / "cache", "rtn")
     calibrated = calibrated_final_errors(tiny_model_dir, tmp_path / "cache", "per_step")
-    # measured ratios: 0.84 and 0.79 on the two sets, while RTN itself differs by only 2% between them
+    # measured ratios with the default 4 timestep groups: 0.89 and 0.81 on the two sets (0.84 and 0.79 with one
+    # activation range, whose RTN is worse), while RTN itself differs by only 1-2 % between them
     for r, c in zip(rtn, calibrated, strict=True):
-        assert c < 0.88 * r, f"calibrated final MSE {c:.5f} vs RTN {r:.5f}"
+        assert c < 0.93 * r, f"calibrated final MSE {c:.5f} vs RTN {r:.5f}"

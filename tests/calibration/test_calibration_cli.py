@@ -137,3 +137,11 @@ def test_timestep_grouped_ranges_are_learned_by_every_objective_and_exported(tmp
     for learned in ("digits_w4a8_qdiff", "digits_w4a8_accuquant"):
         for g in range(3):
             assert any(not torch.equal(v[g], init[k][g]) for k, v in scales[learned].items()), (learned, g)
+
+
+def test_timestep_groups_without_a_sampler_timestep_are_named(tmp_path, tiny_model_dir):
+    args = [*tiny_args(tmp_path, tiny_model_dir, "digits_w4a8_rtn.yaml"),
+            "--model.init_args.quant.act_timestep_boundaries", "[5, 10]"]
+    with pytest.raises(ValueError, match=r"quant\.act_timestep_boundaries=\[5\.0, 10\.0\] leaves timestep group\(s\) "
+                                         r"\[1\] without any of the sampler's timesteps of 100 training timesteps"):
+        main(args)

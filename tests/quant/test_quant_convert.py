@@ -142,7 +142,8 @@ def test_per_channel_activations_on_attention_rejected_before_any_change():
     assert not quantized_layers(model)
     quantize(model, QuantSpec(act_per_channel=True, quantize_attention_matmuls=False))
     conv = dict(quantized_layers(model))["down_blocks.0.resnets.0.conv1"]
-    assert conv.input_quantizer.axis == 1 and conv.input_quantizer.scale.shape == (8,)
+    # per channel, within each of the 4 default timestep groups
+    assert conv.input_quantizer.axis == 1 and conv.input_quantizer.scale.shape == (4, 8)
 
 
 def test_unsupported_model_rejected():
@@ -151,7 +152,7 @@ def test_unsupported_model_rejected():
 
 
 def test_calibration_is_explicit_and_uses_all_batches():
-    model = quantize(make_unet(), QuantSpec())
+    model = quantize(make_unet(), QuantSpec(act_timestep_groups=1))  # one range: the quantiles of all batches
     inputs = _inputs(False)
     with pytest.raises(RuntimeError, match="calibrate_activations"):
         model(**inputs)

@@ -143,7 +143,7 @@ def test_export_load_sample_is_bit_identical(tmp_path, make, cond):
 
 
 def test_a_model_without_groups_is_unchanged(tmp_path):
-    model = quantize(make_unet(), QuantSpec())
+    model = quantize(make_unet(), QuantSpec(act_timestep_groups=1))
     calibrate_activations(model, unet_batches(4, 8))
     assert not hasattr(model, ROUTER_ATTR) and model.conv_in.input_quantizer.scale.shape == ()
     folder = export_quantized(model.eval(), tmp_path / "q", scheduler_config=SCHEDULER)
@@ -153,7 +153,7 @@ def test_a_model_without_groups_is_unchanged(tmp_path):
     for entry in [*qmap["layers"].values(), *qmap["attention_processors"].values()]:
         act = entry["config"]["act"] if "act" in entry["config"] else entry["config"]
         del act["timestep_boundaries"]
-    del qmap["spec"]["act_timestep_boundaries"]
+    del qmap["spec"]["act_timestep_boundaries"], qmap["spec"]["act_timestep_groups"]
     qmap_path.write_text(json.dumps(qmap, indent=2))
     checksums = json.loads((folder / "checksums.json").read_text())
     checksums["sha256"]["quantization_map.json"] = sha256_file(qmap_path)
@@ -162,6 +162,21 @@ def test_a_model_without_groups_is_unchanged(tmp_path):
     inputs = unet_batches(1, 3, seed=9)[0]
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+
+
+def test_groups_are_equal_shares_of_the_models_training_timesteps():
+    spec = QuantSpec()  # the default: 4 groups
+    assert spec.timestep_boundaries(1000) == [250.0, 500.0, 750.0]
+    assert QuantSpec(act_timestep_groups=5).timestep_boundaries(100) == [20.0, 40.0, 60.0, 80.0]
+    assert QuantSpec(act_timestep_groups=1).timestep_boundaries() == []
+    assert QuantSpec(act_timestep_boundaries=[10]).timestep_boundaries(1000) == [10.0]  # explicit wins
+    with pytest.raises(ValueError, match="act_timestep_groups=4 needs the model's number of training timesteps"):
+        spec.timestep_boundaries()
+    model = quantize(make_unet(), spec, num_train_timesteps=100)
+    assert model.accuquant_spec.act_timestep_boundaries == [25.0, 50.0, 75.0]
+    assert model.conv_in.input_quantizer.timestep_boundaries == (25.0, 50.0, 75.0)
+    with pytest.raises(ValueError, match="act_timestep_groups=0"):
+        QuantSpec(act_timestep_groups=0)
 
 
 def test_boundaries_are_validated():
