@@ -31,7 +31,7 @@ from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, re
 from accuquant_pl.models.loading import SUPPORTED_UNETS, UNet
 from accuquant_pl.quant import QuantSpec, load_quantized
 from accuquant_pl.quant import serialization as fake_quant_format
-from accuquant_pl.quant.convert import SPEC_ATTR
+from accuquant_pl.quant.convert import DEFAULT_TRAIN_TIMESTEPS, SPEC_ATTR
 from accuquant_pl.quant.deployed_model import (
     build_deployed,
     check_map_against_model,
@@ -61,6 +61,9 @@ def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | Non
     if spec is None:
         raise ValueError("export needs the QuantSpec the model was quantized with (quantize() records it on the "
                          "model; or pass spec=): the loader checks every map entry against it")
+    # A spec that still says "G equal groups" is resolved as quantize() resolved it; check_map_against_model below
+    # refuses it if the model's quantizers disagree.
+    spec = spec.resolved((scheduler_config or {}).get("num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS))
     layers, processors, tensors = frozen_state(model)
     with torch.device("meta"):
         float_model = type(model).from_config(dict(model.config))

@@ -115,7 +115,7 @@ def quantized(name: str, batch: int, device: torch.device, theta: str) -> tuple[
     unet, origin = MODELS[name]()
     unet = unet.to(device).eval()
     params = sum(p.numel() for p in unet.parameters())
-    quantize(unet, QuantSpec(weight_bits=4, act_bits=8, adaround=True))
+    quantize(unet, QuantSpec(weight_bits=4, act_bits=8, adaround=True, act_timestep_groups=1))  # as throughput.py
     c, s = unet.config.in_channels, unet.config.sample_size
     g = torch.Generator().manual_seed(1)
     batches = [{"sample": torch.randn(batch, c, s, s, generator=g).to(device),

@@ -43,7 +43,7 @@ from accuquant_pl.quant import (
 )
 from accuquant_pl.quant.convert import DEFAULT_TRAIN_TIMESTEPS, SPEC_ATTR
 from accuquant_pl.quant.quantizers import MIN_SCALE
-from accuquant_pl.quant.timesteps import check_groups_hold_timesteps
+from accuquant_pl.quant.timesteps import check_groups_hold_timesteps, grouped_quantizers
 from accuquant_pl.sampling import network_inputs
 
 
@@ -211,7 +211,9 @@ class BlockReconstruction(L.LightningModule):
         if self.student is not None:
             return
         teacher = load_unet(self.hparams.pretrained)
-        timesteps = load_scheduler_config(self.hparams.pretrained).get("num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS)
+        needs_timesteps = self.spec.act_timestep_boundaries is None and self.spec.act_timestep_groups > 1
+        timesteps = (load_scheduler_config(self.hparams.pretrained).get("num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS)
+                     if needs_timesteps else DEFAULT_TRAIN_TIMESTEPS)
         student = quantize(copy.deepcopy(teacher), self.spec, timesteps)
         self.spec = getattr(student, SPEC_ATTR)  # the resolved spec (timestep groups as explicit boundaries)
         student.requires_grad_(False)
@@ -266,9 +268,10 @@ class BlockReconstruction(L.LightningModule):
             wanted = 0 if hp.objective == "rtn" else len(self.epoch_names)
             loop = self.trainer.fit_loop
             loop.max_epochs = wanted if loop.max_epochs in (None, -1) else min(loop.max_epochs, wanted)
-        schedule = datamodule.make_scheduler()
-        check_groups_hold_timesteps(self.spec.act_timestep_boundaries, schedule.timesteps,
-                                    "quant.act_timestep_boundaries", schedule.config.num_train_timesteps)
+        if grouped_quantizers(self.student):  # a weight-only spec has no activation ranges to group
+            schedule = datamodule.make_scheduler()
+            check_groups_hold_timesteps(self.spec.act_timestep_boundaries, schedule.timesteps,
+                                        "quant.act_timestep_boundaries", schedule.config.num_train_timesteps)
         batches = datamodule.calibration_inputs(self.hparams.act_calibration_samples)
         calibrate_activations(self.student, [self._model_inputs(b, datamodule, self.student) for b in batches])
         if stage == "fit":

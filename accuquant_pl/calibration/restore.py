@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from accuquant_pl.calibration.module import BlockReconstruction, _rng_state, _set_rng_state
+from accuquant_pl.quant import QuantSpec
 
 
 def is_calibration_checkpoint(checkpoint: dict[str, Any]) -> bool:
@@ -26,6 +27,8 @@ def student_from_checkpoint(checkpoint: dict[str, Any], pretrained: str | None =
         raise ValueError(f"not a calibration checkpoint: it lacks the {BlockReconstruction.CHECKPOINT_SECTION!r}, "
                          "'state_dict' or 'hyper_parameters' section that BlockReconstruction writes")
     hparams = dict(checkpoint["hyper_parameters"])
+    if isinstance(hparams.get("quant"), dict):  # a spec written before timestep groups existed: one range
+        hparams["quant"] = QuantSpec.from_export(hparams["quant"]).to_dict()
     if pretrained is not None:
         hparams["pretrained"] = pretrained
     if not Path(hparams["pretrained"]).exists():

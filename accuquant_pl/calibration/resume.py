@@ -81,9 +81,23 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+def timestep_ranges(quant: dict[str, Any]) -> dict[str, Any]:
+    """``quant`` with its two timestep keys replaced by what they mean, so equal settings compare equal: a spec
+    written before timestep groups existed (neither key) and ``act_timestep_groups: 1`` both mean one range."""
+    quant = dict(quant)
+    groups, boundaries = quant.pop("act_timestep_groups", None), quant.pop("act_timestep_boundaries", None)
+    if boundaries is None and groups is None and quant:
+        boundaries = []  # a checkpoint written before the option: calibrated with one range
+    if boundaries is None:
+        boundaries = [] if groups == 1 else f"{4 if groups is None else groups} equal groups of the training timesteps"
+    return {**quant, "act_timestep_boundaries": boundaries}
+
+
 def _settings(class_path: str | None, init_args: dict[str, Any], prefix: str,
               ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     args = {k: v for k, v in init_args.items() if k not in (*_PRIVATE_KEYS, "_class_path", *ignore)}
+    if isinstance(args.get("quant"), dict):
+        args["quant"] = timestep_ranges(args["quant"])
     return {f"{prefix}.class_path": class_path, **_flatten(f"{prefix}.init_args", args)}
 
 

@@ -362,8 +362,8 @@ class ActivationQuantizer(_AffineQuantizer):
     @property
     def observer(self) -> TensorObserver | None:
         """Statistics of the single group (use ``observers`` when there are timestep groups)."""
-        if self.num_groups != 1:
-            raise AttributeError(f"{self._label()} has {self.num_groups} timestep groups; read .observers")
+        if self.num_groups != 1:  # not AttributeError: nn.Module.__getattr__ would replace this message
+            raise RuntimeError(f"{self._label()} has {self.num_groups} timestep groups; read .observers")
         return self.observers[0]
 
     def group_range(self, group: int) -> str:
@@ -383,9 +383,9 @@ class ActivationQuantizer(_AffineQuantizer):
         t = self.timestep_source.current(self._label())
         boundaries = self._boundary_tensors.get(t.device)
         if boundaries is None:
-            boundaries = torch.tensor(self.timestep_boundaries, dtype=torch.float64, device=t.device)
+            boundaries = torch.tensor(self.timestep_boundaries, dtype=torch.float32, device=t.device)
             self._boundary_tensors[t.device] = boundaries
-        groups = torch.bucketize(t.to(torch.float64), boundaries, right=True)
+        groups = torch.bucketize(t.to(torch.float32), boundaries, right=True)  # float32: exact for timesteps
         if groups.numel() == 1 or groups.numel() == x.shape[0]:
             return groups
         if x.shape[0] % groups.numel():

@@ -45,7 +45,7 @@ class ActQuantConfig:
     mse_grid: int = 80
     """Number of clipping ratios tried by the 'mse' init."""
     max_samples: int = 65536
-    """Bound on the number of activation values kept for percentile/MSE init."""
+    """Bound on the number of activation values kept for percentile/MSE init (per timestep group)."""
     timestep_boundaries: list[float] = field(default_factory=list)
     """Timesteps at which the step size changes: group g covers boundaries[g-1] <= t < boundaries[g]
     (empty = one range for every timestep)."""
@@ -115,7 +115,7 @@ class QuantSpec:
     mse_grid: int = 80
     """Number of clipping ratios tried by MSE initialisation."""
     act_max_samples: int = 65536
-    """Bound on activation values kept per quantizer for percentile/MSE initialisation."""
+    """Bound on activation values kept per quantizer and timestep group for percentile/MSE initialisation."""
     act_timestep_groups: int = 4
     """Timestep-aware activation ranges: every activation quantizer gets this many step sizes, one per equal
     share of the model's training timesteps (4 over 1000 timesteps: t < 250, < 500, < 750, the rest). Each group

@@ -99,3 +99,26 @@ def test_the_command_line_prints_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --ckpt_path '{noise}' is not a checkpoint"), proc.stderr[-2000:]
+
+
+def test_a_checkpoint_from_before_timestep_groups_resumes_and_evaluates_as_one_range(calibrated, tmp_path):
+    """Its spec has neither timestep key and its step sizes one range each: the default 4 groups are named as the
+    difference, ``act_timestep_groups: 1`` resumes it, and evaluation rebuilds it with one range."""
+    from accuquant_pl.calibration.restore import student_from_checkpoint
+
+    root, model_dir, ckpt = calibrated
+    one_range = root / "one_range"
+    main([*tiny_args(root, model_dir, name="one_range"), "--trainer.max_epochs", "1",
+          "--model.init_args.quant.act_timestep_groups", "1"])
+    legacy = torch.load(one_range / "checkpoints" / "last.ckpt", weights_only=False)
+    for key in ("act_timestep_groups", "act_timestep_boundaries"):
+        del legacy["hyper_parameters"]["quant"][key]
+    path = tmp_path / "legacy.ckpt"
+    torch.save(legacy, path)
+    with pytest.raises(CheckpointError, match=r"quant\.act_timestep_boundaries: \[\] -> '4 equal groups"):
+        main([*tiny_args(root, model_dir, name="legacy_default"), "--ckpt_path", str(path)])
+    cli = main([*tiny_args(root, model_dir, name="legacy"), "--ckpt_path", str(path), "--trainer.max_epochs", "2",
+                "--model.init_args.quant.act_timestep_groups", "1"])
+    assert len(cli.model.done_units) == 2
+    student = student_from_checkpoint(legacy)
+    assert student.conv_in.input_quantizer.num_groups == 1
