@@ -148,12 +148,61 @@ def main_comparison_lines(data: dict[str, Any], results: Path) -> list[str]:
     return lines
 
 
+def target_lines(main: dict[str, Any], peers: dict[str, Any] | None) -> list[str]:
+    """The issue's targets next to the measured values (whatever rows exist so far)."""
+    rows = main["rows"]
+    lines = ["### Targets against the measured values", "", "| target | measured | met |", "|---|---|---|"]
+
+    def of(bits: str, method: str) -> list[dict[str, Any]]:
+        return [r for r in rows if r["bits"] == bits and r["method"] == method]
+
+    quanto = next((r for r in (peers or {}).get("rows", []) if r["bits"] == "w8a8" and "quanto" in r["method"]
+                   and "mean" in r), None)
+    acc8 = of("w8a8", "accuquant")
+    if acc8 and quanto is not None:
+        mean = sum(r["mean"] for r in acc8) / len(acc8)
+        change = max(r["label_change_share"] for r in acc8)
+        lines.append(f"| W8A8 AccuQuant mean final MSE <= 0.5x optimum-quanto W8A8's ({quanto['mean']:.5f}), every "
+                     f"conv/linear input quantized | {mean:.5f} ({mean / quanto['mean']:.2f}x; seeds "
+                     f"{','.join(str(r['seed']) for r in acc8)}) | {'yes' if mean <= 0.5 * quanto['mean'] else 'no'} |")
+        lines.append(f"| W8A8 AccuQuant digit-change share <= 0.5 % | worst seed {100 * change:.1f} % | "
+                     f"{'yes' if change <= 0.005 else 'no'} |")
+    per_step = {r["seed"]: r for r in of("w4a8", "per_step")}
+    pairs = [(r, per_step[r["seed"]]) for r in of("w4a8", "accuquant") if r["seed"] in per_step]
+    if pairs:
+        comps = [paired_comparison(torch.tensor(a["per_sample_mse"]), torch.tensor(b["per_sample_mse"])) for a, b in pairs]
+        mean_ok = all(c.ratio <= 0.6 and c.ratio_ci95[1] < 1 for c in comps)
+        median_ok = all(a["median"] <= 0.6 * b["median"] for a, b in pairs)
+        far_ok = all(a["share_above"] <= 0.5 * b["share_above"] and a["label_change_share"] <= 0.5 * b["label_change_share"]
+                     for a, b in pairs)
+        cells = "; ".join(f"seed {a['seed']}: {c.ratio:.2f} [{c.ratio_ci95[0]:.2f}, {c.ratio_ci95[1]:.2f}]"
+                          for (a, _), c in zip(pairs, comps, strict=True))
+        lines.append(f"| W4A8 AccuQuant mean <= 0.6x per-step's, paired interval excluding 1, every seed | {cells} | "
+                     f"{'yes' if mean_ok else 'no'} |")
+        lines.append("| W4A8 AccuQuant median <= 0.6x per-step's, every seed | "
+                     + "; ".join(f"seed {a['seed']}: {a['median'] / b['median']:.2f}" for a, b in pairs)
+                     + f" | {'yes' if median_ok else 'no'} |")
+        lines.append("| W4A8 share > 0.01 and changed digits <= 0.5x per-step's, every seed | "
+                     + "; ".join(f"seed {a['seed']}: {a['share_above'] / max(b['share_above'], 1e-12):.2f} / "
+                                 f"{a['label_change_share'] / max(b['label_change_share'], 1e-12):.2f}" for a, b in pairs)
+                     + f" | {'yes' if far_ok else 'no'} |")
+    acc4 = of("w4a4", "accuquant")
+    if acc4:
+        fid = sum(r["fid"] for r in acc4) / len(acc4)
+        fid_fp = acc4[0]["fid_fp"]
+        lines.append(f"| W4A4 FID vs real within 1.2x FP's ({fid_fp:.2f}) | {fid:.2f} ({fid / fid_fp:.2f}x) | "
+                     f"{'yes' if fid <= 1.2 * fid_fp else 'no'} |")
+    return [*lines, ""] if len(lines) > 4 else []
+
+
 def protocol_section(results: Path) -> list[str]:
     """The section's lines (with its markers); empty when neither benchmark has written rows yet."""
     body: list[str] = []
     path = results / "main_comparison.json"
     if path.is_file() and json.loads(path.read_text())["rows"]:
-        body += main_comparison_lines(json.loads(path.read_text()), results)
+        main = json.loads(path.read_text())
+        peers = json.loads((results / "peers.json").read_text()) if (results / "peers.json").is_file() else None
+        body += target_lines(main, peers) + main_comparison_lines(main, results)
     for name, fmt in (("core_ablation.json", core_ablation_lines), ("peers.json", peers_lines)):
         path = results / name
         if path.is_file() and json.loads(path.read_text())["rows"]:
