@@ -92,8 +92,9 @@ METHOD_NAMES = {"rtn": "RTN", "per_step": "per-step (Q-Diffusion/BRECQ)", "accuq
 
 def _mean_std(values: list[float], fmt: str) -> str:
     t = torch.tensor(values, dtype=torch.float64)
-    std = float(t.std()) if len(values) > 1 else 0.0
-    return f"{float(t.mean()):{fmt}} ± {std:{fmt}}"
+    if len(values) == 1:
+        return f"{float(t[0]):{fmt}}"  # one seed: no spread to report
+    return f"{float(t.mean()):{fmt}} ± {float(t.std()):{fmt}}"
 
 
 def main_comparison_lines(data: dict[str, Any], results: Path) -> list[str]:
