@@ -29,8 +29,6 @@ from accuquant_pl.io import atomic_write_json  # noqa: E402
 from accuquant_pl.metrics.sample_errors import (  # noqa: E402
     PROTOCOL_BATCH_SIZE,
     PROTOCOL_FIRST_SEED,
-    per_sample_mse,
-    sample_error_stats,
 )
 from accuquant_pl.quant import QuantSpec, rtn_quantize  # noqa: E402
 from benchmarks.protocol import FP_CACHE, TRAJECTORY_CACHE, setup_protocol  # noqa: E402
@@ -86,7 +84,6 @@ def main() -> None:
     protocol = setup_protocol(args.teacher, args.eval_samples, args.steps, args.num_trajectories, args.threads,
                               args.cache_dir, args.fp_samples)
     batches = protocol.calibration_batches(args.act_calibration_samples)
-    reference = protocol.reference
     classifier = DigitClassifier()
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
@@ -104,10 +101,9 @@ def main() -> None:
             student = rtn_quantize(copy.deepcopy(protocol.teacher), spec, batches,
                                    protocol.scheduler.config.num_train_timesteps).eval()
             q = protocol.samples(student)
-            stats = sample_error_stats(reference, q, labeller=classifier.labels)
-            errors = per_sample_mse(reference, q)
-            rows.append({"bits": bits, "row": name, "threads": args.threads, "spec": spec.to_dict(), **stats.as_dict(),
-                         "per_sample_mse": errors.tolist(), "seconds": time.time() - start})
+            stats, figures = protocol.error_row(q, classifier.labels)
+            rows.append({"bits": bits, "row": name, "threads": args.threads, "spec": spec.to_dict(), **figures,
+                         "seconds": time.time() - start})
             print(f"{bits} {name}: mean {stats.mean:.5f} [{stats.mean_ci95[0]:.5f}, {stats.mean_ci95[1]:.5f}] "
                   f"median {stats.median:.6f} p99 {stats.p99:.4f} >0.01 {stats.share_above:.3f} "
                   f"digit changed {stats.label_change_share:.3f}", flush=True)

@@ -43,8 +43,6 @@ from accuquant_pl.io import atomic_write_json, atomic_write_text  # noqa: E402
 from accuquant_pl.metrics.sample_errors import (  # noqa: E402
     PROTOCOL_BATCH_SIZE,
     PROTOCOL_FIRST_SEED,
-    per_sample_mse,
-    sample_error_stats,
 )
 from accuquant_pl.quantized_model import load_quantized_model  # noqa: E402
 from accuquant_pl.sample_metrics import SampleQualityMeter  # noqa: E402
@@ -137,10 +135,9 @@ def evaluate(folder: Path, protocol: Protocol, meter: SampleQualityMeter, classi
             rest = samples_from(unet, protocol.scheduler, seeds[len(curve_seeds):], steps,
                                 batch_size=PROTOCOL_BATCH_SIZE)
         samples = torch.cat([samples, rest])
-    stats = sample_error_stats(reference, samples, labeller=classifier.labels)
+    _, figures = protocol.error_row(samples, classifier.labels)
     quality = meter.measure(samples, reference)
-    return {**stats.as_dict(), "per_sample_mse": per_sample_mse(reference, samples).tolist(),
-            "fid": quality.fid, "fid_fp": quality.fid_fp, "fid2fp32": quality.fid2fp32, "kid": quality.kid,
+    return {**figures, "fid": quality.fid, "fid_fp": quality.fid_fp, "fid2fp32": quality.fid2fp32, "kid": quality.kid,
             "accumulated": curves.accumulated, "per_step": curves.per_step}
 
 

@@ -15,7 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
 from accuquant_pl.evaluation import samples_from  # noqa: E402
 from accuquant_pl.io import atomic_torch_save  # noqa: E402
-from accuquant_pl.metrics.sample_errors import PROTOCOL_BATCH_SIZE, PROTOCOL_FIRST_SEED  # noqa: E402
+from accuquant_pl.metrics.sample_errors import (  # noqa: E402
+    PROTOCOL_BATCH_SIZE,
+    PROTOCOL_FIRST_SEED,
+    SampleErrorStats,
+    per_sample_mse,
+    sample_error_stats,
+)
 from accuquant_pl.models.loading import load_unet  # noqa: E402
 
 DEFAULT_TEACHER = str(REPO / "models" / "digits-ddpm")
@@ -38,6 +44,12 @@ class Protocol:
     def calibration_batches(self, samples: int) -> list[dict[str, torch.Tensor]]:
         """Forward kwargs of the activation-calibration inputs (the data module's ``calibration_inputs``)."""
         return [{"x": b["x"], "timestep": b["timesteps"][:, 0]} for b in self.data.calibration_inputs(samples)]
+
+    def error_row(self, samples: torch.Tensor, labeller: Any = None) -> tuple[SampleErrorStats, dict[str, Any]]:
+        """The per-sample statistics of ``samples`` against the reference, and the JSON row fields they give
+        (the statistics plus every sample's error, which paired comparisons between rows need)."""
+        stats = sample_error_stats(self.reference, samples, labeller=labeller)
+        return stats, {**stats.as_dict(), "per_sample_mse": per_sample_mse(self.reference, samples).tolist()}
 
     def samples(self, model: torch.nn.Module) -> torch.Tensor:
         """``model``'s final samples of the protocol seeds, in the protocol's batches."""

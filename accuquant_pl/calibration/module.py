@@ -211,9 +211,8 @@ class BlockReconstruction(L.LightningModule):
         if self.student is not None:
             return
         teacher = load_unet(self.hparams.pretrained)
-        needs_timesteps = self.spec.act_timestep_boundaries is None and self.spec.act_timestep_groups > 1
         timesteps = (load_scheduler_config(self.hparams.pretrained).get("num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS)
-                     if needs_timesteps else DEFAULT_TRAIN_TIMESTEPS)
+                     if self.spec.needs_train_timesteps else DEFAULT_TRAIN_TIMESTEPS)
         student = quantize(copy.deepcopy(teacher), self.spec, timesteps)
         self.spec = getattr(student, SPEC_ATTR)  # the resolved spec (timestep groups as explicit boundaries)
         student.requires_grad_(False)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from accuquant_pl.quant.spec import QuantSpec, with_legacy_timesteps
+
 DATA_KEYS_WITHOUT_EFFECT = ("cache_dir", "cache_path", "rebuild", "num_workers")
 """Data-module settings that cannot change a calibration's result: where the trajectory cache lives, whether a
 mismatching one is rebuilt, and how batches are loaded."""
@@ -84,12 +86,11 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
 def timestep_ranges(quant: dict[str, Any]) -> dict[str, Any]:
     """``quant`` with its two timestep keys replaced by what they mean, so equal settings compare equal: a spec
     written before timestep groups existed (neither key) and ``act_timestep_groups: 1`` both mean one range."""
-    quant = dict(quant)
-    groups, boundaries = quant.pop("act_timestep_groups", None), quant.pop("act_timestep_boundaries", None)
-    if boundaries is None and groups is None and quant:
-        boundaries = []  # a checkpoint written before the option: calibrated with one range
+    quant = dict(with_legacy_timesteps(quant))
+    groups = quant.pop("act_timestep_groups", QuantSpec.act_timestep_groups)
+    boundaries = quant.pop("act_timestep_boundaries", None)
     if boundaries is None:
-        boundaries = [] if groups == 1 else f"{4 if groups is None else groups} equal groups of the training timesteps"
+        boundaries = [] if groups == 1 else f"{groups} equal groups of the training timesteps"
     return {**quant, "act_timestep_boundaries": boundaries}
 
 

@@ -117,7 +117,7 @@ def quantize(model: nn.Module, spec: QuantSpec, num_train_timesteps: int = DEFAU
     scheduler config's) turns ``spec.act_timestep_groups`` into boundaries; the model records the resolved spec.
     """
     spec = spec.resolved(num_train_timesteps)
-    layers, processors = plan_layers(model, spec, num_train_timesteps)
+    layers, processors = plan_layers(model, spec)
     apply_plan(model, layers, processors)
     setattr(model, SPEC_ATTR, spec)
     return model

@@ -496,8 +496,6 @@ class ActivationQuantizer(_AffineQuantizer):
                 "calibrate_activations(model, batches) or observe() + init_from_observations() first"
             )
         scale = self._lsq_scale(x[0].numel() if x.dim() > 1 else x.numel(), self.num_groups)
-        if self.num_groups == 1:
-            return fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
         return fake_quantize_broadcast(x, *self.qparams_for(x, scale), self.quant_min, self.quant_max)
 
     def extra_repr(self) -> str:

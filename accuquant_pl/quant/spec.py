@@ -151,14 +151,17 @@ class QuantSpec:
                 if getattr(o, name) is not None:
                     check_bits(getattr(o, name), f"overrides[{i}].{name} (pattern {o.pattern!r})")
 
+    @property
+    def needs_train_timesteps(self) -> bool:
+        """True when the boundaries are equal shares of the model's training timesteps, still to be resolved."""
+        return self.act_timestep_boundaries is None and self.act_timestep_groups > 1
+
     def timestep_boundaries(self, num_train_timesteps: int | None = None) -> list[float]:
         """The activation timestep-group boundaries: the explicit list, or ``act_timestep_groups`` equal shares
         of ``num_train_timesteps`` (``ValueError`` if that is needed and not given)."""
-        if self.act_timestep_boundaries is not None:
-            return list(self.act_timestep_boundaries)
+        if not self.needs_train_timesteps:
+            return list(self.act_timestep_boundaries or [])
         groups = self.act_timestep_groups
-        if groups == 1:
-            return []
         if num_train_timesteps is None:
             raise ValueError(f"act_timestep_groups={groups} needs the model's number of training timesteps: "
                              "quantize(model, spec, num_train_timesteps=...) resolves it, or set act_timestep_boundaries")
@@ -193,8 +196,13 @@ class QuantSpec:
 
     @classmethod
     def from_export(cls, data: dict[str, Any]) -> QuantSpec:
-        """The spec recorded in a quantization map: a map written before timestep groups existed has neither
-        timestep key and was quantized with one activation range."""
-        if "act_timestep_groups" not in data and "act_timestep_boundaries" not in data:
-            data = {**data, "act_timestep_boundaries": []}
-        return cls(**data)
+        """The spec recorded in a quantization map or calibration checkpoint (see :func:`with_legacy_timesteps`)."""
+        return cls(**with_legacy_timesteps(data))
+
+
+def with_legacy_timesteps(data: dict[str, Any]) -> dict[str, Any]:
+    """A recorded spec dict as it was meant: one written before timestep groups existed has neither timestep key
+    and was quantized with one activation range (``act_timestep_boundaries: []``)."""
+    if "act_timestep_groups" not in data and "act_timestep_boundaries" not in data:
+        return {**data, "act_timestep_boundaries": []}
+    return data
