@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from accuquant_pl import _moved
+
 __version__ = "0.1.0"
+_moved.install()
 
 # Public entry points for deployed models, imported on first use: ``import accuquant_pl`` stays light
 # (no diffusers / safetensors import) for code that only needs a submodule.
 _LAZY = {
-    "load_quantized": ("accuquant_pl.quantized_model", "load_quantized_unet"),
-    "load_quantized_model": ("accuquant_pl.quantized_model", "load_quantized_model"),
-    "export_quantized": ("accuquant_pl.quantized_model", "export_quantized"),
-    "quantized_pipeline": ("accuquant_pl.quantized_model", "quantized_pipeline"),
-    "freeze": ("accuquant_pl.quant.deployed_model", "freeze"),
-    "set_execution": ("accuquant_pl.quant.deployed_model", "set_execution"),
+    "load_quantized": "accuquant_pl.deploy.artifact",
+    "export_quantized": "accuquant_pl.deploy.artifact",
+    "exported_scheduler_config": "accuquant_pl.deploy.artifact",
+    "quantized_pipeline": "accuquant_pl.deploy.pipelines",
+    "freeze": "accuquant_pl.deploy.model",
+    "set_execution": "accuquant_pl.deploy.model",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]
@@ -24,8 +27,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'accuquant_pl' has no attribute {name!r}")
 
 

@@ -24,7 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from accuquant_pl.data.digits_quality import DigitClassifier  # noqa: E402
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier  # noqa: E402
 from accuquant_pl.io import atomic_write_json  # noqa: E402
 from accuquant_pl.metrics.sample_errors import (  # noqa: E402
     PROTOCOL_BATCH_SIZE,

@@ -29,10 +29,11 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from accuquant_pl.models.loading import load_scheduler_config, load_unet, scheduler_from_config  # noqa: E402
-from accuquant_pl.quant import QuantSpec, rtn_quantize, set_execution, weight_bytes  # noqa: E402
-from accuquant_pl.quantized_model import WEIGHTS_NAME, export_quantized, load_quantized_unet  # noqa: E402
-from accuquant_pl.sampling import initial_noise, sample  # noqa: E402
+from accuquant_pl.deploy import set_execution, weight_bytes  # noqa: E402
+from accuquant_pl.deploy.artifact import WEIGHTS_NAME, export_quantized, load_quantized  # noqa: E402
+from accuquant_pl.diffusion import load_scheduler_config, load_unet, scheduler_from_config  # noqa: E402
+from accuquant_pl.diffusion.sampling import initial_noise, sample  # noqa: E402
+from accuquant_pl.quant import QuantSpec, rtn_quantize  # noqa: E402
 
 MB = 1e6
 
@@ -116,7 +117,7 @@ def main() -> None:
             row(bits.upper(), "fake-quant (calibrated)", None, weight_bytes(fake), fake_time, 0.0, fake_samples)
             folder = export_quantized(fake, Path(tmp) / bits, scheduler_config=scheduler_config)
             size = (folder / WEIGHTS_NAME).stat().st_size
-            deployed = load_quantized_unet(folder)
+            deployed = load_quantized(folder)
             for mode in args.modes.split(","):
                 fallbacks = set_execution(deployed, mode)
                 seconds, samples = time_sampling(deployed, scheduler, noise, args.steps, args.repeats)

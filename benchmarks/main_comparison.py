@@ -37,15 +37,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from accuquant_pl.data.digits_quality import DigitClassifier  # noqa: E402
-from accuquant_pl.evaluation import paired_errors, samples_from  # noqa: E402
+from accuquant_pl.deploy import load_quantized  # noqa: E402
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier  # noqa: E402
+from accuquant_pl.evaluation.paired import paired_errors, samples_from  # noqa: E402
+from accuquant_pl.evaluation.quality import SampleQualityMeter  # noqa: E402
 from accuquant_pl.io import atomic_write_json, atomic_write_text  # noqa: E402
 from accuquant_pl.metrics.sample_errors import (  # noqa: E402
     PROTOCOL_BATCH_SIZE,
     PROTOCOL_FIRST_SEED,
 )
-from accuquant_pl.quantized_model import load_quantized_model  # noqa: E402
-from accuquant_pl.sample_metrics import SampleQualityMeter  # noqa: E402
 from benchmarks.protocol import Protocol, setup_protocol  # noqa: E402
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -86,9 +86,9 @@ def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, root
         "trainer": {
             "default_root_dir": str(root), "enable_progress_bar": False, "logger": False,
             "callbacks": [
-                {"class_path": "callbacks.calibration_checkpoint.CalibrationCheckpoint",
+                {"class_path": "callbacks.CalibrationCheckpoint",
                  "init_args": {"dirpath": str(root / "checkpoints"), "every_n_seconds": 60}},
-                {"class_path": "callbacks.quantized_export.ExportQuantized",
+                {"class_path": "callbacks.ExportQuantized",
                  "init_args": {"dirpath": str(root / "quantized")}},
             ],
         },
@@ -124,7 +124,7 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, seed: int) -> tu
 def evaluate(folder: Path, protocol: Protocol, meter: SampleQualityMeter, classifier: DigitClassifier) -> dict[str, Any]:
     """Protocol figures of one exported model (its samples are those of ``Protocol.samples``: the first
     ``CURVE_SEEDS`` come from the error-curve run, the same batches of 64)."""
-    unet, _ = load_quantized_model(folder)
+    unet = load_quantized(folder)
     seeds, reference, steps = protocol.seeds, protocol.reference, protocol.steps
     curve_seeds = seeds[: min(CURVE_SEEDS, len(seeds))]
     curves = paired_errors(protocol.teacher, unet, protocol.scheduler, curve_seeds, steps,

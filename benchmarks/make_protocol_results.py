@@ -20,9 +20,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from accuquant_pl.evaluation.plots import plot_error_curves  # noqa: E402
 from accuquant_pl.io import atomic_write_text  # noqa: E402
 from accuquant_pl.metrics.sample_errors import paired_comparison  # noqa: E402
-from accuquant_pl.plots import plot_error_curves  # noqa: E402
 from benchmarks.core_ablation import BASE_ROW, CORE_CHOICES  # noqa: E402
 
 START, END = "<!-- robust-protocol:start -->", "<!-- robust-protocol:end -->"

@@ -20,13 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from accuquant_pl.calibration.module import BlockReconstruction  # noqa: E402
-from accuquant_pl.data.digits_quality import DigitClassifier  # noqa: E402
 from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
-from accuquant_pl.evaluation import samples_from  # noqa: E402
+from accuquant_pl.diffusion.loading import load_unet  # noqa: E402
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier  # noqa: E402
+from accuquant_pl.evaluation.paired import samples_from  # noqa: E402
+from accuquant_pl.evaluation.plots import plot_error_curves  # noqa: E402
+from accuquant_pl.evaluation.quality import SampleQualityMeter, real_images  # noqa: E402
 from accuquant_pl.io import atomic_write_text  # noqa: E402
-from accuquant_pl.models.loading import load_unet  # noqa: E402
-from accuquant_pl.plots import plot_error_curves  # noqa: E402
-from accuquant_pl.sample_metrics import SampleQualityMeter, real_images  # noqa: E402
 from benchmarks.make_protocol_results import protocol_section  # noqa: E402
 
 # rows record a knob only when it was overridden; the rest ran with BlockReconstruction's defaults

@@ -81,7 +81,7 @@ def _reset_rss_peak() -> bool:
 
 def digits_unet() -> tuple[nn.Module, str]:
     if (DIGITS_DIR / "unet").is_dir():
-        from accuquant_pl.models import load_unet
+        from accuquant_pl.diffusion import load_unet
 
         return load_unet(DIGITS_DIR), "models/digits-ddpm"
     torch.manual_seed(0)

@@ -13,7 +13,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
-from accuquant_pl.evaluation import samples_from  # noqa: E402
+from accuquant_pl.diffusion.loading import load_unet  # noqa: E402
+from accuquant_pl.evaluation.paired import samples_from  # noqa: E402
 from accuquant_pl.io import atomic_torch_save  # noqa: E402
 from accuquant_pl.metrics.sample_errors import (  # noqa: E402
     PROTOCOL_BATCH_SIZE,
@@ -22,7 +23,6 @@ from accuquant_pl.metrics.sample_errors import (  # noqa: E402
     per_sample_mse,
     sample_error_stats,
 )
-from accuquant_pl.models.loading import load_unet  # noqa: E402
 
 DEFAULT_TEACHER = str(REPO / "models" / "digits-ddpm")
 TRAJECTORY_CACHE = str(REPO / ".cache" / "trajectories")

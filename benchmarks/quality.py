@@ -22,11 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from accuquant_pl.calibration.module import BlockReconstruction  # noqa: E402
-from accuquant_pl.data.digits_quality import DigitClassifier  # noqa: E402
 from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
-from accuquant_pl.evaluation import paired_errors, samples_from  # noqa: E402
+from accuquant_pl.diffusion.loading import load_unet  # noqa: E402
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier  # noqa: E402
+from accuquant_pl.evaluation.paired import paired_errors, samples_from  # noqa: E402
 from accuquant_pl.io import atomic_torch_save, atomic_write_json  # noqa: E402
-from accuquant_pl.models.loading import load_unet  # noqa: E402
 from accuquant_pl.quant import QuantSpec  # noqa: E402
 
 

@@ -17,11 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from accuquant_pl.data.digits import digits_tensors  # noqa: E402
-from accuquant_pl.data.digits_quality import DigitClassifier, pixel_statistics_gap  # noqa: E402
 from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
-from accuquant_pl.evaluation import samples_from  # noqa: E402
-from accuquant_pl.images import make_grid, save_png  # noqa: E402
-from accuquant_pl.models.loading import load_unet  # noqa: E402
+from accuquant_pl.diffusion.loading import load_unet  # noqa: E402
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier, pixel_statistics_gap  # noqa: E402
+from accuquant_pl.evaluation.images import make_grid, save_png  # noqa: E402
+from accuquant_pl.evaluation.paired import samples_from  # noqa: E402
 
 
 def main() -> None:

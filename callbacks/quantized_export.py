@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import lightning as L
 
-from accuquant_pl.models.loading import load_scheduler_config
-from accuquant_pl.quantized_model import export_quantized
+from accuquant_pl.deploy.artifact import export_quantized
+from accuquant_pl.diffusion.loading import load_scheduler_config
 
 
 class ExportQuantized(L.Callback):
-    """Exports ``pl_module.student`` with :func:`accuquant_pl.quantized_model.export_quantized` at ``on_fit_end``.
+    """Exports ``pl_module.student`` with :func:`accuquant_pl.deploy.artifact.export_quantized` at ``on_fit_end``.
 
     The folder holds integer weights (int4 packed two per byte, or int8), per-channel scales and zero points,
     the activation quantizers, the quantization map and the scheduler config; load it with

@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from diffusers import DDIMScheduler
 
-from accuquant_pl.images import make_grid, save_png
-from accuquant_pl.sampling import initial_noise, sample
+from accuquant_pl.diffusion.sampling import initial_noise, sample
+from accuquant_pl.evaluation.images import make_grid, save_png
 
 
 class SampleGrid(L.Callback):

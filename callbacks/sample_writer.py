@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from accuquant_pl.images import make_grid, save_png
+from accuquant_pl.evaluation.images import make_grid, save_png
 from accuquant_pl.io import atomic_path
 
 

@@ -16,9 +16,9 @@ def checkpoint_and_export_callbacks(root: Path, every_n_seconds: float | None = 
     """The YAML callbacks of a resumable calibration: a checkpoint after every unit (and every ``every_n_seconds``
     inside an epoch) and the quantized export."""
     return [
-        {"class_path": "callbacks.calibration_checkpoint.CalibrationCheckpoint",
+        {"class_path": "callbacks.CalibrationCheckpoint",
          "init_args": {"dirpath": str(root / "checkpoints"), "every_n_seconds": every_n_seconds}},
-        {"class_path": "callbacks.quantized_export.ExportQuantized", "init_args": {"dirpath": str(root / "quantized")}},
+        {"class_path": "callbacks.ExportQuantized", "init_args": {"dirpath": str(root / "quantized")}},
     ]
 
 

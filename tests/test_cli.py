@@ -24,9 +24,9 @@ def tiny_pretrain_args(tmp_path: Path) -> list[str]:
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging"},
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
-                {"class_path": "callbacks.sample_grid.SampleGrid",
+                {"class_path": "callbacks.SampleGrid",
                  "init_args": {"num_samples": 4, "num_inference_steps": 2}},
-                {"class_path": "callbacks.export.ExportDiffusers", "init_args": {"dirpath": str(tmp_path / "export")}},
+                {"class_path": "callbacks.ExportDiffusers", "init_args": {"dirpath": str(tmp_path / "export")}},
             ],
         },
         "model": {"init_args": {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
@@ -123,9 +123,9 @@ def test_folder_that_is_not_a_unet(tmp_path):
 def test_predict_from_a_quantized_folder(tmp_path, tiny_model_dir):
     import torch
 
-    from accuquant_pl.models import load_unet
+    from accuquant_pl.deploy import export_quantized, load_quantized
+    from accuquant_pl.diffusion import load_unet
     from accuquant_pl.quant import QuantSpec, rtn_quantize
-    from accuquant_pl.quantized_model import export_quantized, load_quantized_model
 
     unet = rtn_quantize(load_unet(tiny_model_dir), QuantSpec(weight_bits=4),  # one sample per timestep group
                         [{"sample": torch.randn(4, 1, 8, 8), "timestep": torch.tensor([10, 35, 60, 85])}],
@@ -137,7 +137,7 @@ def test_predict_from_a_quantized_folder(tmp_path, tiny_model_dir):
                 "--model.init_args.num_inference_steps", "3", "--data.init_args.num_samples", "2",
                 "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.enable_progress_bar", "false",
                 "--trainer.default_root_dir", str(tmp_path)])
-    loaded, _ = load_quantized_model(tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
     x = torch.randn(1, 1, 8, 8)
     assert torch.equal(cli.model.unet(x, 5).sample, loaded(x, 5).sample)
     assert np.load(out / "samples.npz")["images"].shape == (2, 1, 8, 8)

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from accuquant_pl.cli import main
-from accuquant_pl.models.loading import load_unet
+from accuquant_pl.deploy import load_quantized
+from accuquant_pl.diffusion.loading import load_unet
 from accuquant_pl.quant import reconstruction_units
-from accuquant_pl.quantized_model import load_quantized_model
 from tests.conftest import REPO, checkpoint_and_export_callbacks
 from tests.tiny_models import model_folder
 
@@ -158,7 +158,7 @@ def test_calibration_config_runs_tiny(tmp_path, config):
     module = cli.model
     rtn = _load(config)["model"]["init_args"].get("objective") == "rtn"
     assert len(module.done_units) == (0 if rtn else len(module.unit_names))
-    unet, _ = load_quantized_model(tmp_path / "run" / "quantized")
+    unet = load_quantized(tmp_path / "run" / "quantized")
     assert type(unet) is type(load_unet(module.hparams.pretrained))
     assert [n for n, _ in reconstruction_units(unet)] == module.unit_names
 
@@ -175,7 +175,7 @@ def test_multi_device_override_runs_tiny_on_two_cpu_processes(tmp_path, config):
                            "--data.init_args.batch_size", "2"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"DDP run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    unet, _ = load_quantized_model(tmp_path / "run" / "quantized")
+    unet = load_quantized(tmp_path / "run" / "quantized")
     assert type(unet).__name__ == load_unet(model_folder(family(base), tmp_path)).__class__.__name__
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 import accuquant_pl
+from accuquant_pl.deploy.artifact import export_quantized
 from accuquant_pl.io import atomic_directory, atomic_path, recover_directory, remove_stale_temps
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize
-from accuquant_pl.quantized_model import export_quantized
 from tests.conftest import REPO, tiny_unet
 from tests.quant.quant_helpers import unet_batches
 

@@ -5,8 +5,8 @@ import torch
 
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.data.trajectories import TrajectoryDataModule
+from accuquant_pl.deploy import load_quantized
 from accuquant_pl.quant import QuantSpec
-from accuquant_pl.quantized_model import load_quantized_model
 from callbacks.calibration_checkpoint import CalibrationCheckpoint
 from callbacks.quantized_export import ExportQuantized
 
@@ -24,6 +24,6 @@ def test_readme_example_with_a_plain_trainer(tmp_path, tiny_model_dir):
     assert trainer.current_epoch == len(model.unit_names) == len(model.done_units)
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert checkpoint["accuquant"]["done_units"] == model.unit_names
-    unet, _ = load_quantized_model(tmp_path / "q")
+    unet = load_quantized(tmp_path / "q")
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(unet(x, 3).sample, model.student(x, 3).sample)

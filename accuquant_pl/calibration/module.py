@@ -27,10 +27,10 @@ from accuquant_pl.calibration.objectives import (
 )
 from accuquant_pl.calibration.rollout import GRADIENT_MODES, Reduction
 from accuquant_pl.data.trajectories import sub_batches
-from accuquant_pl.models.loading import load_scheduler_config, load_unet
+from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
+from accuquant_pl.diffusion.sampling import network_inputs
 from accuquant_pl.quant import (
     AdaRoundQuantizer,
-    AdaRoundSchedule,
     QuantSpec,
     adaround_regularizer,
     calibrate_activations,
@@ -41,10 +41,10 @@ from accuquant_pl.quant import (
     set_quant_state,
     unit_parameters,
 )
+from accuquant_pl.quant.adaround import AdaRoundSchedule
 from accuquant_pl.quant.convert import DEFAULT_TRAIN_TIMESTEPS, SPEC_ATTR
 from accuquant_pl.quant.quantizers import MIN_SCALE
 from accuquant_pl.quant.timesteps import check_groups_hold_timesteps, grouped_quantizers
-from accuquant_pl.sampling import network_inputs
 
 
 def _rng_state() -> dict[str, Any]:

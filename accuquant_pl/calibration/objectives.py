@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from accuquant_pl.calibration.capture import block_output, run_capturing
 from accuquant_pl.calibration.rollout import Reduction, rollout, state_loss
-from accuquant_pl.calibration.scheduler_state import SamplerSteps, is_stochastic, scaled_model_input
-from accuquant_pl.sampling import Conditioning, model_output, network_inputs
+from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.sampling import model_output, network_inputs
+from accuquant_pl.diffusion.schedulers import SamplerSteps, is_stochastic, scaled_model_input
 
 Objective = Literal["per_step", "accuquant"]
 OBJECTIVES = ("per_step", "accuquant")

@@ -8,7 +8,7 @@ backward pass is organised) and returns the detached loss. ``network(j, x)`` is 
 A multistep sampler's step also reads the group's earlier steps. Such a ``phi`` carries the attribute
 ``reads_history = True`` and is called ``phi(j, x, out, past_states, past_outputs)`` with the group's own
 inputs and outputs of steps 0..j-1 (tuples of tensors, with their graph where the mode differentiates
-through them); :class:`~accuquant_pl.calibration.scheduler_state.SamplerSteps` is one. Every mode keeps the
+through them); :class:`~accuquant_pl.diffusion.schedulers.SamplerSteps` is one. Every mode keeps the
 sampler's dependence on those tensors exactly as on ``x`` and ``out``.
 """
 

@@ -22,14 +22,11 @@ from accuquant_pl.data.trajectory_cache import (
     read_cache,
     write_cache,
 )
+from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.loading import inspect_model_folder, load_scheduler_config, load_unet
+from accuquant_pl.diffusion.sampling import initial_noise, sample
+from accuquant_pl.diffusion.schedulers import history_steps, scaled_model_input, scheduler_from_config
 from accuquant_pl.io import recover_directory, sha256_tree
-from accuquant_pl.models.loading import (
-    inspect_model_folder,
-    load_scheduler_config,
-    load_unet,
-    scheduler_from_config,
-)
-from accuquant_pl.sampling import Conditioning, initial_noise, sample
 
 GroupStarts = Literal["all", "windows"]
 StartWeighting = Literal["uniform", "linear"]
@@ -313,7 +310,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         Args:
             teacher: FP model folder; None takes the LightningModule's ``pretrained``.
             scheduler: diffusers sampler of the trajectories (and of the AccuQuant rollout): a name in
-                ``accuquant_pl.sampling.SCHEDULERS`` (ddim, ddpm, dpmsolver++, unipc, pndm, euler).
+                ``accuquant_pl.diffusion.sampling.SCHEDULERS`` (ddim, ddpm, dpmsolver++, unipc, pndm, euler).
             num_inference_steps: sampling steps S of each trajectory.
             eta: DDIM eta (0 = deterministic).
             num_trajectories: N, the number of FP trajectories sampled for calibration.
@@ -395,8 +392,6 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def history_length(self) -> int:
         """How many FP steps before a group start prime the sampler there (0 for one-step samplers like DDIM)."""
-        from accuquant_pl.calibration.scheduler_state import history_steps
-
         return history_steps(self.make_scheduler())
 
     def cache_key(self) -> dict[str, Any]:
@@ -555,8 +550,6 @@ class TrajectoryDataModule(L.LightningDataModule):
 
         ``x`` is what the sampler feeds the network at its step (``scale_model_input``), so that activation
         ranges come from the inputs the network sees when sampling."""
-        from accuquant_pl.calibration.scheduler_state import scaled_model_input
-
         per_step = TrajectoryGroups(self.tensors, 1, "all")
         scheduler = self.make_scheduler()
         gen = torch.Generator().manual_seed(seed)

@@ -87,7 +87,7 @@ def plan_layers(model: nn.Module, spec: QuantSpec, num_train_timesteps: int = DE
     return layers, processors
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -98,7 +98,7 @@ def apply_plan(model: nn.Module, layers: dict[str, LayerQuantConfig], processors
     for name, config in layers.items():
         float_module = model.get_submodule(name)
         qcls = QUANT_LAYERS[type(float_module)]
-        _set_submodule(model, name, qcls.from_module(float_module, config=config, init_weights=init_weights))
+        set_submodule(model, name, qcls.from_module(float_module, config=config, init_weights=init_weights))
     for pname, act_config in processors.items():
         attn_name = pname.rpartition(".")[0]
         install_quant_processor(model.get_submodule(attn_name), act_config, attn_name)

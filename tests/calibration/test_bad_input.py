@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, UniPCMultistepScheduler
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.calibration.objectives import accuquant_step
 from accuquant_pl.calibration.rollout import rollout
-from accuquant_pl.calibration.scheduler_state import SamplerSteps, prime
+from accuquant_pl.diffusion.schedulers import SamplerSteps, prime
 from tests.conftest import tiny_unet
 
 STEPS = 10

@@ -25,8 +25,8 @@ from accuquant_pl.calibration.objectives import (
 )
 from accuquant_pl.calibration.rollout import state_loss
 from accuquant_pl.cli import main
+from accuquant_pl.diffusion.sampling import network_inputs
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, unit_parameters
-from accuquant_pl.sampling import network_inputs
 from tests.calibration.gradients import flat_grad, theta, zero
 from tests.calibration.test_calibration_cli import tiny_args
 from tests.conftest import tiny_unet

@@ -6,8 +6,8 @@ import lightning as L
 
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.data.trajectories import TrajectoryDataModule
-from accuquant_pl.evaluation import paired_errors
-from accuquant_pl.models.loading import load_unet
+from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.evaluation.paired import paired_errors
 from accuquant_pl.quant import QuantSpec
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from accuquant_pl.cli import main
 from accuquant_pl.data.trajectories import sub_batches
-from accuquant_pl.quantized_model import load_quantized_model
+from accuquant_pl.deploy import exported_scheduler_config, load_quantized
 from tests.conftest import REPO, checkpoint_and_export_callbacks
 
 
@@ -47,7 +47,8 @@ def test_tiny_calibration_exports_a_loadable_quantized_model(tmp_path, tiny_mode
     module = cli.model
     expected = 0 if "rtn" in config else len(module.unit_names)
     assert len(module.done_units) == expected
-    unet, scheduler_config = load_quantized_model(tmp_path / "run" / "quantized")
+    folder = tmp_path / "run" / "quantized"
+    unet, scheduler_config = load_quantized(folder), exported_scheduler_config(folder)
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(unet(x, 10).sample, module.student(x, 10).sample)
     assert scheduler_config["num_train_timesteps"] == 100
@@ -126,7 +127,7 @@ def test_timestep_grouped_ranges_are_learned_by_every_objective_and_exported(tmp
         name = config.removesuffix(".yaml")
         cli = main([*tiny_args(tmp_path, tiny_model_dir, config, name=name), *boundaries])
         folder = tmp_path / name / "quantized"
-        unet, _ = load_quantized_model(folder)
+        unet = load_quantized(folder)
         x = torch.randn(2, 1, 8, 8)
         for t in (10, 50, 90):
             assert torch.equal(unet(x, t).sample, cli.model.student(x, t).sample)

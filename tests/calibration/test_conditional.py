@@ -28,9 +28,10 @@ from accuquant_pl.calibration import objectives
 from accuquant_pl.calibration.objectives import accuquant_step, per_step_loss
 from accuquant_pl.cli import main
 from accuquant_pl.data.trajectories import TrajectoryDataModule
-from accuquant_pl.generation import DiffusionSampler
-from accuquant_pl.models.loading import load_scheduler_config, load_unet, load_vae
-from accuquant_pl.sampling import Conditioning, model_output, network_inputs
+from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet, load_vae
+from accuquant_pl.diffusion.sampling import model_output, network_inputs
+from accuquant_pl.evaluation.generation import DiffusionSampler
 from tests.conftest import REPO
 from tests.tiny_models import (
     class_conditional_unet,
@@ -56,7 +57,7 @@ def calibration_args(tmp_path: Path, config: str, folder: Path, name: str, data:
     override = {
         "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": str(root), "enable_progress_bar": False,
                     "enable_model_summary": False, "logger": False, "enable_checkpointing": False,
-                    "callbacks": [{"class_path": "callbacks.quantized_export.ExportQuantized",
+                    "callbacks": [{"class_path": "callbacks.ExportQuantized",
                                    "init_args": {"dirpath": str(root / "quantized")}}]},
         # The digits AccuQuant config's final stage is off: these runs test conditioning.
         "model": {"init_args": {"pretrained": str(folder), "iterations_per_unit": 2, "act_calibration_samples": 8,

@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 
 from accuquant_pl.cli import main
 from accuquant_pl.data.trajectories import StartBatchSampler, TrajectoryGroups
-from accuquant_pl.models.loading import load_unet
-from accuquant_pl.quantized_model import load_quantized_model
+from accuquant_pl.deploy import load_quantized
+from accuquant_pl.diffusion.loading import load_unet
 from tests.calibration.test_calibration_cli import tiny_args
 from tests.conftest import REPO
 
@@ -75,7 +75,7 @@ def logged_losses(root: Path) -> torch.Tensor:
 
 
 def outputs(folder: Path) -> torch.Tensor:
-    unet, _ = load_quantized_model(folder)
+    unet = load_quantized(folder)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 1, 8, 8, generator=gen)
     with torch.no_grad():

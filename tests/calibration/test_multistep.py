@@ -22,9 +22,9 @@ from torch.utils.data import default_collate
 from accuquant_pl.calibration.memory import LiveTensorBytes
 from accuquant_pl.calibration.objectives import accuquant_step, check_rollout_scheduler, group_steps
 from accuquant_pl.calibration.rollout import rollout, simulate
-from accuquant_pl.calibration.scheduler_state import SamplerSteps, history_steps, is_stochastic, prime
 from accuquant_pl.data.trajectories import TrajectoryDataModule, TrajectoryGroups
-from accuquant_pl.sampling import SCHEDULERS, initial_noise, model_output, sample
+from accuquant_pl.diffusion.sampling import initial_noise, model_output, sample
+from accuquant_pl.diffusion.schedulers import SCHEDULERS, SamplerSteps, history_steps, is_stochastic, prime
 from tests.calibration.gradients import flat_grad, theta, zero
 from tests.conftest import tiny_unet
 
@@ -347,7 +347,7 @@ def test_stochastic_samplers_are_rejected_with_a_clear_error():
 @pytest.mark.parametrize("scheduler", ["dpmsolver++", "unipc"])
 def test_tiny_accuquant_calibration_with_a_multistep_sampler_through_the_cli(tmp_path, tiny_model_dir, scheduler):
     from accuquant_pl.cli import main
-    from accuquant_pl.quantized_model import load_quantized_model
+    from accuquant_pl.deploy import load_quantized
     from tests.calibration.test_calibration_cli import tiny_args
 
     args = [*tiny_args(tmp_path, tiny_model_dir, rollout_target="state", gradient="checkpointed"), "--data.init_args.scheduler", scheduler,
@@ -360,6 +360,6 @@ def test_tiny_accuquant_calibration_with_a_multistep_sampler_through_the_cli(tmp
     assert dm.train_set.history == history_steps(dm.make_scheduler()) > 0
     loss = cli.trainer.callback_metrics["calib/loss"]
     assert torch.isfinite(loss) and loss > 0
-    unet, _ = load_quantized_model(tmp_path / "run" / "quantized")
+    unet = load_quantized(tmp_path / "run" / "quantized")
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(unet(x, 10).sample, module.student(x, 10).sample)

@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.data.trajectories import TrajectoryDataModule
-from accuquant_pl.evaluation import samples_from
-from accuquant_pl.models.loading import load_unet
+from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.evaluation.paired import samples_from
 from accuquant_pl.quant import QuantSpec
 from callbacks.fid import FIDCallback
 

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
+from accuquant_pl.evaluation.quality import SampleQualityMeter
 from accuquant_pl.metrics import (
     SampleFeatureCache,
     StatsCacheCorruptError,
     StatsCacheMismatchError,
     images_digest,
 )
-from accuquant_pl.sample_metrics import SampleQualityMeter
 
 
 def _images(seed: int) -> torch.Tensor:

@@ -119,7 +119,7 @@ def test_schedule_values():
 def test_hard_mode_at_init_is_round_to_nearest():
     from torch import nn
 
-    from accuquant_pl.quant import set_adaround_soft
+    from accuquant_pl.quant.state import set_adaround_soft
 
     w = torch.randn(5, 7)
     q = _quantizer(w, 3)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from accuquant_pl.quant import ActQuantConfig, QuantAttnProcessor, install_quant_processor, quant_state
+from accuquant_pl.quant import ActQuantConfig, QuantAttnProcessor, quant_state
+from accuquant_pl.quant.attention import install_quant_processor
 from accuquant_pl.quant.quantizers import fake_quantize
 
 CASES = {

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from accuquant_pl.quant import (
-    QUANT_LAYERS,
     AdaRoundQuantizer,
     LayerQuantConfig,
     QuantConv2d,
@@ -16,6 +15,7 @@ from accuquant_pl.quant import (
     set_quant_state,
     unit_parameters,
 )
+from accuquant_pl.quant.layers import QUANT_LAYERS
 from accuquant_pl.quant.spec import ActQuantConfig, WeightQuantConfig
 
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from accuquant_pl.models.loading import load_unet
+from accuquant_pl.diffusion.loading import load_unet
 from accuquant_pl.quant import QuantSpec, quantize
 from accuquant_pl.quant.report import quantized_tensor_bits
 from tests.conftest import REPO, TEACHER

@@ -9,11 +9,11 @@ import torch
 from quant_helpers import make_cond_unet, make_unet, unet_batches
 
 import accuquant_pl
+from accuquant_pl.deploy.artifact import export_quantized
 from accuquant_pl.io import sha256_file
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, unit_parameters
 from accuquant_pl.quant.quantizers import ActivationQuantizer, fake_quantize
 from accuquant_pl.quant.timesteps import ROUTER_ATTR, TimestepRouter
-from accuquant_pl.quantized_model import export_quantized
 
 BOUNDARIES = [300, 600]
 SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}

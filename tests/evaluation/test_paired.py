@@ -3,7 +3,7 @@ import copy
 import torch
 from diffusers import DDIMScheduler
 
-from accuquant_pl.evaluation import paired_errors
+from accuquant_pl.evaluation.paired import paired_errors
 from tests.conftest import tiny_unet
 
 

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from accuquant_pl.cli import main
-from accuquant_pl.evaluation import samples_from
-from accuquant_pl.models.loading import load_unet
-from accuquant_pl.sample_metrics import SampleQualityMeter, build_feature_extractor, real_images
+from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.evaluation.paired import samples_from
+from accuquant_pl.evaluation.quality import SampleQualityMeter, build_feature_extractor, real_images
 from tests.calibration.test_calibration_cli import tiny_args
 from tests.conftest import REPO
 
@@ -85,7 +85,7 @@ def test_ckpt_path_must_be_a_calibration_checkpoint(tmp_path, tiny_model_dir):
 
 def test_same_seeds_give_identical_fp_samples(tiny_model_dir):
     unet = load_unet(tiny_model_dir)
-    from accuquant_pl.models.loading import load_scheduler_config, scheduler_from_config
+    from accuquant_pl.diffusion import load_scheduler_config, scheduler_from_config
 
     scheduler = scheduler_from_config("ddim", load_scheduler_config(tiny_model_dir))
     a = samples_from(unet, scheduler, [5, 6, 7], 4)

@@ -12,8 +12,8 @@ import torch
 
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.data.trajectories import TrajectoryDataModule
-from accuquant_pl.evaluate import SampleEvaluation
-from accuquant_pl.generation import DiffusionSampler
+from accuquant_pl.evaluation.generation import DiffusionSampler
+from accuquant_pl.evaluation.module import SampleEvaluation
 from callbacks.fid import FIDCallback
 from tests.tiny_models import model_folder
 

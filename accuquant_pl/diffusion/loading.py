@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel, VQModel
 
 SUPPORTED_UNETS: dict[str, type] = {
     "UNet2DModel": UNet2DModel,
@@ -131,12 +131,3 @@ def load_scheduler_config(path: str | Path) -> dict[str, Any]:
             "save the pipeline with save_pretrained or add the scheduler config"
         )
     return folder.scheduler_config
-
-
-def scheduler_from_config(name: str, config: dict[str, Any], **overrides: Any) -> SchedulerMixin:
-    """Build the named diffusers scheduler from a (possibly different) scheduler's config."""
-    from accuquant_pl.sampling import SCHEDULERS
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(config, **overrides)

@@ -11,9 +11,6 @@ Folder layout (everything a user needs; copy the folder, nothing else):
 * ``checksums.json``: the SHA-256 of every file above, written last. The folder is tamper-evident as a whole: a
   file that differs from its recorded checksum, or a map entry that is not what the map's own spec plans for
   the UNet, is refused with the file and entry named.
-
-Folders of the earlier fake-quantized format (float weights + quantizer state, map format
-``accuquant-pl/quantization-map``) still load, through :func:`accuquant_pl.quant.load_quantized`.
 """
 
 from __future__ import annotations
@@ -27,18 +24,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, readable_directory, sha256_file
-from accuquant_pl.models.loading import SUPPORTED_UNETS, UNet
-from accuquant_pl.quant import QuantSpec, load_quantized
-from accuquant_pl.quant import serialization as fake_quant_format
-from accuquant_pl.quant.convert import DEFAULT_TRAIN_TIMESTEPS, SPEC_ATTR
-from accuquant_pl.quant.deployed_model import (
+from accuquant_pl.deploy.freeze import frozen_state
+from accuquant_pl.deploy.model import (
     build_deployed,
     check_map_against_model,
     load_deployed_state,
     set_execution,
 )
-from accuquant_pl.quant.freeze import frozen_state
+from accuquant_pl.diffusion.loading import SUPPORTED_UNETS, UNet
+from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, readable_directory, sha256_file
+from accuquant_pl.quant.convert import DEFAULT_TRAIN_TIMESTEPS, SPEC_ATTR
+from accuquant_pl.quant.spec import QuantSpec
 
 WEIGHTS_NAME = "quantized.safetensors"
 MAP_NAME = "quantization_map.json"
@@ -168,22 +164,15 @@ def _load_packed(folder: Path, qmap: dict[str, Any], execution: str) -> nn.Modul
     return model
 
 
-def _load_fake_quant(folder: Path) -> nn.Module:
-    unet_cls, config = _unet_class(folder)
-    unet = unet_cls.from_config(config)
-    load_quantized(unet, folder)
-    return unet.eval().requires_grad_(False)
-
-
-def load_quantized_unet(folder: str | Path, execution: str = "dequant") -> UNet:
+def load_quantized(folder: str | Path, execution: str = "dequant") -> UNet:
     """The quantized UNet of an exported folder, in eval mode without gradients; a drop-in ``unet`` for
     diffusers pipelines (``DDIMPipeline(unet=..., scheduler=...)``, or a conditional pipeline's ``unet``).
 
     Args:
-        folder: a folder written by :func:`export_quantized` (or by the earlier fake-quantized export).
+        folder: a folder written by :func:`export_quantized`.
         execution: ``dequant`` (packed weights, dequantized per forward; bit-identical to the calibrated
             model), ``cached`` (dequantized once: float speed and memory, bit-identical) or ``int``
-            (int8 GEMMs via ``torch._int_mm``, equal up to float rounding). Ignored for fake-quantized folders.
+            (int8 GEMMs via ``torch._int_mm``, equal up to float rounding).
 
     A missing file, a map that does not fit the UNet config, a missing, extra or reshaped tensor, a modified
     or truncated weights file: each raises ``FileNotFoundError`` / ``ValueError`` naming the problem.
@@ -201,41 +190,11 @@ def load_quantized_unet(folder: str | Path, execution: str = "dequant") -> UNet:
     if (fmt, version) == (FORMAT, 1):
         raise ValueError(f"{folder} was exported by an earlier accuquant-pl ({FORMAT} v1, without {CHECKSUMS}); "
                          "re-export it")
-    if (fmt, version) == (fake_quant_format.FORMAT, fake_quant_format.VERSION):
-        return _load_fake_quant(folder)
-    raise ValueError(f"{folder / MAP_NAME}: format {fmt!r} v{version} is neither {FORMAT} v{VERSION} nor "
-                     f"{fake_quant_format.FORMAT} v{fake_quant_format.VERSION}")
+    raise ValueError(f"{folder / MAP_NAME}: format {fmt!r} v{version} is not {FORMAT} v{VERSION}; export the "
+                     "model again with this version of accuquant-pl")
 
 
-def load_scheduler_config_of(folder: str | Path) -> dict[str, Any] | None:
+def exported_scheduler_config(folder: str | Path) -> dict[str, Any] | None:
     """The scheduler config saved in a quantized model folder, or None if it has none."""
     path = readable_directory(folder) / SCHEDULER_CONFIG
     return _read_json(path) if path.is_file() else None
-
-
-def load_quantized_model(folder: str | Path, execution: str = "dequant") -> tuple[UNet, dict[str, Any] | None]:
-    """The quantized UNet of an exported folder (see :func:`load_quantized_unet`) and its scheduler config."""
-    unet = load_quantized_unet(folder, execution)
-    return unet, load_scheduler_config_of(folder)
-
-
-def quantized_pipeline(folder: str | Path, scheduler: str = "ddim", execution: str = "dequant") -> Any:
-    """A diffusers ``DDIMPipeline`` (``scheduler="ddim"``) or ``DDPMPipeline`` (``"ddpm"``) around the quantized
-    ``UNet2DModel`` of ``folder``, its scheduler built from the saved scheduler config.
-
-    Conditional UNets need the rest of their pipeline (VAE, text encoder): pass
-    ``load_quantized_unet(folder)`` as ``unet=`` to that pipeline instead.
-    """
-    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    kinds = {"ddim": (DDIMPipeline, DDIMScheduler), "ddpm": (DDPMPipeline, DDPMScheduler)}
-    if scheduler not in kinds:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(kinds)}")
-    unet, scheduler_config = load_quantized_model(folder, execution)
-    if not isinstance(unet, UNet2DModel):
-        raise TypeError(f"{folder} holds a {type(unet).__name__}; pass load_quantized_unet(folder) as the unet of "
-                        "its own pipeline (it needs a VAE / text encoder this folder does not have)")
-    if scheduler_config is None:
-        raise FileNotFoundError(f"quantized model folder {str(folder)!r} has no {SCHEDULER_CONFIG}")
-    pipeline_cls, scheduler_cls = kinds[scheduler]
-    return pipeline_cls(unet=unet, scheduler=scheduler_cls.from_config(scheduler_config))

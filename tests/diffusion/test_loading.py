@@ -4,7 +4,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from accuquant_pl.models import inspect_model_folder, load_scheduler_config, load_unet, scheduler_from_config
+from accuquant_pl.diffusion import (
+    inspect_model_folder,
+    load_scheduler_config,
+    load_unet,
+    scheduler_from_config,
+)
 
 
 def test_pipeline_folder_loads(tiny_model_dir):

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from accuquant_pl.quant.layers import make_act_quantizer
+from accuquant_pl.quant.quantizers import MIN_SCALE, ActivationQuantizer, check_qparams, is_off, quant_range
+from accuquant_pl.quant.spec import LayerQuantConfig
+
 from .int_matmul import INT32_SAFE_K, affine_int_mm, int8_shift, to_int8, with_ones_row
-from .layers import make_act_quantizer
 from .packing import storage_dtype, storage_kind, stored_numel, unpack_weight
-from .quantizers import MIN_SCALE, ActivationQuantizer, check_qparams, is_off, quant_range
-from .spec import LayerQuantConfig
 
 EXECUTION_MODES = ("dequant", "cached", "int")
 

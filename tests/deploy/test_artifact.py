@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
+from accuquant_pl.deploy import export_quantized, exported_scheduler_config, load_quantized
 from accuquant_pl.quant import QuantSpec, rtn_quantize
-from accuquant_pl.quantized_model import export_quantized, load_quantized_model
 from tests.conftest import tiny_unet
 
 
@@ -19,7 +19,7 @@ def _rtn_model():
 def test_export_load_round_trip_is_bit_identical(tmp_path):
     model = _rtn_model()
     export_quantized(model, tmp_path / "q", scheduler_config={"num_train_timesteps": 100})
-    loaded, scheduler_config = load_quantized_model(tmp_path / "q")
+    loaded, scheduler_config = load_quantized(tmp_path / "q"), exported_scheduler_config(tmp_path / "q")
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x, 7).sample, model(x, 7).sample)
@@ -28,10 +28,10 @@ def test_export_load_round_trip_is_bit_identical(tmp_path):
 
 def test_missing_folder_and_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_quantized_model(tmp_path / "nowhere")
+        load_quantized(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="unet_config.json"):
-        load_quantized_model(tmp_path / "empty")
+        load_quantized(tmp_path / "empty")
 
 
 def test_config_of_another_class(tmp_path):
@@ -39,17 +39,15 @@ def test_config_of_another_class(tmp_path):
     path = tmp_path / "q" / "unet_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "AutoencoderKL"}))
     with pytest.raises(ValueError, match="AutoencoderKL"):
-        load_quantized_model(tmp_path / "q")
+        load_quantized(tmp_path / "q")
 
 
-def test_folders_of_the_earlier_fake_quantized_format_still_load(tmp_path):
-    from accuquant_pl.quant import save_quantized
-
+def test_folders_of_the_earlier_fake_quantized_format_are_refused_by_name(tmp_path):
+    # 0.1's first export format (float weights + quantizer state) is gone: such a folder must say so, not
+    # load as something else.
     model = _rtn_model()
-    save_quantized(model, tmp_path / "old")  # float weights + quantizer state, as exported before packing
-    (tmp_path / "old" / "unet_config.json").write_text(model.to_json_string())
-    loaded, scheduler_config = load_quantized_model(tmp_path / "old")
-    x = torch.randn(2, 1, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(loaded(x, 3).sample, model(x, 3).sample)
-    assert scheduler_config is None
+    export_quantized(model, tmp_path / "old")
+    qmap_path = tmp_path / "old" / "quantization_map.json"
+    qmap_path.write_text(json.dumps({"format": "accuquant-pl/quantization-map", "version": 1, "layers": {}}))
+    with pytest.raises(ValueError, match="accuquant-pl/quantization-map.*export the model again"):
+        load_quantized(tmp_path / "old")

@@ -9,22 +9,20 @@ import pytest
 import torch
 from torch import nn
 
-from accuquant_pl.quant import (
-    DeployedConv2d,
-    DeployedLinear,
-    LayerQuantConfig,
-    QuantConv2d,
-    QuantLinear,
+from accuquant_pl.deploy import DeployedConv2d, DeployedLinear
+from accuquant_pl.deploy.freeze import freeze_layer
+from accuquant_pl.deploy.int_matmul import affine_int_mm, int8_shift, to_int8, with_ones_row
+from accuquant_pl.deploy.layers import WeightFormat
+from accuquant_pl.deploy.packing import (
     pack_int4,
     pack_weight,
-    quant_range,
+    storage_dtype,
+    stored_numel,
     unpack_int4,
     unpack_weight,
 )
-from accuquant_pl.quant.deployed import WeightFormat
-from accuquant_pl.quant.freeze import freeze_layer
-from accuquant_pl.quant.int_matmul import affine_int_mm, int8_shift, to_int8, with_ones_row
-from accuquant_pl.quant.packing import storage_dtype, stored_numel
+from accuquant_pl.quant import LayerQuantConfig, QuantConv2d, QuantLinear
+from accuquant_pl.quant.quantizers import quant_range
 from accuquant_pl.quant.spec import ActQuantConfig, WeightQuantConfig
 
 BIT_RANGES = [(b, s) for b in range(2, 9) for s in (False, True)]

@@ -9,16 +9,16 @@ import torch
 from torch import Tensor
 
 from accuquant_pl.calibration.restore import is_calibration_checkpoint, student_from_checkpoint
-from accuquant_pl.data.digits_quality import DigitClassifier
-from accuquant_pl.evaluation import paired_errors, samples_from
-from accuquant_pl.generation import DiffusionSampler
-from accuquant_pl.images import make_grid, save_png
+from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier
+from accuquant_pl.evaluation.generation import DiffusionSampler
+from accuquant_pl.evaluation.images import make_grid, save_png
+from accuquant_pl.evaluation.paired import paired_errors, samples_from
+from accuquant_pl.evaluation.plots import plot_error_curves
+from accuquant_pl.evaluation.quality import SampleQualityMeter
 from accuquant_pl.io import atomic_write_json
 from accuquant_pl.metrics.sample_errors import sample_error_stats
-from accuquant_pl.models.loading import load_unet
-from accuquant_pl.plots import plot_error_curves
-from accuquant_pl.sample_metrics import SampleQualityMeter
-from accuquant_pl.sampling import Conditioning
 
 
 class SampleEvaluation(DiffusionSampler):

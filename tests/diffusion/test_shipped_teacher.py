@@ -3,8 +3,8 @@
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from accuquant_pl.data.digits_quality import DigitClassifier
-from accuquant_pl.sampling import initial_noise, sample
+from accuquant_pl.diffusion.sampling import initial_noise, sample
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier
 from tests.conftest import TEACHER
 
 

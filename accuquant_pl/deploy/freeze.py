@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adaround import AdaRoundQuantizer
-from .attention import QuantAttnProcessor
-from .deployed import WeightFormat
-from .layers import QuantLayerMixin, quantized_layers
+from accuquant_pl.quant.adaround import AdaRoundQuantizer
+from accuquant_pl.quant.attention import QuantAttnProcessor
+from accuquant_pl.quant.layers import QuantLayerMixin, quantized_layers
+from accuquant_pl.quant.quantizers import MIN_SCALE, ActivationQuantizer, WeightQuantizer, broadcast_shape
+
+from .layers import WeightFormat
 from .packing import pack_weight
-from .quantizers import MIN_SCALE, ActivationQuantizer, WeightQuantizer, broadcast_shape
 
 
 def weight_levels(layer: QuantLayerMixin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

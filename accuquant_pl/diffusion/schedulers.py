@@ -1,4 +1,5 @@
-"""The real sampler's steps for an AccuQuant group that starts mid-trajectory (docs/METHOD.md, "Multistep schedulers").
+"""Everything this project knows about diffusers schedulers: the ones it builds by name, the arguments their
+``step`` takes, whether they draw noise, and the real sampler's steps for an AccuQuant group that starts mid-trajectory (docs/METHOD.md, "Multistep schedulers").
 
 A diffusers scheduler is a state machine: multistep solvers (DPM-Solver++, UniPC, PNDM) keep the converted
 outputs of earlier steps, a warm-up counter, the previous (corrected) sample, a step index. A group that
@@ -16,7 +17,9 @@ differentiate it.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import (
@@ -24,11 +27,39 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    PNDMScheduler,
     SchedulerMixin,
+    UniPCMultistepScheduler,
 )
 from torch import Tensor
 
-from accuquant_pl.sampling import step_kwargs
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpmsolver++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "pndm": PNDMScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+
+
+def scheduler_from_config(name: str, config: dict[str, Any], **overrides: Any) -> SchedulerMixin:
+    """Build the named diffusers scheduler from a (possibly different) scheduler's config."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(config, **overrides)
+
+
+def step_kwargs(scheduler: SchedulerMixin, eta: float, generator: torch.Generator | None) -> dict:
+    """Keyword arguments that this scheduler's ``step`` accepts (not every scheduler takes eta or a generator)."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params and generator is not None:
+        kwargs["generator"] = generator
+    return kwargs
+
 
 # Schedulers whose step reads nothing from earlier steps except their position in the schedule.
 ONE_STEP: tuple[type[SchedulerMixin], ...] = (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler)

@@ -1,7 +1,8 @@
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from accuquant_pl.sampling import Conditioning, initial_noise, model_output, sample
+from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.sampling import initial_noise, model_output, sample
 from tests.conftest import tiny_unet
 
 

@@ -10,7 +10,8 @@ import torch
 from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
-from accuquant_pl.sampling import Conditioning, initial_noise, model_output, sample
+from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.sampling import initial_noise, model_output, sample
 
 ConditionFn = Callable[[list[int]], Conditioning | None]
 """The conditioning (class labels / prompt embeddings and guidance) of the samples of a list of seeds."""

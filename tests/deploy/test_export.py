@@ -13,20 +13,19 @@ from diffusers import DDIMPipeline, DDIMScheduler
 from safetensors.torch import load_file, save_file
 
 import accuquant_pl
+from accuquant_pl.deploy import freeze, weight_bytes
+from accuquant_pl.deploy import export_quantized, quantized_pipeline
+from accuquant_pl.deploy.layers import DeployedLayer
+from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
 from accuquant_pl.io import sha256_file
-from accuquant_pl.models.loading import load_scheduler_config, load_unet
 from accuquant_pl.quant import (
-    DeployedLayer,
     QuantSpec,
     calibrate_activations,
-    freeze,
     harden,
     quantize,
     quantized_layers,
     rtn_quantize,
-    weight_bytes,
 )
-from accuquant_pl.quantized_model import export_quantized, quantized_pipeline
 from tests.conftest import TEACHER, tiny_unet
 from tests.quant.quant_helpers import make_cond_unet, unet_batches
 

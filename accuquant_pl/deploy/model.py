@@ -13,14 +13,15 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .attention import install_quant_processor
-from .convert import SPEC_ATTR, _set_submodule, plan_layers
-from .deployed import DEPLOYED_LAYERS, DeployedLayer, WeightFormat
+from accuquant_pl.quant.attention import install_quant_processor
+from accuquant_pl.quant.convert import SPEC_ATTR, plan_layers, set_submodule
+from accuquant_pl.quant.layers import QUANT_CLASSES, QUANT_LAYERS
+from accuquant_pl.quant.quantizers import ActivationQuantizer
+from accuquant_pl.quant.spec import ActQuantConfig, LayerQuantConfig, QuantSpec
+from accuquant_pl.quant.timesteps import attach_timestep_router
+
 from .freeze import frozen_state
-from .layers import QUANT_CLASSES, QUANT_LAYERS
-from .quantizers import ActivationQuantizer
-from .spec import ActQuantConfig, LayerQuantConfig, QuantSpec
-from .timesteps import attach_timestep_router
+from .layers import DEPLOYED_LAYERS, DeployedLayer, WeightFormat
 
 _FLOAT_OF = {q.__name__: f for f, q in QUANT_LAYERS.items()}
 
@@ -120,7 +121,7 @@ def build_deployed(unet_cls: type[nn.Module], config: dict[str, Any], layers: di
             deployed = DEPLOYED_LAYERS[float_type](module, fmt, layer_config, device="meta")
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from err
-        _set_submodule(model, name, deployed)
+        set_submodule(model, name, deployed)
     for name, m in model.named_modules():
         if isinstance(m, ActivationQuantizer):
             m.name = name

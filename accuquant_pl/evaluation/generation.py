@@ -12,22 +12,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from accuquant_pl.models.loading import load_scheduler_config, load_unet, load_vae, scheduler_from_config
-from accuquant_pl.quantized_model import load_quantized_model
-from accuquant_pl.sampling import Conditioning, decode_latents, initial_noise, sample
-
-
-def load_prompt_embeddings(path: str | Path) -> dict[str, Tensor]:
-    """A prompt-embedding file: ``{'cond': (P, L, D), 'uncond': (L, D)}`` (the text encoder's outputs for P
-    prompts and for the empty / negative prompt), as ``TrajectoryDataModule.prompt_embeddings`` reads it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt_embeddings file {str(path)!r} does not exist")
-    prompts = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(prompts, dict) or "cond" not in prompts or prompts["cond"].ndim != 3:
-        raise ValueError(f"prompt_embeddings {str(path)!r} must hold a 'cond' tensor (P, L, D) "
-                         "and optionally an 'uncond' tensor (L, D)")
-    return prompts
+from accuquant_pl.deploy.artifact import exported_scheduler_config, load_quantized
+from accuquant_pl.diffusion.conditioning import Conditioning, load_prompt_embeddings
+from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet, load_vae
+from accuquant_pl.diffusion.sampling import decode_latents, initial_noise, sample
+from accuquant_pl.diffusion.schedulers import scheduler_from_config
 
 
 class DiffusionSampler(L.LightningModule):
@@ -73,7 +62,7 @@ class DiffusionSampler(L.LightningModule):
         self.save_hyperparameters()
         scheduler_config = None
         if quantized is not None:
-            self.unet, scheduler_config = load_quantized_model(quantized)
+            self.unet, scheduler_config = load_quantized(quantized), exported_scheduler_config(quantized)
         else:
             self.unet = load_unet(pretrained)
         self.scheduler = scheduler_from_config(scheduler, scheduler_config or load_scheduler_config(pretrained))

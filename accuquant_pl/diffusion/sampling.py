@@ -8,25 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    SchedulerMixin,
-    UniPCMultistepScheduler,
-)
+from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "dpmsolver++": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "pndm": PNDMScheduler,
-    "unipc": UniPCMultistepScheduler,
-}
+from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.schedulers import step_kwargs
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -37,36 +23,6 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype
     """
     rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
     return torch.stack(rows)
-
-
-@dataclass
-class Conditioning:
-    """What a conditional UNet is told besides (x, t), and the classifier-free guidance to apply."""
-
-    class_labels: Tensor | None = None
-    encoder_hidden_states: Tensor | None = None
-    guidance_scale: float = 1.0
-    """Classifier-free guidance weight s: eps = eps_u + s (eps_c - eps_u); 1.0 means no guidance."""
-    uncond_class_labels: Tensor | None = None
-    uncond_encoder_hidden_states: Tensor | None = None
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale != 1.0
-
-    def kwargs(self, uncond: bool = False) -> dict[str, Tensor]:
-        labels = self.uncond_class_labels if uncond else self.class_labels
-        states = self.uncond_encoder_hidden_states if uncond else self.encoder_hidden_states
-        out: dict[str, Tensor] = {}
-        if labels is not None:
-            out["class_labels"] = labels
-        if states is not None:
-            out["encoder_hidden_states"] = states
-        return out
-
-    def to(self, device: torch.device) -> Conditioning:
-        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
-        return Conditioning(**moved)
 
 
 def _needs_encoder_states(unet: nn.Module | None) -> bool:
@@ -126,17 +82,6 @@ def decode_latents(vae: nn.Module | None, latents: Tensor) -> Tensor:
         z = z + shift
     param = next(vae.parameters())
     return vae.decode(z.to(param.device, param.dtype)).sample.to(latents.dtype)
-
-
-def step_kwargs(scheduler: SchedulerMixin, eta: float, generator: torch.Generator | None) -> dict:
-    """Keyword arguments that this scheduler's ``step`` accepts (not every scheduler takes eta or a generator)."""
-    params = inspect.signature(scheduler.step).parameters
-    kwargs: dict = {}
-    if "eta" in params:
-        kwargs["eta"] = eta
-    if "generator" in params and generator is not None:
-        kwargs["generator"] = generator
-    return kwargs
 
 
 @dataclass
