@@ -13,8 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from accuquant_pl.diffusion.conditioning import Conditioning
 from accuquant_pl.diffusion.loading import load_unet, load_vae
 from accuquant_pl.diffusion.sampling import decode_latents
-from accuquant_pl.evaluation.images import save_png
-from accuquant_pl.evaluation.module import side_by_side
+from accuquant_pl.evaluation.images import save_png, side_by_side
 from accuquant_pl.evaluation.paired import samples_from
 from accuquant_pl.evaluation.quality import SampleQualityMeter
 

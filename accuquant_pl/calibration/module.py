@@ -26,6 +26,7 @@ from accuquant_pl.calibration.objectives import (
     per_step_loss,
 )
 from accuquant_pl.calibration.rollout import GRADIENT_MODES, Reduction
+from accuquant_pl.data.plan import EpochPlan
 from accuquant_pl.data.trajectories import sub_batches
 from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
 from accuquant_pl.diffusion.sampling import network_inputs
@@ -142,7 +143,7 @@ class BlockReconstruction(L.LightningModule):
                 out over n-step groups against the FP trajectory (n = 1: the per-step state error).
             final_stage_gradient: gradient mode of the final stage's rollout ('approx': O(1) memory in n).
             final_stage_group_size: n of the final stage's rollouts; None: the data module's group_size, the
-                units' n. The data module serves the stage's epoch groups of this size (set_epoch_group_size).
+                units' n. The data module serves the stage's epoch groups of this size (``epoch_plan``).
             lr_bias: Adam learning rate of the quantized layers' biases in the final stage (lr_act_scale is the
                 step sizes' rate there as in the units).
         """
@@ -257,11 +258,9 @@ class BlockReconstruction(L.LightningModule):
             hp = self.hparams
             if hp.objective == "accuquant" or hp.final_stage_iterations > 0:
                 check_rollout_scheduler(self._scheduler, datamodule.hparams.eta)
-            # Every epoch gets the longest epoch's batches; one that needs fewer stops early (on_train_batch_start).
-            datamodule.batches_per_epoch = max(hp.iterations_per_unit, hp.final_stage_iterations)
             if hp.final_stage_group_size is not None:  # __init__ allows it only with a final stage
                 try:
-                    datamodule.set_epoch_group_size(len(self.unit_names), hp.final_stage_group_size)
+                    datamodule.check_group_size(hp.final_stage_group_size)
                 except ValueError as err:
                     raise ValueError(f"final_stage_group_size {hp.final_stage_group_size}: {err}") from err
             wanted = 0 if hp.objective == "rtn" else len(self.epoch_names)
@@ -284,6 +283,15 @@ class BlockReconstruction(L.LightningModule):
             if self.hparams.final_stage_iterations > 0:
                 for p in layer_biases(self.student):
                     p.requires_grad_(True)
+
+    def epoch_plan(self) -> EpochPlan:
+        """The epochs this calibration runs, as the data module serves them (it reads this; see EpochPlan): every
+        epoch gets the longest epoch's batches (one that needs fewer stops early, ``on_train_batch_start``), and
+        the final stage its own group size."""
+        hp = self.hparams
+        sizes = {len(self.unit_names): hp.final_stage_group_size} if hp.final_stage_group_size is not None else {}
+        return EpochPlan(teacher=hp.pretrained, group_sizes=sizes,
+                         batches_per_epoch=max(hp.iterations_per_unit, hp.final_stage_iterations))
 
     @staticmethod
     def _model_inputs(batch: dict[str, Any], datamodule: Any, unet: nn.Module | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
+from accuquant_pl.data.plan import EpochPlan
 from accuquant_pl.data.trajectory_cache import (
     MANIFEST_FILE,
     CacheError,
@@ -22,7 +23,7 @@ from accuquant_pl.data.trajectory_cache import (
     read_cache,
     write_cache,
 )
-from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec
 from accuquant_pl.diffusion.loading import inspect_model_folder, load_scheduler_config, load_unet
 from accuquant_pl.diffusion.sampling import initial_noise, sample
 from accuquant_pl.diffusion.schedulers import history_steps, scaled_model_input, scheduler_from_config
@@ -295,10 +296,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         group_starts: GroupStarts = "all",
         start_weighting: StartWeighting = "uniform",
         starts_per_batch: int = 1,
-        class_labels: list[int] | None = None,
-        uncond_class_label: int | None = None,
-        prompt_embeddings: str | None = None,
-        guidance_scale: float = 1.0,
+        conditioning: ConditioningSpec | None = None,
         keep_model_outputs: bool = True,
         sampling_batch_size: int = 64,
         cache_dir: str = ".cache/trajectories",
@@ -322,11 +320,8 @@ class TrajectoryDataModule(L.LightningDataModule):
             starts_per_batch: distinct group starts in every batch, each with ``batch_size / starts_per_batch``
                 trajectories (it must divide batch_size). 1: a batch is one start (one timestep); more mixes
                 the schedule's steps in each optimisation step, which lowers the gradient's variance.
-            class_labels: class-conditional models: trajectory i gets ``class_labels[i % len]``.
-            uncond_class_label: class id used as the unconditional input for classifier-free guidance.
-            prompt_embeddings: text-conditional models: a .pt file {'cond': (P, L, D), 'uncond': (L, D)};
-                trajectory i uses prompt ``i % P``.
-            guidance_scale: classifier-free guidance weight s (1.0 = none).
+            conditioning: conditional models: trajectory i's class label or prompt, and the guidance
+                (:class:`~accuquant_pl.diffusion.ConditioningSpec`; None: unconditional).
             keep_model_outputs: store the FP model output of every step (needed by multistep schedulers).
             sampling_batch_size: trajectories sampled per batch in ``prepare_data``.
             cache_dir: folder of caches, one sub-folder per configuration key.
@@ -345,44 +340,37 @@ class TrajectoryDataModule(L.LightningDataModule):
         if num_trajectories < batch_size:
             raise ValueError(f"num_trajectories ({num_trajectories}) is smaller than batch_size ({batch_size}): "
                              "a batch would hold the same trajectory several times; lower batch_size or sample more")
-        if guidance_scale != 1.0 and class_labels is not None and uncond_class_label is None:
-            raise ValueError("guidance with class_labels needs uncond_class_label")
         self.save_hyperparameters()
+        self.conditioning_spec = ConditioningSpec.of(conditioning)
+        # Plain data in the checkpoint, so that it loads with torch.load(weights_only=True).
+        self.hparams["conditioning"] = self.conditioning_spec.to_dict() if self.conditioning_spec else None
         self.tensors: dict[str, Tensor] | None = None
         self.train_set: TrajectoryGroups | None = None
-        self._prompts: dict[str, Tensor] | None = None
-        self.batches_per_epoch: int | None = None
-        """Batches per epoch; the calibration module sets it to its longest epoch's iterations."""
-        self.epoch_group_sizes: dict[int, int] = {}
-        """Group size n of particular epochs (``set_epoch_group_size``); the others use ``group_size``."""
 
-    # ----- configuration shared with the calibration module -----
+    # ----- what the LightningModule asks for (read, never written by it) -----
+    def epoch_plan(self) -> EpochPlan:
+        """The trainer's LightningModule's :class:`EpochPlan` (``epoch_plan()``), or the default plan."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        describe = getattr(module, "epoch_plan", None)
+        return describe() if callable(describe) else EpochPlan()
+
     @property
     def model_path(self) -> str:
-        if self.hparams.teacher is not None:
-            return self.hparams.teacher
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        path = getattr(getattr(module, "hparams", None), "pretrained", None)
+        """The FP teacher: ``teacher``, else the one the LightningModule's plan names."""
+        path = self.hparams.teacher if self.hparams.teacher is not None else self.epoch_plan().teacher
         if path is None:
-            raise ValueError("TrajectoryDataModule needs `teacher` (or a LightningModule with `pretrained`)")
+            raise ValueError("TrajectoryDataModule needs `teacher` (or a LightningModule whose epoch_plan() names one)")
         return path
 
     @property
     def group_size(self) -> int:
         return self.hparams.group_size
 
-    def set_epoch_group_size(self, epoch: int, group_size: int) -> None:
-        """Serve groups of ``group_size`` steps in training epoch ``epoch`` (the calibration module's final
-        stage rolls out longer groups than its units); checked against the schedule and the batch here."""
+    def check_group_size(self, group_size: int) -> None:
+        """Raise ``ValueError`` unless groups of ``group_size`` steps fit the schedule and the batch."""
         hp = self.hparams
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
         num_starts = len(_group_starts(hp.num_inference_steps, group_size, hp.group_starts))
         check_starts_per_batch(hp.starts_per_batch, hp.batch_size, num_starts)
-        if group_size == hp.group_size:
-            self.epoch_group_sizes.pop(epoch, None)
-        else:
-            self.epoch_group_sizes[epoch] = group_size
 
     def make_scheduler(self) -> SchedulerMixin:
         """A fresh scheduler with the trajectories' timesteps set."""
@@ -405,12 +393,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             "eta": hp.eta,
             "num_trajectories": hp.num_trajectories,
             "seed": hp.seed,
-            "class_labels": hp.class_labels,
-            "uncond_class_label": hp.uncond_class_label,
-            "prompt_embeddings_sha256": sha256_tree(Path(hp.prompt_embeddings).parent,
-                                                    lambda p: p.name == Path(hp.prompt_embeddings).name)
-            if hp.prompt_embeddings else None,
-            "guidance_scale": hp.guidance_scale,
+            **(self.conditioning_spec or ConditioningSpec()).cache_key(),
             "keep_model_outputs": hp.keep_model_outputs,
         }
 
@@ -420,48 +403,16 @@ class TrajectoryDataModule(L.LightningDataModule):
         return Path(self.hparams.cache_dir) / key_hash(key)[:16]
 
     # ----- conditioning -----
-    def prompts(self) -> dict[str, Tensor] | None:
-        if self.hparams.prompt_embeddings is None:
-            return None
-        if self._prompts is None:
-            path = Path(self.hparams.prompt_embeddings)
-            if not path.is_file():
-                raise FileNotFoundError(f"prompt_embeddings file {str(path)!r} does not exist")
-            self._prompts = torch.load(path, map_location="cpu", weights_only=True)
-            if "cond" not in self._prompts:
-                raise ValueError(f"prompt_embeddings {str(path)!r} must hold a 'cond' tensor (P, L, D)")
-        return self._prompts
-
     def conditioning(self, batch: dict[str, Any]) -> Conditioning | None:
         """The :class:`Conditioning` of a batch of items (None for unconditional models)."""
-        hp = self.hparams
-        device = batch["x"].device
-        if "class_labels" in batch:
-            labels = batch["class_labels"]
-            uncond = None if hp.uncond_class_label is None else torch.full_like(labels, hp.uncond_class_label)
-            return Conditioning(class_labels=labels, uncond_class_labels=uncond, guidance_scale=hp.guidance_scale)
-        if "prompt_index" in batch:
-            prompts = self.prompts()
-            states = prompts["cond"][batch["prompt_index"].cpu()].to(device)
-            uncond = prompts.get("uncond")
-            uncond = uncond.expand_as(states).to(device) if uncond is not None else None
-            return Conditioning(encoder_hidden_states=states, uncond_encoder_hidden_states=uncond,
-                                guidance_scale=hp.guidance_scale)
-        return None
+        spec = self.conditioning_spec
+        return spec.for_items(batch, batch["x"].device) if spec is not None else None
 
     def seed_conditioning(self, seeds: list[int]) -> Conditioning | None:
         """The conditioning of samples numbered ``seeds`` under this data module's rule (class label ``i % len``,
         prompt ``i % P``), on the CPU: what evaluation during calibration (``FIDCallback``) samples with."""
-        return self._trajectory_conditioning(torch.tensor(seeds, dtype=torch.long))[1]
-
-    def _trajectory_conditioning(self, index: Tensor) -> tuple[dict[str, Tensor], Conditioning | None]:
-        hp = self.hparams
-        extra: dict[str, Tensor] = {}
-        if hp.class_labels:
-            extra["class_labels"] = torch.tensor([hp.class_labels[i % len(hp.class_labels)] for i in index.tolist()])
-        elif hp.prompt_embeddings:
-            extra["prompt_index"] = index % self.prompts()["cond"].shape[0]
-        return extra, self.conditioning({"x": torch.zeros(1), **extra}) if extra else None
+        spec = self.conditioning_spec
+        return spec.for_samples(torch.tensor(seeds, dtype=torch.long)) if spec is not None else None
 
     # ----- LightningDataModule -----
     def prepare_data(self) -> None:
@@ -487,7 +438,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         timesteps = None
         for start in range(0, hp.num_trajectories, hp.sampling_batch_size):
             index = torch.arange(start, min(start + hp.sampling_batch_size, hp.num_trajectories))
-            extra, cond = self._trajectory_conditioning(index)
+            extra = self.conditioning_spec.indices(index) if self.conditioning_spec is not None else {}
+            cond = self.conditioning_spec.for_items(extra) if extra else None
             noise = initial_noise((hp.seed + index).tolist(), (cfg.in_channels, size, size))
             traj = sample(unet, self.make_scheduler(), noise, hp.num_inference_steps, cond=cond, eta=hp.eta,
                           generator=torch.Generator().manual_seed(hp.seed + start), keep_trajectory=True,
@@ -531,14 +483,22 @@ class TrajectoryDataModule(L.LightningDataModule):
                              "shares (or copy rank 0's cache to every node)")
 
     def train_dataloader(self) -> DataLoader:
+        return self.loader(self.epoch_plan())
+
+    def loader(self, plan: EpochPlan) -> DataLoader:
+        """The training loader of ``plan``'s epochs (``train_dataloader`` with the LightningModule's plan)."""
         hp = self.hparams
+        for epoch, n in plan.group_sizes.items():
+            if epoch < 0:
+                raise ValueError(f"EpochPlan.group_sizes: epoch must be >= 0, got {epoch}")
+            self.check_group_size(n)
         # Rank and world size of a data-parallel strategy; Lightning also injects a DistributedSampler with
         # the same values into the batch sampler (see StartBatchSampler).
         shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
         history = self.train_set.history
         epoch_groups = {e: TrajectoryGroups(self.tensors, n, hp.group_starts, history)
-                        for e, n in sorted(self.epoch_group_sizes.items())}
-        sampler = StartBatchSampler(self.train_set, hp.batch_size, self.batches_per_epoch or self.steps_per_epoch,
+                        for e, n in sorted(plan.group_sizes.items()) if n != hp.group_size}
+        sampler = StartBatchSampler(self.train_set, hp.batch_size, plan.batches_per_epoch or self.steps_per_epoch,
                                     hp.start_weighting, seed=hp.seed, num_replicas=shard.get("num_replicas", 1),
                                     rank=shard.get("rank", 0), starts_per_batch=hp.starts_per_batch,
                                     epoch_groups=epoch_groups)

@@ -1,7 +1,7 @@
 """The diffusion side, independent of quantization: loading model folders, schedulers, conditioning, the one
 sampling loop, and the digits teacher's pretraining module."""
 
-from accuquant_pl.diffusion.conditioning import Conditioning, load_prompt_embeddings
+from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec, load_prompt_embeddings
 from accuquant_pl.diffusion.loading import inspect_model_folder, load_scheduler_config, load_unet, load_vae
 from accuquant_pl.diffusion.pretraining import DiffusionPretraining
 from accuquant_pl.diffusion.sampling import initial_noise, model_output, network_inputs, sample
@@ -10,6 +10,7 @@ from accuquant_pl.diffusion.schedulers import SCHEDULERS, scheduler_from_config
 __all__ = [
     "SCHEDULERS",
     "Conditioning",
+    "ConditioningSpec",
     "DiffusionPretraining",
     "initial_noise",
     "inspect_model_folder",

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from accuquant_pl.io import sha256_tree
+
 
 @dataclass
 class Conditioning:
@@ -51,3 +53,84 @@ def load_prompt_embeddings(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"prompt_embeddings {str(path)!r} must hold a 'cond' tensor (P, L, D) "
                          "and optionally an 'uncond' tensor (L, D)")
     return prompts
+
+
+@dataclass
+class ConditioningSpec:
+    """How sample (or trajectory) number i of a run is conditioned: one rule for the calibration trajectories,
+    ``predict``, ``test`` and the FID callback, so that all of them see the same conditions.
+
+    Unconditional models leave it out (None)."""
+
+    class_labels: list[int] | None = None
+    """Class-conditional models: sample i gets ``class_labels[i % len]``."""
+    uncond_class_label: int | None = None
+    """The class id given as the unconditional input under classifier-free guidance."""
+    prompt_embeddings: str | None = None
+    """Text-conditional models: a .pt file {'cond': (P, L, D), 'uncond': (L, D)}; sample i uses prompt ``i % P``."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance weight s (1.0 = none)."""
+
+    def __post_init__(self) -> None:
+        if self.class_labels is not None and self.prompt_embeddings is not None:
+            raise ValueError("conditioning: give class_labels or prompt_embeddings, not both")
+        if self.class_labels is not None and len(self.class_labels) == 0:
+            raise ValueError("conditioning.class_labels is empty; leave it out for an unconditional model")
+        if self.guidance_scale != 1.0 and self.class_labels is not None and self.uncond_class_label is None:
+            raise ValueError(f"conditioning.guidance_scale {self.guidance_scale} with class_labels needs "
+                             "uncond_class_label (the class id of the unconditional input)")
+        self._prompts: dict[str, Tensor] | None = None
+
+    @classmethod
+    def of(cls, value: ConditioningSpec | dict | None) -> ConditioningSpec | None:
+        """A spec from itself, its dict (a checkpoint's hyperparameters) or None."""
+        return cls(**value) if isinstance(value, dict) else value
+
+    def to_dict(self) -> dict:
+        return {"class_labels": self.class_labels, "uncond_class_label": self.uncond_class_label,
+                "prompt_embeddings": self.prompt_embeddings, "guidance_scale": self.guidance_scale}
+
+    def prompts(self) -> dict[str, Tensor] | None:
+        """The prompt embeddings (read once), or None for a class-conditional spec."""
+        if self.prompt_embeddings is None:
+            return None
+        if self._prompts is None:
+            self._prompts = load_prompt_embeddings(self.prompt_embeddings)
+            if self.guidance_scale != 1.0 and "uncond" not in self._prompts:
+                raise ValueError(f"conditioning.guidance_scale {self.guidance_scale} needs an 'uncond' embedding in "
+                                 f"{self.prompt_embeddings!r}")
+        return self._prompts
+
+    def indices(self, index: Tensor) -> dict[str, Tensor]:
+        """What a stored item of sample ``index`` records of its condition: its class label or its prompt number."""
+        if self.class_labels:
+            return {"class_labels": torch.tensor([self.class_labels[i % len(self.class_labels)] for i in index.tolist()])}
+        if self.prompt_embeddings is not None:
+            return {"prompt_index": index % self.prompts()["cond"].shape[0]}
+        return {}
+
+    def for_items(self, items: dict[str, Tensor], device: torch.device | None = None) -> Conditioning | None:
+        """The :class:`Conditioning` of samples whose recorded conditions (:meth:`indices`) are ``items``."""
+        if "class_labels" in items:
+            labels = items["class_labels"].to(device)
+            uncond = None if self.uncond_class_label is None else torch.full_like(labels, self.uncond_class_label)
+            return Conditioning(class_labels=labels, uncond_class_labels=uncond, guidance_scale=self.guidance_scale)
+        if "prompt_index" in items:
+            prompts = self.prompts()
+            states = prompts["cond"][items["prompt_index"].cpu()].to(device)
+            uncond = prompts.get("uncond")
+            uncond = uncond.expand_as(states).to(device) if uncond is not None else None
+            return Conditioning(encoder_hidden_states=states, uncond_encoder_hidden_states=uncond,
+                                guidance_scale=self.guidance_scale)
+        return None
+
+    def for_samples(self, index: Tensor, device: torch.device | None = None) -> Conditioning | None:
+        """The :class:`Conditioning` of samples numbered ``index`` (seeds, or trajectory numbers)."""
+        return self.for_items(self.indices(index.cpu().long()), device)
+
+    def cache_key(self) -> dict:
+        """What a cache of samples drawn under this spec depends on (the prompt file by its content)."""
+        path = Path(self.prompt_embeddings) if self.prompt_embeddings else None
+        return {"class_labels": self.class_labels, "uncond_class_label": self.uncond_class_label,
+                "prompt_embeddings_sha256": sha256_tree(path.parent, lambda p: p.name == path.name) if path else None,
+                "guidance_scale": self.guidance_scale}

@@ -41,3 +41,22 @@ def save_png(image: Tensor, path: str | os.PathLike, scale: int = 4) -> None:
         array = np.repeat(array, 3, axis=2)
     with atomic_path(path) as tmp:
         plt.imsave(tmp, array, format="png")
+
+
+def with_title(image: Tensor, title: str, height: int = 12) -> Tensor:
+    """``image`` (C, H, W) in [0, 1] under a white strip with ``title`` written in black (Pillow's default font)."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("L", (image.shape[2], height), 255)
+    ImageDraw.Draw(strip).text((2, 0), title, fill=0)
+    text = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0).expand(image.shape[0], -1, -1)
+    return torch.cat([text, image.detach().cpu()], dim=1)
+
+
+def side_by_side(fp: Tensor, other: Tensor, nrow: int = 8, titles: tuple[str, str] = ("FP", "quantized")) -> Tensor:
+    """One (C, H', W') image: the FP samples on the left, the evaluated model's from the same noises on the right,
+    each half under its title."""
+    left = with_title(make_grid(fp[:64], nrow=nrow), titles[0])
+    right = with_title(make_grid(other[:64], nrow=nrow), titles[1])
+    pad = torch.ones(left.shape[0], left.shape[1], 4)
+    return torch.cat([left, pad, right], dim=2)

@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 from accuquant_pl.calibration.restore import is_calibration_checkpoint, student_from_checkpoint
-from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec
 from accuquant_pl.diffusion.loading import load_unet
 from accuquant_pl.evaluation.digit_classifier import DigitClassifier
 from accuquant_pl.evaluation.generation import DiffusionSampler
-from accuquant_pl.evaluation.images import make_grid, save_png
+from accuquant_pl.evaluation.images import save_png, side_by_side
 from accuquant_pl.evaluation.paired import paired_errors, samples_from
 from accuquant_pl.evaluation.plots import plot_error_curves
 from accuquant_pl.evaluation.quality import SampleQualityMeter
@@ -41,10 +41,7 @@ class SampleEvaluation(DiffusionSampler):
         scheduler: str = "ddim",
         num_inference_steps: int = 50,
         eta: float = 0.0,
-        class_labels: list[int] | None = None,
-        uncond_class_label: int | None = None,
-        prompt_embeddings: str | None = None,
-        guidance_scale: float = 1.0,
+        conditioning: ConditioningSpec | None = None,
         features: str = "inception",
         real_dataset: str | None = "digits",
         kid: bool = True,
@@ -61,12 +58,8 @@ class SampleEvaluation(DiffusionSampler):
             scheduler: sampler: ddim, ddpm, dpmsolver++ or euler.
             num_inference_steps: denoising steps.
             eta: DDIM eta (0 = deterministic).
-            class_labels: class-conditional models: the samples of seed s (FP and evaluated) get
-                ``class_labels[s % len]``.
-            uncond_class_label: class id used as the unconditional input for classifier-free guidance.
-            prompt_embeddings: text-conditional models: a .pt file {'cond': (P, L, D), 'uncond': (L, D)}; seed s
-                uses prompt ``s % P``.
-            guidance_scale: classifier-free guidance weight s (1.0 = none), the same for FP and evaluated model.
+            conditioning: conditional models: the class label or prompt of the samples of seed s (FP and evaluated
+                alike) and the guidance (:class:`~accuquant_pl.diffusion.ConditioningSpec`).
             features: FID features: 'inception' (standard FID Inception-v3), 'random-projection' (cheap, not
                 perceptual) or the path of a TorchScript extractor.
             real_dataset: real reference images: 'digits' (held-out split) or a .pt file; null skips FID/KID vs real.
@@ -78,8 +71,7 @@ class SampleEvaluation(DiffusionSampler):
                 differs from their FP sample's (digits models only).
             error_threshold: per-sample final MSE above which a sample counts as departed from its FP sample.
         """
-        super().__init__(pretrained, quantized, scheduler, num_inference_steps, eta, class_labels, uncond_class_label,
-                         prompt_embeddings, guidance_scale, decode=True)
+        super().__init__(pretrained, quantized, scheduler, num_inference_steps, eta, conditioning, decode=True)
         self.teacher = load_unet(pretrained) if quantized is not None else None
         self.meter: SampleQualityMeter | None = None
         self._classifier: DigitClassifier | None = None
@@ -184,9 +176,3 @@ class SampleEvaluation(DiffusionSampler):
             save_png(side_by_side(fp[:32], q[:32]), out / "samples.png")
         self._reset()
 
-
-def side_by_side(fp: Tensor, q: Tensor, nrow: int = 8) -> Tensor:
-    """(C, H, 2W + pad) grid: FP samples on the left, the evaluated model's from the same noises on the right."""
-    left, right = make_grid(fp[:64], nrow=nrow), make_grid(q[:64], nrow=nrow)
-    pad = torch.ones(left.shape[0], left.shape[1], 4)
-    return torch.cat([left, pad, right], dim=2)

@@ -28,6 +28,7 @@ from accuquant_pl.calibration import objectives
 from accuquant_pl.calibration.objectives import accuquant_step, per_step_loss
 from accuquant_pl.cli import main
 from accuquant_pl.data.trajectories import TrajectoryDataModule
+from accuquant_pl.diffusion import ConditioningSpec
 from accuquant_pl.diffusion.conditioning import Conditioning
 from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet, load_vae
 from accuquant_pl.diffusion.sampling import model_output, network_inputs
@@ -51,6 +52,13 @@ GUIDANCE = 3.0
 # ------------------------------------------------------------------------------------------------- helpers
 
 
+def _nest_conditioning(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` with its ConditioningSpec fields moved under ``conditioning`` (as the configs write them)."""
+    cond = {k: args[k] for k in args if k in ConditioningSpec.__dataclass_fields__}
+    rest = {k: v for k, v in args.items() if k not in cond}
+    return {**rest, "conditioning": cond} if cond else rest
+
+
 def calibration_args(tmp_path: Path, config: str, folder: Path, name: str, data: dict[str, Any],
                      **model: Any) -> list[str]:
     root = tmp_path / name
@@ -63,7 +71,7 @@ def calibration_args(tmp_path: Path, config: str, folder: Path, name: str, data:
         "model": {"init_args": {"pretrained": str(folder), "iterations_per_unit": 2, "act_calibration_samples": 8,
                                 "final_stage_iterations": 0, "final_stage_group_size": None, **model}},
         "data": {"init_args": {"num_inference_steps": STEPS, "num_trajectories": 4, "batch_size": 2,
-                               "sampling_batch_size": 4, "cache_dir": str(tmp_path / "cache"), **data}},
+                               "sampling_batch_size": 4, "cache_dir": str(tmp_path / "cache"), **_nest_conditioning(data)}},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(override))
@@ -78,6 +86,7 @@ def predict(tmp_path: Path, folder: Path, name: str, num_samples: int = 3, **mod
             "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(tmp_path)]
     for key, value in model.items():
+        key = f"conditioning.{key}" if key in ConditioningSpec.__dataclass_fields__ else key
         args += [f"--model.init_args.{key}", value if isinstance(value, str) else yaml.safe_dump(value).strip()]
     main(args)
     return np.load(out / "samples.npz")["images"]
@@ -105,9 +114,10 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def data_module(tmp_path: Path, folder: Path, group_size: int, **kwargs: Any) -> TrajectoryDataModule:
+def data_module(tmp_path: Path, folder: Path, group_size: int, **cond: Any) -> TrajectoryDataModule:
     dm = TrajectoryDataModule(teacher=str(folder), scheduler="ddim", num_inference_steps=STEPS, num_trajectories=2,
-                              batch_size=2, group_size=group_size, cache_dir=str(tmp_path / "cache"), **kwargs)
+                              batch_size=2, group_size=group_size, cache_dir=str(tmp_path / "cache"),
+                              conditioning=ConditioningSpec(**cond) if cond else None)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -309,8 +319,8 @@ def test_text_guided_rollout_eps_equals_stable_diffusion(tmp_path, monkeypatch, 
     if pipeline == "diffusers":  # decoded images: predict's VAE decoding equals the pipeline's
         images = real_stable_diffusion(unet, vae, DDIMScheduler.from_config(load_scheduler_config(folder)), cond,
                                        uncond, seeds, "pt")
-        sampler = DiffusionSampler(pretrained=str(folder), num_inference_steps=STEPS, prompt_embeddings=str(prompts_file),
-                                   guidance_scale=GUIDANCE)
+        sampler = DiffusionSampler(pretrained=str(folder), num_inference_steps=STEPS, conditioning=ConditioningSpec(
+            prompt_embeddings=str(prompts_file), guidance_scale=GUIDANCE))
         ours = (sampler.predict_step(torch.tensor(seeds), 0) + 1) / 2
         assert_close(ours, images, "decoded images")
 
@@ -334,8 +344,8 @@ def test_class_guided_rollout_eps_equals_dit_pipeline(tmp_path, monkeypatch):
     recorder.eps = [e.chunk(2)[0] for e in recorder.eps]
     recorder.states = [s.chunk(2)[0] for s in recorder.states]
     check_against_pipeline(monkeypatch, dm, recorder, start=STEPS - 2)
-    sampler = DiffusionSampler(pretrained=str(folder), num_inference_steps=STEPS, class_labels=labels,
-                               uncond_class_label=1000, guidance_scale=GUIDANCE)
+    sampler = DiffusionSampler(pretrained=str(folder), num_inference_steps=STEPS, conditioning=ConditioningSpec(
+        class_labels=labels, uncond_class_label=1000, guidance_scale=GUIDANCE))
     ours = (sampler.predict_step(torch.tensor([0, 1]), 0) + 1) / 2
     assert_close(ours, images, "decoded images")
 

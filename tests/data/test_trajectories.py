@@ -1,9 +1,11 @@
 import json
 
+import lightning as L
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
+from accuquant_pl.data.plan import EpochPlan
 from accuquant_pl.data.trajectories import (
     StartBatchSampler,
     TrajectoryDataModule,
@@ -13,6 +15,7 @@ from accuquant_pl.data.trajectories import (
     sub_batches,
 )
 from accuquant_pl.data.trajectory_cache import CacheError
+from accuquant_pl.diffusion import ConditioningSpec
 
 
 def make_dm(model_dir, tmp_path, **kw):
@@ -115,7 +118,8 @@ def test_class_conditional_trajectories(tmp_path):
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        layers_per_block=1, norm_num_groups=4, num_class_embeds=11)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "m")
-    dm = make_dm(tmp_path / "m", tmp_path, class_labels=[1, 2], uncond_class_label=10, guidance_scale=2.0)
+    dm = make_dm(tmp_path / "m", tmp_path,
+                 conditioning=ConditioningSpec(class_labels=[1, 2], uncond_class_label=10, guidance_scale=2.0))
     dm.prepare_data()
     dm.setup("fit")
     assert dm.tensors["class_labels"].tolist() == [1, 2, 1, 2]
@@ -132,7 +136,8 @@ def test_text_conditional_trajectories(tmp_path):
                                 norm_num_groups=4, cross_attention_dim=6, attention_head_dim=4)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "m")
     torch.save({"cond": torch.randn(3, 5, 6), "uncond": torch.zeros(1, 5, 6)}, tmp_path / "prompts.pt")
-    dm = make_dm(tmp_path / "m", tmp_path, prompt_embeddings=str(tmp_path / "prompts.pt"), guidance_scale=3.0)
+    dm = make_dm(tmp_path / "m", tmp_path,
+                 conditioning=ConditioningSpec(prompt_embeddings=str(tmp_path / "prompts.pt"), guidance_scale=3.0))
     dm.prepare_data()
     dm.setup("fit")
     assert dm.tensors["prompt_index"].tolist() == [0, 1, 2, 0]
@@ -259,20 +264,33 @@ def test_an_epoch_can_draw_groups_of_its_own_size():
                 assert torch.equal(item["target"], groups.states[i, j + expected_n])
 
 
-def test_data_module_serves_a_set_epoch_group_size(tiny_model_dir, tmp_path):
+def test_data_module_serves_the_group_sizes_of_an_epoch_plan(tiny_model_dir, tmp_path):
     dm = make_dm(tiny_model_dir, tmp_path, group_size=1)
     dm.prepare_data()
     dm.setup("fit")
-    dm.batches_per_epoch = 3
-    dm.set_epoch_group_size(2, 4)
-    dm.set_epoch_group_size(1, 1)  # the data's own size: nothing to record
-    assert dm.epoch_group_sizes == {2: 4}
-    loader = dm.train_dataloader()
-    for epoch, n in ((1, 1), (2, 4)):
+    loader = dm.loader(EpochPlan(batches_per_epoch=3, group_sizes={2: 4, 1: 1}))
+    for epoch, n in ((0, 1), (1, 1), (2, 4)):
         loader.batch_sampler.set_epoch(epoch)
+        assert len(list(loader)) == 3
         for batch in loader:
             assert all(b["timesteps"].shape[1] == n for b in sub_batches(batch))
     with pytest.raises(ValueError, match="group_size 6 is larger than the schedule"):
-        dm.set_epoch_group_size(2, 6)
+        dm.loader(EpochPlan(group_sizes={2: 6}))
     with pytest.raises(ValueError, match="starts_per_batch 2 exceeds the 1 group starts"):
-        make_dm(tiny_model_dir, tmp_path, starts_per_batch=2).set_epoch_group_size(0, 5)
+        make_dm(tiny_model_dir, tmp_path, starts_per_batch=2).check_group_size(5)
+
+
+def test_data_module_reads_the_teacher_and_plan_of_the_trainers_module(tiny_model_dir, tmp_path):
+    # A module that describes its epochs (as BlockReconstruction does) is read, never writes into the data module.
+    class Describes(L.LightningModule):
+        def epoch_plan(self):
+            return EpochPlan(teacher=str(tiny_model_dir), batches_per_epoch=2)
+
+    dm = make_dm(tiny_model_dir, tmp_path, teacher=None)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(Describes())
+    dm.trainer = trainer
+    assert dm.model_path == str(tiny_model_dir)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 2

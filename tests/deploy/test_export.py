@@ -13,8 +13,7 @@ from diffusers import DDIMPipeline, DDIMScheduler
 from safetensors.torch import load_file, save_file
 
 import accuquant_pl
-from accuquant_pl.deploy import freeze, weight_bytes
-from accuquant_pl.deploy import export_quantized, quantized_pipeline
+from accuquant_pl.deploy import export_quantized, freeze, quantized_pipeline, weight_bytes
 from accuquant_pl.deploy.layers import DeployedLayer
 from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
 from accuquant_pl.io import sha256_file

@@ -12,6 +12,7 @@ import torch
 
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.data.trajectories import TrajectoryDataModule
+from accuquant_pl.diffusion import ConditioningSpec
 from accuquant_pl.evaluation.generation import DiffusionSampler
 from accuquant_pl.evaluation.module import SampleEvaluation
 from callbacks.fid import FIDCallback
@@ -24,11 +25,13 @@ CLASS = {"class_labels": [0, 3, 7], "uncond_class_label": 10, "guidance_scale": 
 
 def evaluation(folder: Path, tmp_path: Path, **cond) -> SampleEvaluation:
     return SampleEvaluation(pretrained=str(folder), num_inference_steps=STEPS, features="random-projection",
-                            real_dataset=None, stats_cache_dir=None, output_dir=None, **cond)
+                            real_dataset=None, stats_cache_dir=None, output_dir=None,
+                            conditioning=ConditioningSpec(**cond) if cond else None)
 
 
 def predicted(folder: Path, **cond) -> torch.Tensor:
-    return DiffusionSampler(pretrained=str(folder), num_inference_steps=STEPS, **cond).predict_step(SEEDS, 0)
+    return DiffusionSampler(pretrained=str(folder), num_inference_steps=STEPS,
+                            conditioning=ConditioningSpec(**cond) if cond else None).predict_step(SEEDS, 0)
 
 
 def test_class_conditional_evaluation_samples_with_the_seeds_labels_and_guidance(tmp_path):
@@ -57,8 +60,8 @@ def test_fid_callback_samples_a_conditional_latent_model_like_predict(tmp_path):
     folder = model_folder("t2i", tmp_path)
     prompts = str(tmp_path / "prompts.pt")
     dm = TrajectoryDataModule(teacher=str(folder), num_inference_steps=STEPS, num_trajectories=2, batch_size=2,
-                              group_size=1, cache_dir=str(tmp_path / "cache"), prompt_embeddings=prompts,
-                              guidance_scale=3.0)
+                              group_size=1, cache_dir=str(tmp_path / "cache"),
+                              conditioning=ConditioningSpec(prompt_embeddings=prompts, guidance_scale=3.0))
     module = BlockReconstruction(pretrained=str(folder), objective="per_step", iterations_per_unit=1,
                                  act_calibration_samples=8)  # every item: each timestep group sees inputs
     callback = FIDCallback(every_n_units=0, num_samples=3, num_inference_steps=STEPS, first_seed=5,
