@@ -82,7 +82,7 @@ def run(config: str, every_n_seconds: float | None, extra: list[str]) -> None:
           f"({max(durations, key=lambda x: x[1] if x[0] != 'final_stage' else 0)[0]})")
     stage = [d for name, d in durations if name == "final_stage"]
     if stage:
-        iters = cli.model.hparams.final_stage_iterations
+        iters = cli.model.settings.final_stage_iterations
         print(f"final stage: {stage[0]:.1f} s, {stage[0] / iters:.2f} s per step ({iters} steps)")
     seconds = [e - s for s, e, _ in checkpoint.saves]
     sizes = [b / 2**20 for _, _, b in checkpoint.saves]

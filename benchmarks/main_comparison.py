@@ -52,7 +52,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("rtn", {}),
     "per_step": ("qdiff", {}),
     "accuquant": ("accuquant", {}),
-    "accuquant_block_n2": ("accuquant", {"model": {"final_stage_iterations": 0, "final_stage_group_size": None},
+    "accuquant_block_n2": ("accuquant", {"model": {"final_stage": None},
                                          "data": {"group_size": 2}}),
 }
 """Method -> (config suffix, overrides of the config's ``init_args``)."""

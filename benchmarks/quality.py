@@ -21,8 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from accuquant_pl.calibration.module import BlockReconstruction  # noqa: E402
-from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
+from accuquant_pl.calibration import Ablations, BlockReconstruction, FinalStage, Rounding  # noqa: E402
+from accuquant_pl.data.trajectories import TrajectoryAblations, TrajectoryDataModule  # noqa: E402
 from accuquant_pl.diffusion.loading import load_unet  # noqa: E402
 from accuquant_pl.evaluation.digit_classifier import DigitClassifier  # noqa: E402
 from accuquant_pl.evaluation.paired import paired_errors, samples_from  # noqa: E402
@@ -78,17 +78,22 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
     dm = TrajectoryDataModule(teacher=args.teacher, num_inference_steps=args.steps,
                               num_trajectories=args.num_trajectories, seed=args.seed, batch_size=args.batch_size,
                               group_size=n, cache_dir=args.cache_dir,
-                              start_weighting=args.start_weighting, starts_per_batch=args.starts_per_batch)
-    module = BlockReconstruction(pretrained=args.teacher, quant=QuantSpec(weight_bits=w, act_bits=a,
-                                 adaround=method != "rtn"), objective=method, gradient=gradient,
-                                 rollout_target=args.rollout_target,
-                                 **({"state_loss_weight": args.state_loss_weight,
-                                     "block_loss_weight": args.block_loss_weight} if method == "accuquant" else {}),
-                                 iterations_per_unit=args.iters, later_units=args.later_units,
-                                 final_stage_iterations=0 if method == "rtn" else args.final_stage_iters,
-                                 final_stage_group_size=args.final_stage_group_size if args.final_stage_iters else None,
-                                 **{k: v for k, v in (("rounding_weight", args.rounding_weight),
-                                                      ("lr_adaround", args.lr_adaround)) if v is not None})
+                              starts_per_batch=args.starts_per_batch,
+                              ablations=TrajectoryAblations(start_weighting=args.start_weighting))
+    quant = QuantSpec(weight_bits=w, act_bits=a, adaround=method != "rtn")
+    if method == "rtn":  # RTN takes none of the optimisation settings
+        module = BlockReconstruction(pretrained=args.teacher, quant=quant, objective="rtn")
+    else:
+        accuquant = {"gradient": gradient, "rollout_target": args.rollout_target} if method == "accuquant" else {}
+        weights = ({"state_loss_weight": args.state_loss_weight, "block_loss_weight": args.block_loss_weight}
+                   if method == "accuquant" else {})
+        stage = (FinalStage(iterations=args.final_stage_iters, group_size=args.final_stage_group_size)
+                 if args.final_stage_iters else None)
+        module = BlockReconstruction(
+            pretrained=args.teacher, quant=quant, objective=method, iterations_per_unit=args.iters, final_stage=stage,
+            ablations=Ablations(later_units=args.later_units, **weights), **accuquant,
+            rounding=Rounding(weight=args.rounding_weight) if args.rounding_weight is not None else None,
+            **({"lr_adaround": args.lr_adaround} if args.lr_adaround is not None else {}))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(module, dm)

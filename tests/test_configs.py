@@ -125,11 +125,13 @@ def tiny_overrides(tmp_path: Path, config: Path, name: str = "run") -> dict:
     folder = model_folder(family(config), tmp_path)
     data = _load(config)["data"]["init_args"]
     # every (trajectory, step) item, so that each timestep group sees calibration inputs
-    model = {"pretrained": str(folder), "iterations_per_unit": 1, "act_calibration_samples": 20}
-    if _load(config)["model"]["init_args"].get("final_stage_iterations"):
-        model["final_stage_iterations"] = 1
-    if _load(config)["model"]["init_args"].get("final_stage_group_size"):
-        model["final_stage_group_size"] = 2  # the tiny schedule has 5 steps
+    shipped = _load(config)["model"]["init_args"]
+    model = {"pretrained": str(folder), "act_calibration_samples": 20}
+    if shipped.get("objective") != "rtn":
+        model["iterations_per_unit"] = 1
+    if shipped.get("final_stage"):
+        # the tiny schedule has 5 steps
+        model["final_stage"] = {"iterations": 1, "group_size": 2 if shipped["final_stage"].get("group_size") else None}
     tiny_data = {"num_inference_steps": 5, "num_trajectories": 4, "batch_size": 2, "sampling_batch_size": 4,
                  "cache_dir": str(tmp_path / "cache"), "group_size": min(data.get("group_size", 1), 2),
                  "starts_per_batch": min(data.get("starts_per_batch", 1), 2)}

@@ -1,14 +1,16 @@
 """The README's plain-Lightning example, run with tiny settings: the pieces work outside main.py."""
 
+from pathlib import Path
+
 import lightning as L
 import torch
 
-from accuquant_pl.calibration.module import BlockReconstruction
-from accuquant_pl.data.trajectories import TrajectoryDataModule
+from accuquant_pl.calibration import BlockReconstruction
+from accuquant_pl.data import TrajectoryDataModule
 from accuquant_pl.deploy import load_quantized
 from accuquant_pl.quant import QuantSpec
-from callbacks.calibration_checkpoint import CalibrationCheckpoint
-from callbacks.quantized_export import ExportQuantized
+from callbacks import CalibrationCheckpoint, ExportQuantized
+from tests.conftest import REPO
 
 
 def test_readme_example_with_a_plain_trainer(tmp_path, tiny_model_dir):
@@ -27,3 +29,11 @@ def test_readme_example_with_a_plain_trainer(tmp_path, tiny_model_dir):
     unet = load_quantized(tmp_path / "q")
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(unet(x, 3).sample, model.student(x, 3).sample)
+
+
+def test_the_readme_example_imports_what_this_test_imports():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Use the pieces in your own Lightning script", 1)[1].split("```python", 1)[1].split("```")[0]
+    ours = Path(__file__).read_text()
+    imports = [line for line in block.splitlines() if line.startswith(("from ", "import "))]
+    assert imports and all(line in ours for line in imports), imports

@@ -3,35 +3,42 @@
 from __future__ import annotations
 
 import copy
-import random
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from diffusers import SchedulerMixin
-from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor, nn
 
-from accuquant_pl.calibration.objectives import (
-    BLOCK_TARGETS,
-    OBJECTIVES,
-    ROLLOUT_TARGETS,
-    accuquant_block_accumulated_step,
-    accuquant_block_step,
-    accuquant_step,
-    check_rollout_scheduler,
-    group_block_loss,
-    per_step_loss,
+from accuquant_pl.calibration.config import (
+    DEFAULT_LRS,
+    Ablations,
+    FinalStage,
+    GradientMode,
+    Rounding,
+    as_group,
+    plain,
+    resolve_settings,
 )
-from accuquant_pl.calibration.rollout import GRADIENT_MODES, Reduction
+from accuquant_pl.calibration.distributed import average_gradients, check_ranks_agree, reducer_off
+from accuquant_pl.calibration.objectives import (
+    FINAL_STAGE,
+    check_rollout_scheduler,
+    epoch_objective,
+)
+from accuquant_pl.calibration.optim import epoch_optimizer, epoch_parameters
+from accuquant_pl.calibration.progress import (
+    mid_epoch_state,
+    progress_section,
+    restore_hardened_units,
+    resume_epoch_position,
+)
+from accuquant_pl.calibration.rng import set_rng_state
 from accuquant_pl.data.plan import EpochPlan
-from accuquant_pl.data.trajectories import sub_batches
+from accuquant_pl.data.samplers import sub_batches
 from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
 from accuquant_pl.diffusion.sampling import network_inputs
 from accuquant_pl.quant import (
-    AdaRoundQuantizer,
     QuantSpec,
     adaround_regularizer,
     calibrate_activations,
@@ -43,30 +50,9 @@ from accuquant_pl.quant import (
     unit_parameters,
 )
 from accuquant_pl.quant.adaround import AdaRoundSchedule
+from accuquant_pl.quant.affine import MIN_SCALE
 from accuquant_pl.quant.convert import DEFAULT_TRAIN_TIMESTEPS, SPEC_ATTR
-from accuquant_pl.quant.quantizers import MIN_SCALE
 from accuquant_pl.quant.timesteps import check_groups_hold_timesteps, grouped_quantizers
-
-
-def _rng_state() -> dict[str, Any]:
-    # Plain tensors and numbers only, so the checkpoint loads with torch.load(weights_only=True).
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                      gauss], "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-
-
-FINAL_STAGE = "final_stage"
-"""The name of the whole-model epoch after the last unit (``final_stage_iterations`` > 0) in ``epoch_names``."""
-
-# The gradient mode that measured best per rollout target on the digits teacher (W4A8, equal budget; docs/results.md).
-DEFAULT_GRADIENT = {"block_output": "stepwise", "block_accumulated": "stepwise", "state": "approx"}
 
 
 class BlockReconstruction(L.LightningModule):
@@ -86,25 +72,16 @@ class BlockReconstruction(L.LightningModule):
         pretrained: str = "models/digits-ddpm",
         quant: QuantSpec | None = None,
         objective: Literal["per_step", "accuquant", "rtn"] = "accuquant",
-        gradient: Literal["exact", "checkpointed", "approx", "stepwise"] | None = None,
-        rollout_target: Literal["state", "block_output", "block_accumulated"] = "block_output",
-        state_loss_weight: float = 1.0,
-        block_loss_weight: float = 0.0,
-        iterations_per_unit: int = 100,
-        lr_adaround: float = 1e-3,
-        lr_act_scale: float = 4e-5,
-        lr_weight_scale: float = 1e-4,
-        rounding_weight: float = 0.01,
-        rounding_warmup: float = 0.2,
-        beta_start: float = 20.0,
-        beta_end: float = 2.0,
-        loss_reduction: Reduction = "sum_per_sample",
-        later_units: Literal["fp", "quantized"] = "fp",
+        rollout_target: Literal["state", "block_output", "block_accumulated"] | None = None,
+        gradient: GradientMode | None = None,
+        iterations_per_unit: int | None = None,
+        lr_adaround: float = DEFAULT_LRS["lr_adaround"],
+        lr_act_scale: float = DEFAULT_LRS["lr_act_scale"],
+        lr_weight_scale: float = DEFAULT_LRS["lr_weight_scale"],
         act_calibration_samples: int = 256,
-        final_stage_iterations: int = 0,
-        final_stage_gradient: Literal["exact", "checkpointed", "approx", "stepwise"] = "approx",
-        final_stage_group_size: int | None = None,
-        lr_bias: float = 1e-4,
+        rounding: Rounding | None = None,
+        final_stage: FinalStage | None = None,
+        ablations: Ablations | None = None,
     ) -> None:
         """
         Args:
@@ -112,84 +89,40 @@ class BlockReconstruction(L.LightningModule):
             quant: the quantization spec (bit widths, initialisation, AdaRound, attention matmuls, overrides).
             objective: 'per_step' (block-output MSE on independent steps, Q-Diffusion/BRECQ), 'accuquant'
                 (n-step rollout against the FP trajectory; n is the data module's group_size) or 'rtn'
-                (no optimisation).
-            gradient: AccuQuant gradient mode: exact, checkpointed (exact, O(1) activation memory), approx
-                (no gradient through the network input on the recurrent path, O(1)) or stepwise. None (default)
-                takes the mode that measured best for the rollout target (docs/results.md): 'stepwise' for
-                'block_output' (its only mode), 'approx' for 'state'.
-            rollout_target: what the AccuQuant rollout is matched on: 'block_output' (default: the calibrated
-                block's output at each of the n rollout states, against the FP block on the FP states; needs
-                gradient 'stepwise'), 'block_accumulated' (the same n block errors, loss on their mean: what
-                keeps its sign along the rollout adds up in the sampler; gradient 'stepwise') or 'state' (the
-                sampler state after the n steps, against the FP trajectory).
-            state_loss_weight: weight of the AccuQuant state loss (rollout_target 'state'); 0 skips the rollout.
-            block_loss_weight: weight of a per-step block-output term on the group's n FP states, added to
-                the AccuQuant state loss (0: the pure state objective).
-            iterations_per_unit: optimisation steps per reconstruction unit.
+                (no optimisation: round-to-nearest weights, activation ranges from the trajectories).
+            rollout_target: accuquant only: what the rollout is matched on: 'block_output' (default: the calibrated
+                block's output at each of the n rollout states, against the FP block on the FP states),
+                'block_accumulated' (the same n block errors, loss on their mean) or 'state' (the sampler state
+                after the n steps, against the FP trajectory).
+            gradient: accuquant only: exact, checkpointed (exact, O(1) activation memory), approx (no gradient
+                through the network input on the recurrent path, O(1)) or stepwise. Default: the mode that
+                measured best for the rollout target ('stepwise' for the block targets, its only mode; 'approx'
+                for 'state').
+            iterations_per_unit: optimisation steps per reconstruction unit (default 100; not for 'rtn').
             lr_adaround: Adam learning rate of the AdaRound rounding variables.
             lr_act_scale: Adam learning rate of the LSQ activation step sizes.
             lr_weight_scale: Adam learning rate of weight step sizes (round-to-nearest weights only).
-            rounding_weight: weight of the AdaRound rounding regulariser.
-            rounding_warmup: fraction of a unit's iterations before the regulariser switches on.
-            beta_start: regulariser beta at the end of warm-up (annealed linearly to beta_end).
-            beta_end: regulariser beta at the last iteration.
-            loss_reduction: 'sum_per_sample' (squared error summed per sample, BRECQ's scale against the
-                regulariser) or 'mean' (per element).
-            later_units: units after the current one run in 'fp' or 'quantized' with their initial parameters.
             act_calibration_samples: (x_k, t_k) samples from the trajectories that initialise activation ranges.
-            final_stage_iterations: iterations of a whole-model stage after the last unit (0: none). Every unit
-                is quantized with its rounding fixed, and all activation step sizes and the quantized layers'
-                (float) biases train together on the AccuQuant state objective: the fully quantized model rolled
-                out over n-step groups against the FP trajectory (n = 1: the per-step state error).
-            final_stage_gradient: gradient mode of the final stage's rollout ('approx': O(1) memory in n).
-            final_stage_group_size: n of the final stage's rollouts; None: the data module's group_size, the
-                units' n. The data module serves the stage's epoch groups of this size (``epoch_plan``).
-            lr_bias: Adam learning rate of the quantized layers' biases in the final stage (lr_act_scale is the
-                step sizes' rate there as in the units).
+            rounding: the AdaRound regulariser's weight and schedule (:class:`Rounding`).
+            final_stage: a whole-model stage after the last unit (:class:`FinalStage`); None: no stage.
+            ablations: research variants (:class:`Ablations`); the defaults are the method.
         """
         super().__init__()
-        if iterations_per_unit < 1 and objective != "rtn":
-            raise ValueError(f"iterations_per_unit must be >= 1 for objective {objective!r}, got {iterations_per_unit}")
-        if objective not in (*OBJECTIVES, "rtn"):
-            raise ValueError(f"unknown objective {objective!r}; choose one of {(*OBJECTIVES, 'rtn')}")
-        if rollout_target not in ROLLOUT_TARGETS:
-            raise ValueError(f"unknown rollout_target {rollout_target!r}; choose one of {ROLLOUT_TARGETS}")
-        if gradient is None:
-            gradient = DEFAULT_GRADIENT[rollout_target]
-        if gradient not in GRADIENT_MODES:
-            raise ValueError(f"unknown gradient mode {gradient!r}; choose one of {GRADIENT_MODES}")
-        if objective == "accuquant" and rollout_target in BLOCK_TARGETS and gradient != "stepwise":
-            raise ValueError(f"rollout_target {rollout_target!r} takes its gradient step by step with the rollout's states "
-                             f"held constant, which is gradient 'stepwise'; got gradient {gradient!r} (the other "
-                             "modes differentiate the n-step state: rollout_target 'state')")
-        if state_loss_weight < 0 or block_loss_weight < 0:
-            raise ValueError(f"loss weights must be >= 0, got state_loss_weight={state_loss_weight}, "
-                             f"block_loss_weight={block_loss_weight}")
-        if objective == "accuquant" and rollout_target == "state" and state_loss_weight == 0 and block_loss_weight == 0:
-            raise ValueError("state_loss_weight and block_loss_weight are both 0: the accuquant objective has no loss")
-        if rollout_target in BLOCK_TARGETS and (block_loss_weight != 0 or state_loss_weight != 1):
-            raise ValueError("state_loss_weight and block_loss_weight weigh the terms of rollout_target 'state'; "
-                             f"with {rollout_target!r} leave them at 1 and 0 (got {state_loss_weight}, {block_loss_weight})")
-        if act_calibration_samples < 1:
-            raise ValueError(f"act_calibration_samples must be >= 1, got {act_calibration_samples}")
-        if final_stage_iterations < 0:
-            raise ValueError(f"final_stage_iterations must be >= 0, got {final_stage_iterations}")
-        if final_stage_gradient not in GRADIENT_MODES:
-            raise ValueError(f"unknown final_stage_gradient {final_stage_gradient!r}; choose one of {GRADIENT_MODES}")
-        if final_stage_group_size is not None and final_stage_group_size < 1:
-            raise ValueError(f"final_stage_group_size must be >= 1 (or None), got {final_stage_group_size}")
-        if final_stage_group_size is not None and final_stage_iterations == 0:
-            raise ValueError(f"final_stage_group_size {final_stage_group_size} needs a final stage: set "
-                             "final_stage_iterations > 0 (or leave final_stage_group_size None)")
-        if objective == "rtn" and final_stage_iterations > 0:
-            raise ValueError("objective 'rtn' runs no optimisation; set final_stage_iterations to 0 "
-                             f"(got {final_stage_iterations})")
+        lrs = {"lr_adaround": lr_adaround, "lr_act_scale": lr_act_scale, "lr_weight_scale": lr_weight_scale}
+        self.settings = resolve_settings(objective, rollout_target, gradient, iterations_per_unit, lrs,
+                                         act_calibration_samples, as_group(Rounding, rounding),
+                                         as_group(FinalStage, final_stage), as_group(Ablations, ablations))
         self.save_hyperparameters()
-        # A checkpoint's hyper_parameters (load_from_checkpoint, evaluation of --ckpt_path) hold the spec as plain data.
+        # Plain data in the checkpoint's hyper_parameters: it loads with torch.load(weights_only=True).
         self.spec = QuantSpec.from_dict(quant) if isinstance(quant, dict) else (quant or QuantSpec())
-        # Saved as plain data too, so that a checkpoint of a plain-Trainer run loads with torch.load(weights_only=True).
         self.hparams["quant"] = self.spec.to_dict()
+        for name, group in (("rounding", Rounding), ("final_stage", FinalStage), ("ablations", Ablations)):
+            self.hparams[name] = plain(as_group(group, self.hparams[name]))
         self.automatic_optimization = False
+        self._init_run_state()
+
+    def _init_run_state(self) -> None:
+        """What a fit builds and a checkpoint restores: models, units done, the epoch's optimiser and position."""
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None  # FP block-output targets; not part of the checkpoint
         self.unit_names: list[str] = []
@@ -219,31 +152,25 @@ class BlockReconstruction(L.LightningModule):
         student.requires_grad_(False)
         self.student = student
         self.unit_names = [name for name, _ in reconstruction_units(student)]
-        if self._block_targets:
+        if self.settings.needs_teacher_blocks:
             self.teacher = teacher
 
     @property
     def epoch_names(self) -> list[str]:
         """What each training epoch calibrates: the units in forward order, then ``FINAL_STAGE`` if enabled."""
-        return self.unit_names + ([FINAL_STAGE] if self.hparams.final_stage_iterations > 0 else [])
+        return self.unit_names + ([FINAL_STAGE] if self.settings.final_stage is not None else [])
 
     def _is_final_stage(self, epoch: int) -> bool:
         return epoch == len(self.unit_names)
 
     def epoch_iterations(self, epoch: int) -> int:
         """Optimisation steps of training epoch ``epoch``: ``iterations_per_unit``, or the final stage's."""
-        hp = self.hparams
-        return hp.final_stage_iterations if self._is_final_stage(epoch) else hp.iterations_per_unit
+        st = self.settings
+        return st.final_stage_iterations if self._is_final_stage(epoch) else st.iterations_per_unit
 
     def _trained(self, epoch: int) -> nn.Module:
         """The module whose quantization parameters epoch ``epoch`` trains: its unit, or the whole student."""
         return self.student if self._is_final_stage(epoch) else self.unit(epoch)
-
-    @property
-    def _block_targets(self) -> bool:
-        hp = self.hparams
-        return hp.objective == "per_step" or (hp.objective == "accuquant" and (hp.rollout_target in BLOCK_TARGETS
-                                                                          or hp.block_loss_weight > 0))
 
     def setup(self, stage: str) -> None:
         self.configure_model()
@@ -255,48 +182,47 @@ class BlockReconstruction(L.LightningModule):
                 raise ValueError("precision '16-mixed' needs a gradient scaler that block reconstruction does not "
                                  "apply; use 'bf16-mixed' (or 32)")
             self._scheduler = datamodule.make_scheduler()
-            hp = self.hparams
-            if hp.objective == "accuquant" or hp.final_stage_iterations > 0:
+            st = self.settings
+            if st.objective == "accuquant" or st.final_stage is not None:
                 check_rollout_scheduler(self._scheduler, datamodule.hparams.eta)
-            if hp.final_stage_group_size is not None:  # __init__ allows it only with a final stage
+            stage_n = st.final_stage.group_size if st.final_stage is not None else None
+            if stage_n is not None:
                 try:
-                    datamodule.check_group_size(hp.final_stage_group_size)
+                    datamodule.check_group_size(stage_n)
                 except ValueError as err:
-                    raise ValueError(f"final_stage_group_size {hp.final_stage_group_size}: {err}") from err
-            wanted = 0 if hp.objective == "rtn" else len(self.epoch_names)
+                    raise ValueError(f"--model.init_args.final_stage.group_size {stage_n}: {err}") from err
+            wanted = 0 if st.objective == "rtn" else len(self.epoch_names)
             loop = self.trainer.fit_loop
             loop.max_epochs = wanted if loop.max_epochs in (None, -1) else min(loop.max_epochs, wanted)
         if grouped_quantizers(self.student):  # a weight-only spec has no activation ranges to group
             schedule = datamodule.make_scheduler()
             check_groups_hold_timesteps(self.spec.act_timestep_boundaries, schedule.timesteps,
                                         "quant.act_timestep_boundaries", schedule.config.num_train_timesteps)
-        batches = datamodule.calibration_inputs(self.hparams.act_calibration_samples)
-        calibrate_activations(self.student, [self._model_inputs(b, datamodule, self.student) for b in batches])
+        batches = datamodule.calibration_inputs(self.settings.act_calibration_samples)
+        # What the sampler feeds the network: under guidance the doubled [uncond, cond] batch (sampling.py).
+        calibrate_activations(self.student, [network_inputs(self.student, b["x"], b["timesteps"][:, 0],
+                                                            datamodule.conditioning(b)) for b in batches])
         if stage == "fit":
-            # Every quantization parameter this fit may train requires grad from here until the first epoch
-            # narrows it to that epoch's unit: a data-parallel strategy (DDP) wraps the module after ``setup``
-            # and refuses a module with no trainable parameter (see ``_average_gradients``).
-            for unit in self.unit_names:
-                for params in unit_parameters(self.student.get_submodule(unit)).values():
-                    for p in params:
-                        p.requires_grad_(True)
-            if self.hparams.final_stage_iterations > 0:
-                for p in layer_biases(self.student):
-                    p.requires_grad_(True)
+            # Until the first epoch narrows it to its unit: DDP wraps the module after ``setup`` and refuses a
+            # module with no trainable parameter.
+            for p in self._fit_parameters():
+                p.requires_grad_(True)
+
+    def _fit_parameters(self) -> list[nn.Parameter]:
+        """Every quantization parameter this fit may train."""
+        units = [unit_parameters(self.student.get_submodule(name)) for name in self.unit_names]
+        biases = layer_biases(self.student) if self.settings.final_stage is not None else []
+        return [p for groups in units for params in groups.values() for p in params] + list(biases)
 
     def epoch_plan(self) -> EpochPlan:
         """The epochs this calibration runs, as the data module serves them (it reads this; see EpochPlan): every
         epoch gets the longest epoch's batches (one that needs fewer stops early, ``on_train_batch_start``), and
         the final stage its own group size."""
-        hp = self.hparams
-        sizes = {len(self.unit_names): hp.final_stage_group_size} if hp.final_stage_group_size is not None else {}
-        return EpochPlan(teacher=hp.pretrained, group_sizes=sizes,
-                         batches_per_epoch=max(hp.iterations_per_unit, hp.final_stage_iterations))
-
-    @staticmethod
-    def _model_inputs(batch: dict[str, Any], datamodule: Any, unet: nn.Module | None = None) -> dict[str, Any]:
-        # What the sampler feeds the network: under guidance the doubled [uncond, cond] batch (sampling.py).
-        return network_inputs(unet, batch["x"], batch["timesteps"][:, 0], datamodule.conditioning(batch))
+        st = self.settings
+        stage_n = st.final_stage.group_size if st.final_stage is not None else None
+        sizes = {len(self.unit_names): stage_n} if stage_n is not None else {}
+        return EpochPlan(teacher=self.hparams.pretrained, group_sizes=sizes,
+                         batches_per_epoch=max(st.iterations_per_unit, st.final_stage_iterations))
 
     def unit(self, index: int) -> nn.Module:
         return self.student.get_submodule(self.unit_names[index])
@@ -312,7 +238,7 @@ class BlockReconstruction(L.LightningModule):
         self._begin_epoch(self.current_epoch)
 
     def _begin_epoch(self, e: int) -> None:
-        later_quantized = self.hparams.later_units == "quantized"
+        later_quantized = self.settings.ablations.later_units == "quantized"
         for i, name in enumerate(self.unit_names):
             on = i <= e or later_quantized
             set_quant_state(self.student.get_submodule(name), weight=on, act=on)
@@ -320,27 +246,17 @@ class BlockReconstruction(L.LightningModule):
         self._optimizer = self._lr_schedule = None
         self.trainer.strategy.optimizers = []
         iters = self.epoch_iterations(e)
-        self._rounding_schedule = AdaRoundSchedule(iters, self.hparams.rounding_weight, self.hparams.rounding_warmup,
-                                                   self.hparams.beta_start, self.hparams.beta_end)
+        r = self.settings.rounding
+        self._rounding_schedule = AdaRoundSchedule(iters, r.weight, r.warmup, r.beta_start, r.beta_end)
         if self.epoch_done(e):
             # A checkpoint written after this epoch's last step but before its end: nothing is left to train,
             # and the rest of its batches are skipped (on_train_batch_start).
             self._iteration = iters
             return
-        # In the final stage every unit is hardened, so the student's groups hold no rounding variables.
-        groups = unit_parameters(self._trained(e))
-        if self._is_final_stage(e):
-            groups["bias"] = layer_biases(self.student)
+        groups = epoch_parameters(self._trained(e), self.student, self._is_final_stage(e))
         self._step_sizes = [*groups.get("act_scale", []), *groups.get("weight_scale", [])]
-        lrs = {"adaround": self.hparams.lr_adaround, "act_scale": self.hparams.lr_act_scale,
-               "weight_scale": self.hparams.lr_weight_scale, "bias": self.hparams.lr_bias}
-        param_groups = [{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps]
-        for group in param_groups:
-            for p in group["params"]:
-                p.requires_grad_(True)
-        if param_groups:
-            self._optimizer = torch.optim.Adam(param_groups)
-            self._lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self._optimizer, T_max=iters)
+        self._optimizer, self._lr_schedule = epoch_optimizer(groups, self.settings, iters)
+        if self._optimizer is not None:
             # Registered with the strategy and stepped through Lightning's optimizer wrapper, so that Lightning
             # counts the steps (trainer.global_step): checkpoint callbacks save only when that count moved.
             self.trainer.strategy.optimizers = [self._optimizer]
@@ -355,36 +271,21 @@ class BlockReconstruction(L.LightningModule):
         return self.final_stage_done if self._is_final_stage(e) else self.unit_names[e] in self.done_units
 
     def _resume_mid_epoch(self, e: int) -> None:
-        """Continue epoch ``e`` where a checkpoint written inside it left off: optimiser and lr schedule state,
-        iteration count (the data module's loader resumes at the same batch)."""
+        """Continue epoch ``e`` where a checkpoint written inside it left off (the loader resumes at its batch)."""
         state, self._resume_epoch = self._resume_epoch, None
-        if state is None:
-            return
-        if state["epoch"] != e:
-            raise RuntimeError(f"the checkpoint was written inside epoch {state['epoch']} "
-                               f"({self.epoch_names[state['epoch']]}), but training resumed at epoch {e}")
-        if self._optimizer is not None:
-            self._optimizer.load_state_dict(state["optimizer"])
-            self._lr_schedule.load_state_dict(state["lr_schedule"])
-        self._iteration = int(state["iteration"])
+        if state is not None:
+            self._iteration = resume_epoch_position(state, e, self.epoch_names, self._optimizer, self._lr_schedule)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if self._resume_rng is not None:
             # A mid-epoch checkpoint's RNG state is the one the next step of the uninterrupted run starts from;
             # restored here, after the resumed epoch's data loader was set up.
-            _set_rng_state(self._resume_rng)
+            set_rng_state(self._resume_rng)
             self._resume_rng = None
         return -1 if self._iteration >= self.epoch_iterations(self.current_epoch) else None
 
-    def _reducer_off(self) -> AbstractContextManager:
-        # The strategy's ``block_backward_sync`` (DDP's ``no_sync``): backward passes inside leave DDP's reducer
-        # idle, ``_average_gradients`` synchronises instead. Lightning re-enables the reducer after every
-        # manual-optimisation forward, hence a context per training step.
-        strategy = self.trainer.strategy
-        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        with self._reducer_off():
+        with reducer_off(self.trainer.strategy):
             return self._training_step(batch)
 
     def _training_step(self, batch: dict[str, Any] | list[dict[str, Any]]) -> Tensor:
@@ -409,7 +310,8 @@ class BlockReconstruction(L.LightningModule):
         if weight > 0 and rounding.requires_grad:
             self.manual_backward(weight * rounding)
         if self._optimizer is not None:
-            self._average_gradients()
+            average_gradients(self.trainer.strategy,
+                              [p for group in self._optimizer.param_groups for p in group["params"]])
             self.optimizers().step()
             self._lr_schedule.step()
             with torch.no_grad():
@@ -432,73 +334,10 @@ class BlockReconstruction(L.LightningModule):
             # Nothing to calibrate in this unit (e.g. a class-embedding table, which is not quantized): the
             # objective would have no gradient to take, so its iterations only advance the schedule.
             return torch.zeros((), device=self.device), {}
-        e, hp = self.current_epoch, self.hparams
-        cond = self.trainer.datamodule.conditioning(batch)
-        if self._is_final_stage(e):
-            loss = accuquant_step(self.student, self._scheduler, batch, cond, hp.final_stage_gradient,
-                                  hp.loss_reduction, share)
-            return loss, {}
-        teacher_block = self.teacher.get_submodule(self.unit_names[e]) if self.teacher is not None else None
-        if hp.objective == "per_step":
-            loss = per_step_loss(self.student, self.teacher, unit, teacher_block, self._scheduler, batch, cond,
-                                 hp.loss_reduction)
-            self.manual_backward(loss * share)
-            return loss.detach(), {}
-        if hp.rollout_target in BLOCK_TARGETS:
-            step = accuquant_block_step if hp.rollout_target == "block_output" else accuquant_block_accumulated_step
-            return step(self.student, self.teacher, unit, teacher_block, self._scheduler, batch, cond,
-                        hp.loss_reduction, share), {}
-        # Each term calls backward itself (scaled by its weight); the logged loss is their weighted sum.
-        terms: dict[str, Tensor] = {}
-        if hp.state_loss_weight > 0:
-            terms["calib/state_loss"] = accuquant_step(self.student, self._scheduler, batch, cond, hp.gradient,
-                                                       hp.loss_reduction, hp.state_loss_weight * share)
-        if hp.block_loss_weight > 0:
-            terms["calib/block_loss"] = group_block_loss(self.student, self.teacher, unit, teacher_block,
-                                                         self._scheduler, batch, cond, hp.loss_reduction,
-                                                         hp.block_loss_weight * share)
-        loss = (hp.state_loss_weight * terms.get("calib/state_loss", 0.0)
-                + hp.block_loss_weight * terms.get("calib/block_loss", 0.0))
-        return loss, terms
-
-    def _average_gradients(self) -> None:
-        """Average the current unit's gradients over the ranks of a data-parallel strategy (no-op on one).
-
-        DDP's own gradient synchronisation cannot serve block reconstruction: its reducer is built once, when
-        the strategy wraps the module, over the parameters that require grad at that moment, and it expects
-        one backward per forward, reaching every registered parameter. Here the trainable set changes every
-        epoch (one unit each), AdaRound's V is dropped when a unit hardens, and a training step calls backward
-        several times (rounding regulariser, approx / stepwise rollouts). So training steps run under DDP's
-        ``no_sync`` (``_reducer_off``) and, before every optimiser step, the unit's gradients go through one
-        ``strategy.reduce(mean)`` of a flat buffer. Each rank's loss is a mean over its equal-sized shard of
-        the global batch, so the mean of the ranks' gradients is the gradient of the global batch; the
-        rounding regulariser's gradient is the same on every rank and averages to itself. Every rank then
-        takes the same Adam step from the same state, and the ranks stay identical (checked per unit).
-        """
-        if self.trainer.world_size <= 1:
-            return
-        params = [p for group in self._optimizer.param_groups for p in group["params"]]
-        # Every rank sends a buffer of the same size (zeros for a missing gradient), so no rank can wait on a
-        # collective the others skip; a parameter without a gradient keeps None, as on one device.
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
-        offset = 0
-        for p in params:
-            if p.grad is not None:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
-
-    def _check_ranks_agree(self, e: int) -> None:
-        """Raise if the ranks of a data-parallel run ended unit ``e`` with different quantization states."""
-        if self.trainer.world_size <= 1:
-            return
-        unit = self._trained(e)
-        local = torch.stack([t.detach().double().sum() for t in (*unit.parameters(), *unit.buffers())]
-                            or [torch.zeros((), dtype=torch.float64)]).cpu()
-        gathered = self.all_gather(local.to(self.device)).cpu()
-        if not bool((gathered == gathered[0]).all()):
-            raise RuntimeError(f"ranks disagree on {self.epoch_names[e]} after calibrating it: their gradient "
-                               "averaging or their data is not consistent")
+        e = self.current_epoch
+        name = FINAL_STAGE if self._is_final_stage(e) else self.unit_names[e]
+        return epoch_objective(self.settings, self.student, self.teacher, name, unit, self._scheduler, batch,
+                               self.trainer.datamodule.conditioning(batch), share, self.manual_backward)
 
     def _finish_epoch(self, e: int) -> None:
         # Hardened here, inside the last step, so that the epoch-end checkpoint already holds the final rounding.
@@ -512,7 +351,7 @@ class BlockReconstruction(L.LightningModule):
             p.requires_grad_(False)
         self._optimizer = self._lr_schedule = None
         self.trainer.strategy.optimizers = []
-        self._check_ranks_agree(e)
+        check_ranks_agree(trained, self.all_gather, self.trainer.world_size, self.device, self.epoch_names[e])
 
     def on_train_epoch_end(self) -> None:
         e = self.current_epoch
@@ -532,22 +371,14 @@ class BlockReconstruction(L.LightningModule):
 
     # ----- checkpoints: done units are hardened, so rebuild that structure before the state dict loads -----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[self.CHECKPOINT_SECTION] = {
-            "done_units": list(self.done_units),
-            "final_stage_done": self.final_stage_done,
-            "rng": _rng_state(),
-            "precision": str(self.trainer.precision),  # compared on resume (a result-changing trainer setting)
-            "mid_epoch": None,
-        }
-        e = self.current_epoch
+        e, mid_epoch = self.current_epoch, None
         if self._iteration > 0 and e < len(self.epoch_names) and not self.epoch_done(e):
             # Written inside an epoch (a time-based checkpoint): what its remaining steps need. The optimiser's
             # state is Lightning's own checkpoint["optimizer_states"] (the epoch's Adam is the strategy's).
-            checkpoint[self.CHECKPOINT_SECTION]["mid_epoch"] = {
-                "epoch": e,
-                "iteration": self._iteration,
-                "lr_schedule": self._lr_schedule.state_dict() if self._lr_schedule is not None else None,
-            }
+            mid_epoch = {"epoch": e, "iteration": self._iteration,
+                         "lr_schedule": self._lr_schedule.state_dict() if self._lr_schedule is not None else None}
+        checkpoint[self.CHECKPOINT_SECTION] = progress_section(self.done_units, self.final_stage_done,
+                                                               str(self.trainer.precision), mid_epoch)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
@@ -555,24 +386,12 @@ class BlockReconstruction(L.LightningModule):
         if state is None:
             raise ValueError(f"checkpoint has no {self.CHECKPOINT_SECTION!r} section: it was not written by "
                              "BlockReconstruction")
-        unknown = [n for n in state["done_units"] if n not in self.unit_names]
-        if unknown:
-            raise ValueError(f"checkpoint names units {unknown} that this model does not have")
-        for name in state["done_units"]:
-            for q in self.student.get_submodule(name).modules():
-                if isinstance(q, AdaRoundQuantizer) and not q.hardened and not q.is_off:
-                    q.mark_hardened(tuple(q.alpha.shape))
+        restore_hardened_units(self.student, state["done_units"], self.unit_names)
         self.done_units = list(state["done_units"])
         self.final_stage_done = bool(state.get("final_stage_done", False))  # older checkpoints have no stage
-        self._resume_epoch = state.get("mid_epoch")
-        if self._resume_epoch is not None and self._resume_epoch["lr_schedule"] is not None:
-            optimizer_states = checkpoint.get("optimizer_states") or []
-            if len(optimizer_states) != 1:
-                raise ValueError("the checkpoint was written inside an epoch but holds no optimiser state (saved "
-                                 "weights-only?); resume from a checkpoint saved at the end of a unit")
-            self._resume_epoch = {**self._resume_epoch, "optimizer": optimizer_states[0]}
+        self._resume_epoch = mid_epoch_state(state, checkpoint)
         if self._resume_epoch is None:
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
         else:
             self._resume_rng = state["rng"]
 

@@ -238,3 +238,37 @@ def accuquant_block_accumulated_step(student: nn.Module, teacher: nn.Module, stu
         block = block_output(student, student_block, **inputs[j])
         block.backward(grad_mean * (scale / n))
     return loss.detach()
+
+
+FINAL_STAGE = "final_stage"
+"""The name of the whole-model epoch after the last unit (with a ``final_stage``) in ``epoch_names``."""
+
+def epoch_objective(settings: Any, student: nn.Module, teacher: nn.Module | None, name: str, unit: nn.Module,
+                    scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None, share: float,
+                    backward: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """Back-propagate ``share`` times the objective of the epoch that calibrates ``name`` (a unit, or
+    ``FINAL_STAGE``) on one single-start batch; return its (unscaled) loss and, for the state target, its
+    weighted terms. ``settings`` is the module's :class:`~accuquant_pl.calibration.config.CalibrationSettings`;
+    ``backward`` runs a backward pass the way the LightningModule must (``manual_backward``)."""
+    reduction, ab = settings.ablations.loss_reduction, settings.ablations
+    if name == FINAL_STAGE:
+        return accuquant_step(student, scheduler, batch, cond, settings.final_stage.gradient, reduction, share), {}
+    teacher_block = teacher.get_submodule(name) if teacher is not None else None
+    if settings.objective == "per_step":
+        loss = per_step_loss(student, teacher, unit, teacher_block, scheduler, batch, cond, reduction)
+        backward(loss * share)
+        return loss.detach(), {}
+    if settings.rollout_target in BLOCK_TARGETS:
+        step = accuquant_block_step if settings.rollout_target == "block_output" else accuquant_block_accumulated_step
+        return step(student, teacher, unit, teacher_block, scheduler, batch, cond, reduction, share), {}
+    # Each term calls backward itself (scaled by its weight); the logged loss is their weighted sum.
+    terms: dict[str, Tensor] = {}
+    if ab.state_loss_weight > 0:
+        terms["calib/state_loss"] = accuquant_step(student, scheduler, batch, cond, settings.gradient, reduction,
+                                                   ab.state_loss_weight * share)
+    if ab.block_loss_weight > 0:
+        terms["calib/block_loss"] = group_block_loss(student, teacher, unit, teacher_block, scheduler, batch, cond,
+                                                     reduction, ab.block_loss_weight * share)
+    loss = (ab.state_loss_weight * terms.get("calib/state_loss", 0.0)
+            + ab.block_loss_weight * terms.get("calib/block_loss", 0.0))
+    return loss, terms

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from accuquant_pl.calibration.module import BlockReconstruction, _rng_state, _set_rng_state
+from accuquant_pl.calibration.module import BlockReconstruction
+from accuquant_pl.calibration.rng import rng_state, set_rng_state
 from accuquant_pl.quant import QuantSpec
 
 
@@ -34,11 +35,15 @@ def student_from_checkpoint(checkpoint: dict[str, Any], pretrained: str | None =
     if not Path(hparams["pretrained"]).exists():
         raise FileNotFoundError(f"the checkpoint's FP model folder {hparams['pretrained']!r} does not exist; "
                                 "pass the folder it was calibrated from")
-    module = BlockReconstruction(**{k: v for k, v in hparams.items() if not k.startswith("_")})
-    rng = _rng_state()  # restoring a checkpoint also restores the calibration RNG; evaluation must not see that
+    try:
+        module = BlockReconstruction(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+    except TypeError as err:  # settings of a BlockReconstruction signature that no longer exists
+        raise ValueError(f"the checkpoint's model settings do not fit this accuquant-pl ({err}); it was written by "
+                         "an earlier version: evaluate its exported folder, or calibrate again") from err
+    rng = rng_state()  # restoring a checkpoint also restores the calibration RNG; evaluation must not see that
     try:
         module.on_load_checkpoint(checkpoint)
     finally:
-        _set_rng_state(rng)
+        set_rng_state(rng)
     module.load_state_dict(checkpoint["state_dict"])
     return module.finalize()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
@@ -94,12 +95,25 @@ def timestep_ranges(quant: dict[str, Any]) -> dict[str, Any]:
     return {**quant, "act_timestep_boundaries": boundaries}
 
 
+def canonical_class_path(class_path: str | None) -> str | None:
+    """Where the class of ``class_path`` is defined: a package export, a module alias kept for one release and the
+    defining module all name one class, and compare equal."""
+    if not class_path or "." not in class_path:
+        return class_path
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return class_path
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _settings(class_path: str | None, init_args: dict[str, Any], prefix: str,
               ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     args = {k: v for k, v in init_args.items() if k not in (*_PRIVATE_KEYS, "_class_path", *ignore)}
     if isinstance(args.get("quant"), dict):
         args["quant"] = timestep_ranges(args["quant"])
-    return {f"{prefix}.class_path": class_path, **_flatten(f"{prefix}.init_args", args)}
+    return {f"{prefix}.class_path": canonical_class_path(class_path), **_flatten(f"{prefix}.init_args", args)}
 
 
 def _same(a: Any, b: Any) -> bool:

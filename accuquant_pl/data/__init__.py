@@ -2,6 +2,6 @@
 
 from accuquant_pl.data.digits import DigitsDataModule
 from accuquant_pl.data.seeds import SeedDataModule
-from accuquant_pl.data.trajectories import TrajectoryDataModule
+from accuquant_pl.data.trajectories import TrajectoryAblations, TrajectoryDataModule
 
-__all__ = ["DigitsDataModule", "SeedDataModule", "TrajectoryDataModule"]
+__all__ = ["DigitsDataModule", "SeedDataModule", "TrajectoryAblations", "TrajectoryDataModule"]

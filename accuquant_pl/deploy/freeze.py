@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from accuquant_pl.quant.adaround import AdaRoundQuantizer
+from accuquant_pl.quant.affine import MIN_SCALE, broadcast_shape
 from accuquant_pl.quant.attention import QuantAttnProcessor
 from accuquant_pl.quant.layers import QuantLayerMixin, quantized_layers
-from accuquant_pl.quant.quantizers import MIN_SCALE, ActivationQuantizer, WeightQuantizer, broadcast_shape
+from accuquant_pl.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 from .layers import WeightFormat
 from .packing import pack_weight

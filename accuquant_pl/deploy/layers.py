@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from accuquant_pl.quant.affine import MIN_SCALE, check_qparams, is_off, quant_range
 from accuquant_pl.quant.layers import make_act_quantizer
-from accuquant_pl.quant.quantizers import MIN_SCALE, ActivationQuantizer, check_qparams, is_off, quant_range
+from accuquant_pl.quant.quantizers import ActivationQuantizer
 from accuquant_pl.quant.spec import LayerQuantConfig
 
 from .int_matmul import INT32_SAFE_K, affine_int_mm, int8_shift, to_int8, with_ones_row

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from accuquant_pl.quant.quantizers import quant_range
+from accuquant_pl.quant.affine import quant_range
 
 PACKED_MAX_BITS = 4
 """Bit widths up to this are packed two codes per byte."""

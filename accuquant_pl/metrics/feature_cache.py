@@ -19,7 +19,11 @@ import torch
 from torch import Tensor
 
 from accuquant_pl.io import atomic_path
-from accuquant_pl.metrics.fid import StatsCacheCorruptError, StatsCacheMismatchError, extractor_tag
+from accuquant_pl.metrics.stats_cache import (
+    StatsCacheCorruptError,
+    StatsCacheMismatchError,
+    extractor_tag,
+)
 
 _FORMAT = "accuquant-sample-features"
 

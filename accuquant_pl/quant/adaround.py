@@ -7,15 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .quantizers import (
-    CheckedQParams,
-    broadcast_shape,
-    channel_rows,
-    check_bits,
-    init_qparams,
-    is_off,
-    quant_range,
-)
+from .affine import broadcast_shape, check_bits, is_off, quant_range
+from .quantizers import CheckedQParams
+from .range_init import channel_rows, init_qparams
 
 ZETA, GAMMA = 1.1, -0.1
 

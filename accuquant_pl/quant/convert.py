@@ -11,9 +11,10 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from .affine import is_off
 from .attention import install_quant_processor
 from .layers import QUANT_LAYERS, harden
-from .quantizers import ActivationQuantizer, is_off
+from .quantizers import ActivationQuantizer
 from .spec import LayerOverride, LayerQuantConfig, QuantSpec
 from .state import observing
 from .timesteps import attach_timestep_router

@@ -1,12 +1,6 @@
-"""Uniform affine fake-quantization: pure tensor maths plus the weight (RTN) and LSQ activation quantizers.
+"""The fake-quantization modules: the weight (round-to-nearest) and LSQ activation quantizers.
 
-Conventions (identical to ``torch.fake_quantize_per_{tensor,channel}_affine``):
-``q = clamp(round(x * (1 / scale)) + zero_point, quant_min, quant_max)``, ``x_hat = (q - zero_point) * scale``,
-with round-half-to-even and an integer zero point. Asymmetric ranges are ``[0, 2^b - 1]``, symmetric
-ranges ``[-2^(b-1), 2^(b-1) - 1]`` with ``zero_point = 0``. ``bits == 16`` means "quantization off".
-
-Initialisation functions work on a channels-last 2-D view ``rows: [N, C]`` (``C = 1`` for per-tensor), so
-per-tensor and per-channel share one vectorised code path.
+Their maths is :mod:`.affine` (conventions there); their range initialisation :mod:`.range_init`.
 """
 
 from __future__ import annotations
@@ -16,66 +10,21 @@ import math
 import torch
 from torch import nn
 
+from .affine import (
+    MIN_SCALE,
+    broadcast_shape,
+    check_bits,
+    check_init_method,
+    check_qparams,
+    check_timestep_boundaries,
+    fake_quantize,
+    fake_quantize_broadcast,
+    grad_scale,
+    is_off,
+    quant_range,
+)
 from .observers import TensorObserver
-
-OFF_BITS = 16
-VALID_BITS = (2, 3, 4, 5, 6, 7, 8, OFF_BITS)
-INIT_METHODS = ("minmax", "percentile", "mse")
-MIN_SCALE = torch.finfo(torch.float32).eps
-"""The smallest step size a quantizer uses: forwards clamp to it, learned step sizes are projected onto it."""
-_MSE_CHUNK_ELEMS = 2**24  # floats per MSE-search chunk (64 MiB in float32)
-
-
-def is_off(bits: int) -> bool:
-    """True when ``bits`` means "no quantization" (16)."""
-    return bits >= OFF_BITS
-
-
-def check_bits(bits: int, field: str = "bits") -> None:
-    """Raise ``ValueError`` naming ``field`` unless ``bits`` is in 2..8 or 16."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
-        raise ValueError(f"{field}={bits!r} is invalid: bit widths must be in 2..8, or 16 for 'off'")
-
-
-def check_init_method(method: str, field: str = "method") -> None:
-    """Raise ``ValueError`` unless ``method`` is a known initialisation method."""
-    if method not in INIT_METHODS:
-        raise ValueError(f"{field}={method!r} is not a known init method; choose one of {INIT_METHODS}")
-
-
-def check_timestep_boundaries(boundaries: tuple[float, ...] | list[float], field: str = "timestep_boundaries") -> None:
-    """Raise ``ValueError`` naming ``field`` unless ``boundaries`` are finite and strictly increasing."""
-    values = list(boundaries)
-    if any(isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) for b in values):
-        raise ValueError(f"{field}={values!r}: boundaries must be finite numbers (timesteps)")
-    if any(b >= c for b, c in zip(values, values[1:], strict=False)):
-        raise ValueError(f"{field}={values!r}: boundaries must be strictly increasing")
-
-
-def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer range ``(quant_min, quant_max)`` of a ``bits``-bit quantizer."""
-    check_bits(bits)
-    if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def check_qparams(scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
-                  label: str = "quantizer") -> None:
-    """Raise ``ValueError`` naming ``label`` and the first bad value unless every scale is finite and positive
-    and every zero point lies in ``[quant_min, quant_max]``.
-
-    A non-positive scale would be clamped to float epsilon by the forward (a layer of zeros), an out-of-range
-    zero point would shift every level: both are refused rather than run."""
-    bad_scale = ~(torch.isfinite(scale) & (scale > 0))
-    if bool(bad_scale.any()):
-        value = scale.reshape(-1)[bad_scale.reshape(-1)][0].item()
-        raise ValueError(f"{label}: scale {value!r} is invalid; scales must be finite and > 0")
-    zp = zero_point.to(torch.int64)
-    bad_zp = (zp < quant_min) | (zp > quant_max)
-    if bool(bad_zp.any()):
-        value = int(zp.reshape(-1)[bad_zp.reshape(-1)][0])
-        raise ValueError(f"{label}: zero point {value} is outside the integer range [{quant_min}, {quant_max}]")
+from .range_init import channel_rows, init_mse, init_percentile, init_qparams, minmax_qparams
 
 
 class CheckedQParams:
@@ -92,165 +41,6 @@ class CheckedQParams:
         if f"{prefix}scale" in state_dict and not self.scale.is_meta and self.holds_qparams:
             check_qparams(self.scale.detach(), self.zero_point, self.quant_min, self.quant_max,
                           f"{type(self).__name__} {prefix.rstrip('.')!r}")
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round half to even in the forward pass, identity gradient (straight-through estimator)."""
-    # round(x) + (x - x) rather than x + (round(x) - x): the value is exactly round(x), bit for bit.
-    return torch.round(x).detach() + (x - x.detach())
-
-
-def grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """Value of ``t`` with its gradient multiplied by ``factor`` (LSQ step-size gradient scaling)."""
-    scaled = t * factor
-    # t + (y - y) keeps the value bit-exact (t - y + y would be off by rounding errors).
-    return t.detach() + (scaled - scaled.detach())
-
-
-def broadcast_shape(x: torch.Tensor, axis: int | None) -> list[int]:
-    """Shape that broadcasts a per-channel vector along ``axis`` of ``x`` (all ones if per-tensor)."""
-    shape = [1] * x.dim()
-    if axis is not None:
-        shape[axis] = x.shape[axis]
-    return shape
-
-
-def fake_quantize(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    quant_min: int,
-    quant_max: int,
-    axis: int | None = None,
-) -> torch.Tensor:
-    """Fake-quantize ``x`` (per-tensor if ``axis`` is None, else per-channel along ``axis``).
-
-    Rounding uses the straight-through estimator, so the gradient w.r.t. ``x`` is 1 inside the integer
-    range and 0 where clamped (as torch's fake_quantize), and w.r.t. ``scale`` it is the LSQ gradient.
-    """
-    shape = broadcast_shape(x, axis)
-    return fake_quantize_broadcast(x, scale.reshape(shape), zero_point.reshape(shape), quant_min, quant_max)
-
-
-def fake_quantize_broadcast(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
-                            quant_max: int) -> torch.Tensor:
-    """:func:`fake_quantize` with ``scale`` / ``zero_point`` already shaped to broadcast against ``x`` (e.g. one
-    step size per sample and channel)."""
-    s, zp = scale.to(x.dtype), zero_point.to(x.dtype)
-    # x * (1/s) rather than x / s: torch's kernels multiply by the inverse, which matters at rounding ties.
-    q = torch.clamp(round_ste(x * (1.0 / s)) + zp, quant_min, quant_max)
-    return (q - zp) * s
-
-
-def channel_rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Channels-last 2-D view ``[N, C]`` of ``x`` (``C = 1`` when ``axis`` is None)."""
-    if axis is None:
-        return x.reshape(-1, 1)
-    return x.movedim(axis, -1).reshape(-1, x.shape[axis])
-
-
-def minmax_qparams(
-    min_val: torch.Tensor, max_val: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point whose grid covers ``[min_val, max_val]`` (widened to include 0)."""
-    qmin, qmax = quant_range(bits, symmetric)
-    min_val = min_val.float().clamp(max=0.0)
-    max_val = max_val.float().clamp(min=0.0)
-    if symmetric:
-        # Divide by qmax so the positive end is not clipped; the extra negative level stays unused.
-        scale = (torch.maximum(-min_val, max_val) / qmax).clamp_min(MIN_SCALE)
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
-    scale = ((max_val - min_val) / (qmax - qmin)).clamp_min(MIN_SCALE)
-    zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax).to(torch.int32)
-    return scale, zero_point
-
-
-def init_minmax(rows: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max initialisation per column of ``rows [N, C]``."""
-    return minmax_qparams(rows.amin(dim=0), rows.amax(dim=0), bits, symmetric)
-
-
-def _kth(rows: torch.Tensor, q: float) -> torch.Tensor:
-    # kthvalue instead of torch.quantile: quantile refuses inputs above 16M elements.
-    k = min(max(int(math.ceil(q * rows.shape[0])), 1), rows.shape[0])
-    return rows.kthvalue(k, dim=0).values
-
-
-def init_percentile(
-    rows: torch.Tensor, bits: int, symmetric: bool, percentile: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip at the ``percentile`` (in (0, 1]) of each column (of ``|x|`` if symmetric)."""
-    rows = rows.float()
-    if symmetric:
-        amax = _kth(rows.abs(), percentile)
-        return minmax_qparams(-amax, amax, bits, symmetric)
-    return minmax_qparams(_kth(rows, 1.0 - percentile), _kth(rows, percentile), bits, symmetric)
-
-
-def quant_error(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool,
-                norm: float = 2.0) -> torch.Tensor:
-    """Mean ``|x - Q(x)|^norm`` of each column of ``rows [N, C]`` -> ``[C]``."""
-    qmin, qmax = quant_range(bits, symmetric)
-    with torch.no_grad():
-        err = fake_quantize(rows, scale, zero_point, qmin, qmax, axis=-1) - rows
-    return err.abs().pow(norm).mean(dim=0)
-
-
-def _grid_errors(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                 norm: float) -> torch.Tensor:
-    """Errors ``[G, C]`` of ``rows [N, C]`` under ``G`` candidate grids ``scale, zero_point [G, C]``."""
-    s, zp = scale.unsqueeze(1), zero_point.unsqueeze(1).to(rows.dtype)
-    q = torch.clamp(torch.round(rows * (1.0 / s)) + zp, qmin, qmax)  # same formula as fake_quantize
-    return ((q - zp) * s - rows).abs().pow(norm).mean(dim=1)
-
-
-def init_mse(
-    rows: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    grid: int = 80,
-    min_ratio: float = 0.2,
-    min_val: torch.Tensor | None = None,
-    max_val: torch.Tensor | None = None,
-    norm: float = 2.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Search clipping ratios ``linspace(1, min_ratio, grid)`` of the min-max range, best error per column.
-
-    Vectorised over channels and over chunks of the grid (chunks bound the memory to about
-    ``_MSE_CHUNK_ELEMS`` floats). Ratio 1 (plain min-max) is always a candidate and ties keep the larger
-    range, so the result never has a larger error than min-max. ``min_val``/``max_val`` override the
-    range (e.g. running extremes when ``rows`` is only a sample).
-    """
-    rows = rows.float()
-    qmin, qmax = quant_range(bits, symmetric)
-    lo = (rows.amin(dim=0) if min_val is None else min_val.float()).unsqueeze(0)
-    hi = (rows.amax(dim=0) if max_val is None else max_val.float()).unsqueeze(0)
-    ratios = torch.linspace(1.0, min_ratio, grid, device=rows.device).unsqueeze(1)
-    chunk = max(1, _MSE_CHUNK_ELEMS // max(rows.numel(), 1))
-    best = None
-    with torch.no_grad():
-        for r in ratios.split(chunk):
-            scale, zp = minmax_qparams(lo * r, hi * r, bits, symmetric)  # [g, C]
-            err = _grid_errors(rows, scale, zp, qmin, qmax, norm)
-            idx = err.argmin(dim=0, keepdim=True)  # first minimum: ties keep the larger range
-            cand = (err.gather(0, idx)[0], scale.gather(0, idx)[0], zp.gather(0, idx)[0])
-            if best is None:
-                best = cand
-            else:
-                better = cand[0] < best[0]
-                best = tuple(torch.where(better, c, b) for c, b in zip(cand, best, strict=True))
-    return best[1], best[2]
-
-
-def init_qparams(rows: torch.Tensor, method: str, bits: int, symmetric: bool, *, percentile: float = 0.9999,
-                 grid: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to :func:`init_minmax`, :func:`init_percentile` or :func:`init_mse`."""
-    check_init_method(method)
-    if method == "minmax":
-        return init_minmax(rows, bits, symmetric)
-    if method == "percentile":
-        return init_percentile(rows, bits, symmetric, percentile)
-    return init_mse(rows, bits, symmetric, grid)
 
 
 class _AffineQuantizer(CheckedQParams, nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .quantizers import check_bits, check_init_method, check_timestep_boundaries, is_off
+from .affine import check_bits, check_init_method, check_timestep_boundaries, is_off
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from torch import Tensor, nn
 
+from accuquant_pl.calibration import Ablations
 from accuquant_pl.calibration.capture import block_output, run_capturing
 from accuquant_pl.calibration.memory import SavedTensorBytes
 from accuquant_pl.calibration.module import BlockReconstruction
@@ -251,18 +252,18 @@ def test_run_capturing_returns_the_forward_result_and_keeps_only_the_blocks_grap
 
 
 def test_block_output_target_needs_the_stepwise_gradient_and_a_known_name():
-    with pytest.raises(ValueError, match="gradient 'stepwise'.*'checkpointed'"):
+    with pytest.raises(ValueError, match="--model.init_args.gradient 'checkpointed'.*gradient 'stepwise'"):
         BlockReconstruction(objective="accuquant", rollout_target="block_output", gradient="checkpointed")
-    with pytest.raises(ValueError, match="unknown rollout_target 'blocks'"):
+    with pytest.raises(ValueError, match="--model.init_args.rollout_target: unknown value 'blocks'"):
         BlockReconstruction(rollout_target="blocks")
     BlockReconstruction(objective="accuquant", rollout_target="block_output", gradient="stepwise")
 
 
 def test_defaults_are_the_measured_best_variant():
     default = BlockReconstruction()
-    assert (default.hparams.rollout_target, default.hparams.gradient) == ("block_output", "stepwise")
-    assert BlockReconstruction(rollout_target="state").hparams.gradient == "approx"
-    assert BlockReconstruction(rollout_target="state", gradient="exact").hparams.gradient == "exact"
+    assert (default.settings.rollout_target, default.settings.gradient) == ("block_output", "stepwise")
+    assert BlockReconstruction(rollout_target="state").settings.gradient == "approx"
+    assert BlockReconstruction(rollout_target="state", gradient="exact").settings.gradient == "exact"
 
 
 # ----------------------------------------------------------- state loss + per-step block term (block_loss_weight)
@@ -288,7 +289,7 @@ def test_group_block_loss_is_the_per_step_objective_on_each_fp_state(models):
 @pytest.mark.parametrize(("state_w", "block_w"), [(0.0, 1.0), (10.0, 1.0)])
 def test_weighted_terms_calibrate_through_the_cli_and_log_each_term(tmp_path, tiny_model_dir, state_w, block_w):
     cli = main(tiny_args(tmp_path, tiny_model_dir, rollout_target="state", gradient="checkpointed",
-                         state_loss_weight=state_w, block_loss_weight=block_w))
+                         ablations={"state_loss_weight": state_w, "block_loss_weight": block_w}))
     assert cli.model.done_units == cli.model.unit_names
     logged = cli.trainer.logged_metrics
     assert ("calib/state_loss" in logged) == (state_w > 0) and "calib/block_loss" in logged
@@ -297,9 +298,9 @@ def test_weighted_terms_calibrate_through_the_cli_and_log_each_term(tmp_path, ti
 
 
 def test_loss_weights_reject_bad_values():
-    with pytest.raises(ValueError, match="loss weights must be >= 0.*-1"):
-        BlockReconstruction(block_loss_weight=-1.0)
+    with pytest.raises(ValueError, match=r"--model.init_args.ablations.block_loss_weight must be >= 0, got -1"):
+        BlockReconstruction(ablations=Ablations(block_loss_weight=-1.0))
     with pytest.raises(ValueError, match="both 0"):
-        BlockReconstruction(rollout_target="state", state_loss_weight=0.0, block_loss_weight=0.0)
+        BlockReconstruction(rollout_target="state", ablations=Ablations(state_loss_weight=0.0, block_loss_weight=0.0))
     with pytest.raises(ValueError, match="with 'block_output' leave them"):
-        BlockReconstruction(rollout_target="block_output", gradient="stepwise", block_loss_weight=1.0)
+        BlockReconstruction(rollout_target="block_output", gradient="stepwise", ablations=Ablations(block_loss_weight=1.0))

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from accuquant_pl.cli import main
-from accuquant_pl.data.trajectories import sub_batches
+from accuquant_pl.data.samplers import sub_batches
 from accuquant_pl.deploy import exported_scheduler_config, load_quantized
 from tests.conftest import REPO, checkpoint_and_export_callbacks
 
@@ -30,9 +30,11 @@ def tiny_args(tmp_path: Path, model_dir: Path, config: str = "digits_w4a8_accuqu
             "callbacks": [*checkpoint_and_export_callbacks(root, checkpoint_every), *(extra_callbacks or [])],
             **({"plugins": plugins} if plugins is not None else {}),
         },
-        # The main config's final stage is off unless a test asks for it (tests/test_configs.py runs it).
-        "model": {"init_args": {"pretrained": str(model_dir), "iterations_per_unit": 2, "act_calibration_samples": 8,
-                                "final_stage_iterations": 0, "final_stage_group_size": None, **model_args}},
+        # The main config's final stage is off unless a test asks for it (tests/test_configs.py runs it); RTN
+        # takes no iterations.
+        "model": {"init_args": {"pretrained": str(model_dir), "act_calibration_samples": 8,
+                                **({} if "rtn" in config else {"iterations_per_unit": 2, "final_stage": None}),
+                                **model_args}},
         "data": {"init_args": {"num_inference_steps": 6, "num_trajectories": 4, "batch_size": 4,
                                "cache_dir": str(tmp_path / "cache")}},
     }

@@ -69,7 +69,7 @@ def calibration_args(tmp_path: Path, config: str, folder: Path, name: str, data:
                                    "init_args": {"dirpath": str(root / "quantized")}}]},
         # The digits AccuQuant config's final stage is off: these runs test conditioning.
         "model": {"init_args": {"pretrained": str(folder), "iterations_per_unit": 2, "act_calibration_samples": 8,
-                                "final_stage_iterations": 0, "final_stage_group_size": None, **model}},
+                                "final_stage": None, **model}},
         "data": {"init_args": {"num_inference_steps": STEPS, "num_trajectories": 4, "batch_size": 2,
                                "sampling_batch_size": 4, "cache_dir": str(tmp_path / "cache"), **_nest_conditioning(data)}},
     }

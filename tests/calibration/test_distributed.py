@@ -30,7 +30,8 @@ import yaml
 from safetensors.torch import load_file
 
 from accuquant_pl.cli import main
-from accuquant_pl.data.trajectories import StartBatchSampler, TrajectoryGroups
+from accuquant_pl.data.groups import TrajectoryGroups
+from accuquant_pl.data.samplers import StartBatchSampler
 from accuquant_pl.deploy import load_quantized
 from accuquant_pl.diffusion.loading import load_unet
 from tests.calibration.test_calibration_cli import tiny_args
@@ -49,8 +50,8 @@ def config(tmp_path: Path, model_dir: Path, name: str, batch_size: int, act_bits
     cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                 "init_args": {"save_dir": str(tmp_path / name), "name": "csv"}}
     cfg["trainer"]["log_every_n_steps"] = 1
-    cfg["model"]["init_args"].update(objective=objective, final_stage_iterations=final_stage_iterations,
-                                     final_stage_group_size=final_stage_group_size,
+    stage = {"iterations": final_stage_iterations, "group_size": final_stage_group_size} if final_stage_iterations else None
+    cfg["model"]["init_args"].update(objective=objective, final_stage=stage,
                                      quant={"weight_bits": 4, "act_bits": act_bits, "adaround": True})
     cfg["data"]["init_args"].update(batch_size=batch_size, num_trajectories=8,
                                     group_size=1 if objective == "per_step" else 4)

@@ -1,4 +1,4 @@
-"""The whole-model final stage (``final_stage_iterations``): what it trains, what it leaves, resume, bad input."""
+"""The whole-model final stage (``final_stage``): what it trains, what it leaves, resume, bad input."""
 
 from __future__ import annotations
 
@@ -6,16 +6,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from accuquant_pl.calibration import module as module_file
+from accuquant_pl.calibration import objectives as objectives_file
 from accuquant_pl.calibration.module import FINAL_STAGE, BlockReconstruction
 from accuquant_pl.cli import main
 from accuquant_pl.quant import layer_biases, unit_parameters
 from tests.calibration.test_calibration_cli import tiny_args
 
 
-def _fit(tmp_path, model_dir, name, *extra, **model_args):
-    return main([*tiny_args(tmp_path, model_dir, name=name, **model_args), "--data.init_args.group_size", "2",
-                 *extra])
+def _fit(tmp_path, model_dir, name, *extra, final_stage_iterations=0, final_stage_group_size=None, **model_args):
+    stage = {"iterations": final_stage_iterations, "group_size": final_stage_group_size}
+    return main([*tiny_args(tmp_path, model_dir, name=name, **model_args,
+                            **({"final_stage": stage} if final_stage_iterations else {})),
+                 "--data.init_args.group_size", "2", *extra])
 
 
 def _state(module) -> dict[str, torch.Tensor]:
@@ -62,8 +64,8 @@ def test_the_final_stage_rolls_out_its_own_group_size(tmp_path, tiny_model_dir, 
         rolled.append(len(batch["timesteps"][0]))
         return accuquant_step(student, scheduler, batch, *args)
 
-    accuquant_step = module_file.accuquant_step
-    monkeypatch.setattr(module_file, "accuquant_step", recording_step)
+    accuquant_step = objectives_file.accuquant_step
+    monkeypatch.setattr(objectives_file, "accuquant_step", recording_step)
     same = _fit(tmp_path, tiny_model_dir, "same", final_stage_iterations=2).model
     assert rolled == [2, 2]  # the block_output units never call it; the stage rolls out the data's n = 2
     rolled.clear()
@@ -74,16 +76,16 @@ def test_the_final_stage_rolls_out_its_own_group_size(tmp_path, tiny_model_dir, 
     stage = {n for n, p in longer.student.named_parameters()
              if any(p is q for q in [*unit_parameters(longer.student)["act_scale"], *layer_biases(longer.student)])}
     assert {k for k in a if not torch.equal(a[k], b[k])} <= stage
-    with pytest.raises(ValueError, match="final_stage_group_size 7: group_size 7 is larger than the schedule"):
+    with pytest.raises(ValueError, match="final_stage.group_size 7: group_size 7 is larger than the schedule"):
         _fit(tmp_path, tiny_model_dir, "too_long", final_stage_iterations=2, final_stage_group_size=7)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"final_stage_group_size": 0, "final_stage_iterations": 5}, "final_stage_group_size must be >= 1"),
-    ({"final_stage_group_size": 4}, "final_stage_group_size 4 needs a final stage"),
-    ({"final_stage_iterations": -1}, "final_stage_iterations must be >= 0, got -1"),
-    ({"final_stage_gradient": "fancy"}, "unknown final_stage_gradient 'fancy'"),
-    ({"objective": "rtn", "final_stage_iterations": 5}, "set final_stage_iterations to 0"),
+    ({"final_stage": {"group_size": 0}}, r"--model.init_args.final_stage.group_size must be >= 1, got 0"),
+    ({"final_stage": {"iterations": 0}}, r"--model.init_args.final_stage.iterations must be >= 1, got 0"),
+    ({"final_stage": {"gradient": "fancy"}}, r"--model.init_args.final_stage.gradient: unknown value 'fancy'"),
+    ({"final_stage": {"lr_bias": 0.0}}, r"--model.init_args.final_stage.lr_bias must be > 0"),
+    ({"objective": "rtn", "final_stage": {"iterations": 5}}, r"objective 'rtn' runs no optimisation.*final_stage"),
 ])
 def test_bad_final_stage_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -23,7 +23,7 @@ from tests.calibration.test_calibration_cli import tiny_args
 from tests.conftest import REPO, tiny_unet
 
 PACE = {"class_path": "tests.calibration.kill_helpers.Pace", "init_args": {"seconds": 0.15}}
-STAGE = {"final_stage_iterations": 6, "final_stage_group_size": 2}  # the AccuQuant recipe, shrunk
+STAGE = {"final_stage": {"iterations": 6, "group_size": 2}}  # the AccuQuant recipe, shrunk
 
 
 @pytest.fixture(scope="module")

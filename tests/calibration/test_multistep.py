@@ -22,7 +22,8 @@ from torch.utils.data import default_collate
 from accuquant_pl.calibration.memory import LiveTensorBytes
 from accuquant_pl.calibration.objectives import accuquant_step, check_rollout_scheduler, group_steps
 from accuquant_pl.calibration.rollout import rollout, simulate
-from accuquant_pl.data.trajectories import TrajectoryDataModule, TrajectoryGroups
+from accuquant_pl.data.groups import TrajectoryGroups
+from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.diffusion.sampling import initial_noise, model_output, sample
 from accuquant_pl.diffusion.schedulers import SCHEDULERS, SamplerSteps, history_steps, is_stochastic, prime
 from tests.calibration.gradients import flat_grad, theta, zero

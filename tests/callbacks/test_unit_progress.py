@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from accuquant_pl.calibration import FinalStage
 from accuquant_pl.calibration.module import FINAL_STAGE, BlockReconstruction
 from accuquant_pl.data.trajectories import TrajectoryDataModule
 from callbacks.unit_progress import UnitProgressBar
@@ -21,7 +22,7 @@ class BarRecorder(L.Callback):
 
 
 def test_bar_names_each_unit_and_counts_its_iterations(tmp_path, tiny_model_dir):
-    module = BlockReconstruction(pretrained=str(tiny_model_dir), iterations_per_unit=2, final_stage_iterations=3,
+    module = BlockReconstruction(pretrained=str(tiny_model_dir), iterations_per_unit=2, final_stage=FinalStage(iterations=3),
                                  act_calibration_samples=8)
     data = TrajectoryDataModule(teacher=str(tiny_model_dir), num_inference_steps=6, num_trajectories=4,
                                 batch_size=4, group_size=2, cache_dir=str(tmp_path / "cache"))

@@ -22,7 +22,7 @@ from accuquant_pl.deploy.packing import (
     unpack_weight,
 )
 from accuquant_pl.quant import LayerQuantConfig, QuantConv2d, QuantLinear
-from accuquant_pl.quant.quantizers import quant_range
+from accuquant_pl.quant.affine import quant_range
 from accuquant_pl.quant.spec import ActQuantConfig, WeightQuantConfig
 
 BIT_RANGES = [(b, s) for b in range(2, 9) for s in (False, True)]

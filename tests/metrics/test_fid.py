@@ -18,26 +18,28 @@ from torch import nn
 from accuquant_pl.metrics import fid as fid_mod
 from accuquant_pl.metrics.fid import (
     FeatureStats,
-    RealStatsCache,
-    StatsCacheCorruptError,
-    StatsCacheError,
-    StatsCacheMismatchError,
     compute_feature_stats,
     extractor_identity,
     fid_against_stats,
     fid_between,
     fid_from_stats,
     kid_between,
-    load_stats,
     make_fid,
     noise_floor,
-    save_stats,
 )
 from accuquant_pl.metrics.inception import (
     InceptionFeatureExtractor,
     InceptionWeightsNotFoundError,
     RandomProjectionFeatures,
     default_inception_weights_path,
+)
+from accuquant_pl.metrics.stats_cache import (
+    RealStatsCache,
+    StatsCacheCorruptError,
+    StatsCacheError,
+    StatsCacheMismatchError,
+    load_stats,
+    save_stats,
 )
 
 NOISE_LEVELS = (0.1, 0.2, 0.4)

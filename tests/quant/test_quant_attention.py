@@ -7,8 +7,8 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from accuquant_pl.quant import ActQuantConfig, QuantAttnProcessor, quant_state
+from accuquant_pl.quant.affine import fake_quantize
 from accuquant_pl.quant.attention import install_quant_processor
-from accuquant_pl.quant.quantizers import fake_quantize
 
 CASES = {
     # UNet2DModel-style self attention on a 4-D feature map

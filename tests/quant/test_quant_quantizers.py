@@ -8,20 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from accuquant_pl.quant.affine import fake_quantize, grad_scale, quant_range, round_ste
 from accuquant_pl.quant.layers import QuantLinear
-from accuquant_pl.quant.quantizers import (
-    ActivationQuantizer,
-    WeightQuantizer,
+from accuquant_pl.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from accuquant_pl.quant.range_init import (
     channel_rows,
-    fake_quantize,
-    grad_scale,
     init_minmax,
     init_mse,
     init_percentile,
     minmax_qparams,
     quant_error,
-    quant_range,
-    round_ste,
 )
 
 BITS = [2, 3, 4, 5, 6, 7, 8]
@@ -154,7 +150,7 @@ def test_mse_vectorised_equals_per_channel_loop(bits, symmetric, monkeypatch):
     rows = channel_rows(w, 0)
     scale, zp = init_mse(rows, bits, symmetric)
     # a tiny chunk forces several grid chunks: the chunked search must agree with the single pass
-    monkeypatch.setattr("accuquant_pl.quant.quantizers._MSE_CHUNK_ELEMS", rows.numel() * 3)
+    monkeypatch.setattr("accuquant_pl.quant.range_init._MSE_CHUNK_ELEMS", rows.numel() * 3)
     scale_chunked, zp_chunked = init_mse(rows, bits, symmetric)
     assert torch.equal(scale, scale_chunked) and torch.equal(zp, zp_chunked)
     for c in range(7):

@@ -12,7 +12,8 @@ import accuquant_pl
 from accuquant_pl.deploy.artifact import export_quantized
 from accuquant_pl.io import sha256_file
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, unit_parameters
-from accuquant_pl.quant.quantizers import ActivationQuantizer, fake_quantize
+from accuquant_pl.quant.affine import fake_quantize
+from accuquant_pl.quant.quantizers import ActivationQuantizer
 from accuquant_pl.quant.timesteps import ROUTER_ATTR, TimestepRouter
 
 BOUNDARIES = [300, 600]
