@@ -27,12 +27,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from accuquant_pl.deploy import load_quantized  # noqa: E402
 from benchmarks.protocol import setup_protocol  # noqa: E402
 
 RUNS = {
     "rtn_w4a8": ("configs/digits_w4a8_rtn.yaml", {}),
     "per_step_w4a8": ("configs/digits_w4a8_qdiff.yaml", {}),
-    "accuquant_w4a8_short": ("configs/digits_w4a8_accuquant.yaml", {"final_stage_iterations": 20}),
+    "accuquant_w4a8_short": ("configs/digits_w4a8_accuquant.yaml", {"final_stage": {"iterations": 20}}),
 }
 """Run name -> (shipped config, overrides of its model ``init_args``)."""
 SAMPLES = 256
@@ -44,7 +45,7 @@ def calibrate(config: str, model_overrides: dict, root: Path, threads: int) -> P
     override = {
         "seed_everything": 0,
         "trainer": {"default_root_dir": str(root), "enable_progress_bar": False, "logger": False,
-                    "callbacks": [{"class_path": "callbacks.quantized_export.ExportQuantized",
+                    "callbacks": [{"class_path": "callbacks.ExportQuantized",
                                    "init_args": {"dirpath": str(root / "quantized")}}]},
         "model": {"init_args": model_overrides},
         "data": {"init_args": {"seed": 0, "cache_dir": str(REPO / ".cache" / "trajectories")}},
@@ -54,12 +55,6 @@ def calibrate(config: str, model_overrides: dict, root: Path, threads: int) -> P
     subprocess.run([sys.executable, str(REPO / "main.py"), "fit", "--config", str(REPO / config),
                     "--config", str(root / "override.yaml")], cwd=REPO, env=env, check=True)
     return root / "quantized"
-
-
-def load_export(folder: Path) -> torch.nn.Module:
-    from accuquant_pl.quantized_model import load_quantized_model
-
-    return load_quantized_model(folder)[0]
 
 
 def main() -> None:
@@ -74,7 +69,7 @@ def main() -> None:
     for name, (config, overrides) in RUNS.items():
         folder = calibrate(config, overrides, Path(args.work_dir) / name, args.threads)
         torch.set_num_threads(args.threads)
-        samples = protocol.samples(load_export(folder))
+        samples = protocol.samples(load_quantized(folder))
         mse = (samples - protocol.reference).pow(2).flatten(1).mean(1).mean().item()
         rows[name] = {"mean_mse": repr(mse), "samples_sha256": hashlib.sha256(samples.numpy().tobytes()).hexdigest()}
         print(name, rows[name], flush=True)

@@ -112,12 +112,13 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, seed: int) -> tu
         return folder, json.loads(timing.read_text())["seconds"]
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    start = time.time()
+    start, load_before = time.time(), os.getloadavg()[0]
     subprocess.run([sys.executable, str(REPO / "main.py"), *run_config(args, bits, method, seed, root)],
                    cwd=REPO, env=env, check=True)
     # A resumed calibration reports the time of its last part only (the checkpoint does not record the rest).
     seconds = time.time() - start
-    atomic_write_json(timing, {"seconds": seconds})
+    # The 1-minute load average before and after: a time taken while other jobs shared the cores says so.
+    atomic_write_json(timing, {"seconds": seconds, "load_average": max(load_before, os.getloadavg()[0])})
     return folder, seconds
 
 
@@ -176,10 +177,11 @@ def main() -> None:
                 if (bits, method, seed) in done:
                     continue
                 folder, seconds = calibrate(args, bits, method, seed)
+                load = json.loads((folder.parent / "calibration_seconds.json").read_text()).get("load_average")
                 torch.set_num_threads(args.threads)
                 figures = evaluate(folder, protocol, meter, classifier)
                 rows.append({"bits": bits, "method": method, "seed": seed, "threads": args.threads, "cpu": cpu_model(),
-                             "calibration_seconds": seconds, **figures})
+                             "calibration_seconds": seconds, "load_average": load, **figures})
                 print(f"{bits} {method} seed {seed}: mean {figures['mean']:.5f} median {figures['median']:.6f} "
                       f"digit changed {figures['label_change_share']:.3f} FID {figures['fid']:.2f} "
                       f"FID2FP32 {figures['fid2fp32']:.2f} ({seconds:.0f} s calibration)", flush=True)

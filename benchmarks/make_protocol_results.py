@@ -90,6 +90,12 @@ METHOD_NAMES = {"rtn": "RTN", "per_step": "per-step (Q-Diffusion/BRECQ)", "accuq
                 "accuquant_block_n2": "AccuQuant block-output n = 2"}
 
 
+def _seconds(row: dict) -> str:
+    load = row.get("load_average")
+    loaded = row.get("timing_note") or (load is not None and load > row["threads"] + 0.5)
+    return f"{row['calibration_seconds']:.0f}" + (" †" if loaded else "")
+
+
 def _mean_std(values: list[float], fmt: str) -> str:
     t = torch.tensor(values, dtype=torch.float64)
     if len(values) == 1:
@@ -137,8 +143,9 @@ def main_comparison_lines(data: dict[str, Any], results: Path) -> list[str]:
         median_ratio = "-" if b is None or b is r else f"{r['median'] / b['median']:.2f}"
         lines.append(f"| {r['bits'].upper()} | {METHOD_NAMES.get(r['method'], r['method'])} | {r['seed']} | "
                      f"{_stats_cells(r)} | {r['fid2fp32']:.2f} | {_paired_vs(r, b)} | {median_ratio} | "
-                     f"{r['calibration_seconds']:.0f} |")
-    lines.append("")
+                     f"{_seconds(r)} |")
+    lines += ["", "Calibration seconds marked † were taken while other jobs loaded the machine (1-minute load average "
+              "above the row's thread count); they are not timings of the method.", ""]
     for bits in sorted({r["bits"] for r in rows}):
         seed0 = {METHOD_NAMES.get(r["method"], r["method"]): (r["per_step"], r["accumulated"])
                  for r in rows if r["bits"] == bits and r["seed"] == min(x["seed"] for x in rows if x["bits"] == bits)}

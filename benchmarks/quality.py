@@ -79,7 +79,7 @@ def calibrate(args: argparse.Namespace, bits: str, method: str, n: int, gradient
                               num_trajectories=args.num_trajectories, seed=args.seed, batch_size=args.batch_size,
                               group_size=n, cache_dir=args.cache_dir,
                               starts_per_batch=args.starts_per_batch,
-                              ablations=TrajectoryAblations(start_weighting=args.start_weighting))
+                              group_ablations=TrajectoryAblations(start_weighting=args.start_weighting))
     quant = QuantSpec(weight_bits=w, act_bits=a, adaround=method != "rtn")
     if method == "rtn":  # RTN takes none of the optimisation settings
         module = BlockReconstruction(pretrained=args.teacher, quant=quant, objective="rtn")

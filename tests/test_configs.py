@@ -135,8 +135,8 @@ def tiny_overrides(tmp_path: Path, config: Path, name: str = "run") -> dict:
     tiny_data = {"num_inference_steps": 5, "num_trajectories": 4, "batch_size": 2, "sampling_batch_size": 4,
                  "cache_dir": str(tmp_path / "cache"), "group_size": min(data.get("group_size", 1), 2),
                  "starts_per_batch": min(data.get("starts_per_batch", 1), 2)}
-    if data.get("prompt_embeddings"):
-        tiny_data["prompt_embeddings"] = str(tmp_path / "prompts.pt")
+    if (data.get("conditioning") or {}).get("prompt_embeddings"):
+        tiny_data["conditioning"] = {**data["conditioning"], "prompt_embeddings": str(tmp_path / "prompts.pt")}
     return {
         "trainer": {
             "accelerator": "cpu", "devices": 1, "default_root_dir": str(root), "enable_progress_bar": False,
@@ -199,7 +199,7 @@ def _smoke_sample(tmp_path: Path) -> None:
 
 
 def _smoke_evaluate(tmp_path: Path) -> None:
-    from tests.test_evaluate import eval_args, read_metrics
+    from tests.evaluation.test_module import eval_args, read_metrics
 
     main(eval_args(tmp_path, model_folder("digits", tmp_path), "eval", kid=False))
     assert read_metrics(tmp_path / "eval")["mse"] == 0.0

@@ -52,7 +52,7 @@ class TrajectoryAblations:
         for name, value, choices in (("group_starts", self.group_starts, ("all", "windows")),
                                      ("start_weighting", self.start_weighting, ("uniform", "linear"))):
             if value not in choices:
-                raise ValueError(f"--data.init_args.ablations.{name}: unknown value {value!r}; choose one of "
+                raise ValueError(f"--data.init_args.group_ablations.{name}: unknown value {value!r}; choose one of "
                                  f"{list(choices)}")
 
 
@@ -86,7 +86,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         group_size: int = 1,
         starts_per_batch: int = 1,
         conditioning: ConditioningSpec | None = None,
-        ablations: TrajectoryAblations | None = None,
+        group_ablations: TrajectoryAblations | None = None,
         keep_model_outputs: bool = True,
         sampling_batch_size: int = 64,
         cache_dir: str = ".cache/trajectories",
@@ -110,7 +110,7 @@ class TrajectoryDataModule(L.LightningDataModule):
                 the schedule's steps in each optimisation step, which lowers the gradient's variance.
             conditioning: conditional models: trajectory i's class label or prompt, and the guidance
                 (:class:`~accuquant_pl.diffusion.ConditioningSpec`; None: unconditional).
-            ablations: research variants of how groups are drawn (:class:`TrajectoryAblations`).
+            group_ablations: research variants of how groups are drawn (:class:`TrajectoryAblations`).
             keep_model_outputs: store the FP model output of every step (needed by multistep schedulers).
             sampling_batch_size: trajectories sampled per batch in ``prepare_data``.
             cache_dir: folder of caches, one sub-folder per configuration key.
@@ -119,11 +119,12 @@ class TrajectoryDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes.
         """
         super().__init__()
-        self.ablations = ablations if isinstance(ablations, TrajectoryAblations) else TrajectoryAblations(**(ablations or {}))
+        self.ablations = (group_ablations if isinstance(group_ablations, TrajectoryAblations)
+                          else TrajectoryAblations(**(group_ablations or {})))
         _check_sizes(num_inference_steps, num_trajectories, batch_size, group_size, self.ablations.group_starts,
                      starts_per_batch)
         self.save_hyperparameters()
-        self.hparams["ablations"] = asdict(self.ablations) if ablations is not None else None
+        self.hparams["group_ablations"] = asdict(self.ablations) if group_ablations is not None else None
         self.conditioning_spec = ConditioningSpec.of(conditioning)
         # Plain data in the checkpoint, so that it loads with torch.load(weights_only=True).
         self.hparams["conditioning"] = self.conditioning_spec.to_dict() if self.conditioning_spec else None

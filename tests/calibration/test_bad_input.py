@@ -126,10 +126,10 @@ def test_priming_a_scheduler_without_timesteps():
 
 
 def test_unknown_objective_is_named():
-    with pytest.raises(ValueError, match=r"unknown objective 'magic'; choose one of \('per_step', 'accuquant', 'rtn'\)"):
+    with pytest.raises(ValueError, match=r"--model.init_args.objective: unknown value 'magic'; choose one of \['per_step', 'accuquant', 'rtn'\]"):
         BlockReconstruction(objective="magic")
 
 
 def test_unknown_gradient_mode_is_named():
-    with pytest.raises(ValueError, match=r"unknown gradient mode 'fancy'; choose one of \('exact', 'checkpointed'"):
+    with pytest.raises(ValueError, match=r"--model.init_args.gradient: unknown value 'fancy'; choose one of \['exact', 'checkpointed'"):
         BlockReconstruction(gradient="fancy")

@@ -16,9 +16,10 @@ def calibrated_final_errors(model_dir, cache_dir, objective: str) -> tuple[float
     data = TrajectoryDataModule(teacher=str(model_dir), num_inference_steps=10, num_trajectories=16, batch_size=8,
                                 cache_dir=str(cache_dir))
     # A tiny random UNet needs a larger rounding learning rate than the digits teacher to move in 20 steps.
+    optimise = {} if objective == "rtn" else {"iterations_per_unit": 20, "lr_adaround": 3e-2}
     module = BlockReconstruction(pretrained=str(model_dir), quant=QuantSpec(weight_bits=4, act_bits=8,
-                                 adaround=objective != "rtn"), objective=objective, iterations_per_unit=20,
-                                 act_calibration_samples=64, lr_adaround=3e-2)
+                                 adaround=objective != "rtn"), objective=objective, act_calibration_samples=64,
+                                 **optimise)
     L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, data)
     student, teacher, scheduler = module.finalize(), load_unet(model_dir), data.make_scheduler()

@@ -122,3 +122,23 @@ def test_a_checkpoint_from_before_timestep_groups_resumes_and_evaluates_as_one_r
     assert len(cli.model.done_units) == 2
     student = student_from_checkpoint(legacy)
     assert student.conv_in.input_quantizer.num_groups == 1
+
+
+def test_a_checkpoint_of_an_old_class_path_compares_equal_to_the_package_export():
+    from accuquant_pl.calibration.resume import settings_differences
+
+    checkpoint = {"hyper_parameters": {"_class_path": "accuquant_pl.calibration.module.BlockReconstruction",
+                                       "objective": "rtn"}}
+    model = {"class_path": "accuquant_pl.calibration.BlockReconstruction", "init_args": {"objective": "rtn"}}
+    assert settings_differences(checkpoint, model, None) == []
+    other = {"class_path": "accuquant_pl.evaluation.SampleEvaluation", "init_args": {"objective": "rtn"}}
+    assert any(d.startswith("model.class_path") for d in settings_differences(checkpoint, other, None))
+
+
+def test_a_checkpoint_of_an_earlier_signature_is_refused_by_name(tiny_model_dir):
+    from accuquant_pl.calibration.restore import student_from_checkpoint
+
+    checkpoint = {"accuquant": {}, "state_dict": {}, "hyper_parameters": {
+        "pretrained": str(tiny_model_dir), "objective": "per_step", "final_stage_iterations": 0}}
+    with pytest.raises(ValueError, match="final_stage_iterations.*written by an earlier version"):
+        student_from_checkpoint(checkpoint)

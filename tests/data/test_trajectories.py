@@ -98,9 +98,9 @@ def test_truncated_manifest_is_rejected(tiny_model_dir, tmp_path):
     ({"starts_per_batch": 3, "batch_size": 4}, "starts_per_batch must be >= 1 and divide batch_size 4, got 3"),
     ({"starts_per_batch": 0}, "starts_per_batch must be >= 1 and divide batch_size 2, got 0"),
     ({"starts_per_batch": 4, "batch_size": 4, "group_size": 3}, "starts_per_batch 4 exceeds the 3 group starts"),
-    ({"starts_per_batch": 2, "batch_size": 4, "group_size": 3, "ablations": {"group_starts": "windows"}},
+    ({"starts_per_batch": 2, "batch_size": 4, "group_size": 3, "group_ablations": {"group_starts": "windows"}},
      "starts_per_batch 2 exceeds the 1 group starts"),
-    ({"ablations": {"group_starts": "middle"}}, "--data.init_args.ablations.group_starts: unknown value 'middle'"),
+    ({"group_ablations": {"group_starts": "middle"}}, "--data.init_args.group_ablations.group_starts: unknown value 'middle'"),
 ])
 def test_bad_settings(tiny_model_dir, tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accuquant_pl.metrics import fid as fid_mod
+from accuquant_pl.metrics import stats_cache as stats_cache_module
 from accuquant_pl.metrics.fid import (
     FeatureStats,
     compute_feature_stats,
@@ -244,7 +244,7 @@ def test_failed_save_keeps_previous_file(
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(fid_mod.np, "savez", boom)
+    monkeypatch.setattr(stats_cache_module.np, "savez", boom)
     with pytest.raises(OSError, match="disk full"):
         save_stats(path, compute_feature_stats(images[20:40], extractor), "ds", "x")
     assert path.read_bytes() == before
