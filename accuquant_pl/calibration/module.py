@@ -109,15 +109,15 @@ class BlockReconstruction(L.LightningModule):
         """
         super().__init__()
         lrs = {"lr_adaround": lr_adaround, "lr_act_scale": lr_act_scale, "lr_weight_scale": lr_weight_scale}
+        groups = {"rounding": as_group(Rounding, rounding), "final_stage": as_group(FinalStage, final_stage),
+                  "ablations": as_group(Ablations, ablations)}
         self.settings = resolve_settings(objective, rollout_target, gradient, iterations_per_unit, lrs,
-                                         act_calibration_samples, as_group(Rounding, rounding),
-                                         as_group(FinalStage, final_stage), as_group(Ablations, ablations))
+                                         act_calibration_samples, **groups)
         self.save_hyperparameters()
         # Plain data in the checkpoint's hyper_parameters: it loads with torch.load(weights_only=True).
         self.spec = QuantSpec.from_dict(quant) if isinstance(quant, dict) else (quant or QuantSpec())
         self.hparams["quant"] = self.spec.to_dict()
-        for name, group in (("rounding", Rounding), ("final_stage", FinalStage), ("ablations", Ablations)):
-            self.hparams[name] = plain(as_group(group, self.hparams[name]))
+        self.hparams.update({name: plain(group) for name, group in groups.items()})
         self.automatic_optimization = False
         self._init_run_state()
 
