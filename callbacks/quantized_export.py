@@ -25,5 +25,6 @@ class ExportQuantized(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            export_quantized(pl_module.finalize(), self.dirpath, pl_module.spec,
-                             load_scheduler_config(pl_module.hparams.pretrained))
+            pretrained = pl_module.hparams.pretrained
+            export_quantized(pl_module.finalize(), self.dirpath, pl_module.spec, load_scheduler_config(pretrained),
+                             source_model=pretrained)

@@ -117,3 +117,31 @@ def model_folder(kind: str, root: Path) -> Path:
     if kind == "class":
         return save_pipeline(folder, class_conditional_unet())
     raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def save_text_encoder(folder: Path, seed: int = 0) -> tuple[nn.Module, object]:
+    """A tiny CLIP text encoder (width TEXT_DIM) and a word-level CLIP tokenizer with its own vocabulary, saved as
+    ``text_encoder/`` and ``tokenizer/`` of a Stable Diffusion layout folder (needs transformers)."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for word in ("a", "photo", "of", "cat", "red", "car"):
+        vocab[f"{word}</w>"] = len(vocab)
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(f"{ch}</w>", len(vocab))
+    files = folder.parent / f"{folder.name}-vocab"
+    files.mkdir(parents=True, exist_ok=True)
+    (files / "vocab.json").write_text(json.dumps(vocab))
+    (files / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=PROMPT_TOKENS)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    torch.manual_seed(seed)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           max_position_embeddings=PROMPT_TOKENS, bos_token_id=0, eos_token_id=1,
+                                           pad_token_id=1)).eval()
+    encoder.save_pretrained(folder / "text_encoder")
+    return encoder, tokenizer

@@ -85,7 +85,7 @@ class BlockReconstruction(L.LightningModule):
     ) -> None:
         """
         Args:
-            pretrained: the FP diffusers model folder (UNet + scheduler config).
+            pretrained: the FP diffusers model: a folder (UNet + scheduler config) or a Hub id (owner/name[@rev][:sub]).
             quant: the quantization spec (bit widths, initialisation, AdaRound, attention matmuls, overrides).
             objective: 'per_step' (block-output MSE on independent steps, Q-Diffusion/BRECQ), 'accuquant'
                 (n-step rollout against the FP trajectory; n is the data module's group_size) or 'rtn'
@@ -184,7 +184,7 @@ class BlockReconstruction(L.LightningModule):
             self._scheduler = datamodule.make_scheduler()
             st = self.settings
             if st.objective == "accuquant" or st.final_stage is not None:
-                check_rollout_scheduler(self._scheduler, datamodule.hparams.eta)
+                check_rollout_scheduler(self._scheduler, datamodule.hparams.eta, datamodule.serves_step_noise)
             stage_n = st.final_stage.group_size if st.final_stage is not None else None
             if stage_n is not None:
                 try:

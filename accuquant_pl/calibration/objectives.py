@@ -12,8 +12,9 @@ from torch import Tensor, nn
 from accuquant_pl.calibration.capture import block_output, run_capturing
 from accuquant_pl.calibration.rollout import Reduction, rollout, state_loss
 from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.noise import check_replayable, is_stochastic
 from accuquant_pl.diffusion.sampling import model_output, network_inputs
-from accuquant_pl.diffusion.schedulers import SamplerSteps, is_stochastic, scaled_model_input
+from accuquant_pl.diffusion.schedulers import SamplerSteps, scaled_model_input
 
 Objective = Literal["per_step", "accuquant"]
 OBJECTIVES = ("per_step", "accuquant")
@@ -42,16 +43,18 @@ def per_step_loss(student: nn.Module, teacher: nn.Module, student_block: nn.Modu
     return state_loss(out, target, reduction)
 
 
-def check_rollout_scheduler(scheduler: SchedulerMixin, eta: float) -> None:
-    """The rollout replays and differentiates scheduler steps, so they must be deterministic functions of their
-    tensor inputs. Multistep schedulers are fine (their history is primed from the FP cache, see
-    ``scheduler_state.py``); samplers that draw noise (DDPM, DDIM with eta > 0, SDE solvers) are rejected."""
-    if is_stochastic(scheduler, eta):
+def check_rollout_scheduler(scheduler: SchedulerMixin, eta: float, serves_step_noise: bool) -> None:
+    """The rollout replays and differentiates scheduler steps, so each must be a function of its tensor inputs and
+    of noise the rollout can rebuild. Multistep schedulers are primed from the FP cache; a stochastic sampler
+    (DDPM, DDIM with eta > 0, ancestral/SDE solvers) gets, per trajectory and step, the noise its FP trajectory
+    drew (``diffusion/noise.py``), which the data module must serve with its items (``serves_step_noise``).
+    Rejected: a sampler whose step draws noise its ``generator`` does not control, or data without that noise."""
+    check_replayable(scheduler, eta)
+    if is_stochastic(scheduler, eta) and not serves_step_noise:
         raise ValueError(
-            f"the accuquant rollout needs a deterministic sampler; {type(scheduler).__name__} with eta={eta} draws "
-            "noise in its steps, and the FP trajectory cache does not store that noise per trajectory and step, "
-            "so the quantized rollout could not meet the FP target with the same noise. Calibrate with a "
-            "deterministic sampler (scheduler: ddim with eta: 0, dpmsolver++, unipc, pndm or euler)"
+            f"{type(scheduler).__name__} with eta={eta} draws noise in its steps, but the data module does not serve "
+            "each trajectory's step noise (items 'noise_seed' and 'eta', as TrajectoryDataModule does), so the "
+            "quantized rollout could not meet the FP trajectories with the same noise"
         )
 
 
@@ -89,13 +92,25 @@ def _history(batch: dict[str, Any], key: str) -> Tensor | None:
 
 def group_steps(scheduler: SchedulerMixin, batch: dict[str, Any]) -> SamplerSteps:
     """The sampler steps of a batch's group: ``scheduler`` (timesteps set, not stepped) primed at the group start
-    from the batch's FP history (``history_states`` / ``history_outputs``, (B, h, ...)) when it is multistep."""
+    from the batch's FP history (``history_states`` / ``history_outputs``, (B, h, ...)) when it is multistep, with
+    the trajectories' step noise when a stochastic sampler drew them."""
     timesteps = batch["timesteps"][0]
     if not bool((batch["timesteps"] == timesteps).all()):
         raise ValueError("a rollout batch must share its timesteps (batch items by group start)")
     start = _group_start(scheduler, batch, timesteps)
     return SamplerSteps(scheduler, start, len(timesteps), _history(batch, "history_states"),
-                        _history(batch, "history_outputs"))
+                        _history(batch, "history_outputs"), **_step_noise(batch))
+
+
+def _step_noise(batch: dict[str, Any]) -> dict[str, Any]:
+    """eta and trajectory seeds of a batch whose trajectories a stochastic sampler drew (items ``eta`` and
+    ``noise_seed``, see ``TrajectoryGroups``); nothing for a deterministic sampler's batch."""
+    if "noise_seed" not in batch:
+        return {}
+    eta = torch.as_tensor(batch["eta"]).reshape(-1)
+    if not bool((eta == eta[0]).all()):
+        raise ValueError("a rollout batch must share its sampler's eta")
+    return {"eta": float(eta[0]), "noise_seeds": torch.as_tensor(batch["noise_seed"]).reshape(-1).tolist()}
 
 
 def accuquant_step(student: nn.Module, scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None,

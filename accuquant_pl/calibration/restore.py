@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.calibration.rng import rng_state, set_rng_state
+from accuquant_pl.diffusion.hub import model_exists
 from accuquant_pl.quant import QuantSpec
 
 
@@ -32,7 +32,7 @@ def student_from_checkpoint(checkpoint: dict[str, Any], pretrained: str | None =
         hparams["quant"] = QuantSpec.from_export(hparams["quant"]).to_dict()
     if pretrained is not None:
         hparams["pretrained"] = pretrained
-    if not Path(hparams["pretrained"]).exists():
+    if not model_exists(hparams["pretrained"]):
         raise FileNotFoundError(f"the checkpoint's FP model folder {hparams['pretrained']!r} does not exist; "
                                 "pass the folder it was calibrated from")
     try:

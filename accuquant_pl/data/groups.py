@@ -38,8 +38,11 @@ class TrajectoryGroups(Dataset):
     """Item (trajectory i, start j): x = states[i, j], the n timesteps from j, target = states[i, j + n]."""
 
     def __init__(self, tensors: dict[str, Tensor], group_size: int = 1, starts: GroupStarts = "all",
-                 history: int = 0) -> None:
+                 history: int = 0, eta: float = 0.0) -> None:
         self.states, self.timesteps = tensors["states"], tensors["timesteps"]
+        # A stochastic sampler's trajectories: each item names its trajectory's seed (and the sampler's eta) so
+        # that the rollout draws the noise the FP sampler drew (diffusion/noise.py).
+        self.noise_seeds, self.eta = tensors.get("noise_seeds"), eta
         self.outputs = tensors.get("model_outputs")
         self.class_labels = tensors.get("class_labels")
         self.prompt_index = tensors.get("prompt_index")
@@ -68,6 +71,9 @@ class TrajectoryGroups(Dataset):
             out["class_labels"] = self.class_labels[i]
         if self.prompt_index is not None:
             out["prompt_index"] = self.prompt_index[i]
+        if self.noise_seeds is not None:
+            out["noise_seed"] = int(self.noise_seeds[i])
+            out["eta"] = self.eta
         if self.history:
             # FP inputs and outputs of the (up to `history`) steps before j: a multistep sampler is primed from
             # them at the group start (calibration/scheduler_state.py). Items of a batch share j, so they collate.

@@ -33,7 +33,9 @@ from accuquant_pl.data.trajectory_cache import (
     write_cache,
 )
 from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec
+from accuquant_pl.diffusion.hub import resolved_revision
 from accuquant_pl.diffusion.loading import inspect_model_folder, load_scheduler_config, load_unet
+from accuquant_pl.diffusion.noise import check_replayable, is_stochastic
 from accuquant_pl.diffusion.sampling import initial_noise, sample
 from accuquant_pl.diffusion.schedulers import history_steps, scaled_model_input, scheduler_from_config
 from accuquant_pl.io import recover_directory, sha256_tree
@@ -96,11 +98,14 @@ class TrajectoryDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            teacher: FP model folder; None takes the LightningModule's ``pretrained``.
+            teacher: FP model folder or Hub id (``owner/name[@revision][:subfolder]``); None takes the
+                LightningModule's ``pretrained``.
             scheduler: diffusers sampler of the trajectories (and of the AccuQuant rollout): a name in
-                ``accuquant_pl.diffusion.sampling.SCHEDULERS`` (ddim, ddpm, dpmsolver++, unipc, pndm, euler).
+                ``accuquant_pl.diffusion.SCHEDULERS`` (ddim, ddpm, dpmsolver++, unipc, pndm, euler,
+                euler-ancestral).
             num_inference_steps: sampling steps S of each trajectory.
-            eta: DDIM eta (0 = deterministic).
+            eta: DDIM eta (0 = deterministic). A stochastic sampler's step noise is drawn per (trajectory seed,
+                step), recorded with the cache and replayed by the AccuQuant rollout.
             num_trajectories: N, the number of FP trajectories sampled for calibration.
             seed: trajectory i starts from the noise of seed ``seed + i``.
             batch_size: calibration items per batch (per device under DDP).
@@ -129,6 +134,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         # Plain data in the checkpoint, so that it loads with torch.load(weights_only=True).
         self.hparams["conditioning"] = self.conditioning_spec.to_dict() if self.conditioning_spec else None
         self.tensors: dict[str, Tensor] | None = None
+        self._stochastic: bool | None = None  # serves_step_noise, probed once the teacher is known
         self.train_set: TrajectoryGroups | None = None
 
     # ----- what the LightningModule asks for (read, never written by it) -----
@@ -162,6 +168,14 @@ class TrajectoryDataModule(L.LightningDataModule):
         sched.set_timesteps(self.hparams.num_inference_steps)
         return sched
 
+    @property
+    def serves_step_noise(self) -> bool:
+        """Whether the sampler draws noise in its steps (DDPM, DDIM with eta > 0, ...): the cache then records each
+        trajectory's seed and items carry it (``noise_seed``, ``eta``), so the rollout replays that noise."""
+        if self._stochastic is None:
+            self._stochastic = is_stochastic(self.make_scheduler(), self.hparams.eta)
+        return self._stochastic
+
     def history_length(self) -> int:
         """How many FP steps before a group start prime the sampler there (0 for one-step samplers like DDIM)."""
         return history_steps(self.make_scheduler())
@@ -169,8 +183,10 @@ class TrajectoryDataModule(L.LightningDataModule):
     def cache_key(self) -> dict[str, Any]:
         hp = self.hparams
         folder = inspect_model_folder(self.model_path)
+        revision = resolved_revision(self.model_path)
         return {
             "model_sha256": sha256_tree(folder.unet_dir),
+            **({"model_revision": revision} if revision is not None else {}),  # a Hub id's resolved commit
             "scheduler": hp.scheduler,
             "scheduler_config": folder.scheduler_config,
             "num_inference_steps": hp.num_inference_steps,
@@ -179,6 +195,8 @@ class TrajectoryDataModule(L.LightningDataModule):
             "seed": hp.seed,
             **(self.conditioning_spec or ConditioningSpec()).cache_key(),
             "keep_model_outputs": hp.keep_model_outputs,
+            # Step noise per (trajectory seed, step) since this version; deterministic caches keep their key.
+            **({"step_noise": "per-trajectory-step"} if self.serves_step_noise else {}),
         }
 
     def cache_folder(self, key: dict[str, Any]) -> Path:
@@ -200,6 +218,7 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     # ----- LightningDataModule -----
     def prepare_data(self) -> None:
+        check_replayable(self.make_scheduler(), self.hparams.eta)
         key = self.cache_key()
         folder = self.cache_folder(key)
         recover_directory(folder)  # a cache whose replacement was killed half-way is moved back first
@@ -218,16 +237,19 @@ class TrajectoryDataModule(L.LightningDataModule):
         unet = load_unet(self.model_path)
         cfg = unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        chunks: dict[str, list[Tensor]] = {"states": [], "model_outputs": [], "class_labels": [], "prompt_index": []}
+        chunks: dict[str, list[Tensor]] = {"states": [], "model_outputs": [], "class_labels": [], "prompt_index": [],
+                                           "noise_seeds": []}
         timesteps = None
         for start in range(0, hp.num_trajectories, hp.sampling_batch_size):
             index = torch.arange(start, min(start + hp.sampling_batch_size, hp.num_trajectories))
             extra = self.conditioning_spec.indices(index) if self.conditioning_spec is not None else {}
             cond = self.conditioning_spec.for_items(extra) if extra else None
-            noise = initial_noise((hp.seed + index).tolist(), (cfg.in_channels, size, size))
+            seeds = (hp.seed + index).tolist()
+            noise = initial_noise(seeds, (cfg.in_channels, size, size))
             traj = sample(unet, self.make_scheduler(), noise, hp.num_inference_steps, cond=cond, eta=hp.eta,
-                          generator=torch.Generator().manual_seed(hp.seed + start), keep_trajectory=True,
-                          keep_model_outputs=hp.keep_model_outputs)
+                          keep_trajectory=True, keep_model_outputs=hp.keep_model_outputs, noise_seeds=seeds)
+            if self.serves_step_noise:
+                chunks["noise_seeds"].append(torch.tensor(seeds, dtype=torch.long))
             timesteps = traj.timesteps
             chunks["states"].append(traj.states.transpose(0, 1))
             if traj.model_outputs is not None:
@@ -249,7 +271,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self._check_ranks_share_cache(folder)
         hp = self.hparams
         self.train_set = TrajectoryGroups(self.tensors, hp.group_size, self.ablations.group_starts,
-                                          self.history_length())
+                                          self.history_length(), hp.eta)
         if len(self.train_set) < hp.batch_size:
             raise ValueError(f"only {len(self.train_set)} calibration items for batch_size {hp.batch_size}")
 
@@ -281,7 +303,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         # the same values into the batch sampler (see StartBatchSampler).
         shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
         history = self.train_set.history
-        epoch_groups = {e: TrajectoryGroups(self.tensors, n, self.ablations.group_starts, history)
+        epoch_groups = {e: TrajectoryGroups(self.tensors, n, self.ablations.group_starts, history, hp.eta)
                         for e, n in sorted(plan.group_sizes.items()) if n != hp.group_size}
         sampler = StartBatchSampler(self.train_set, hp.batch_size, plan.batches_per_epoch or self.steps_per_epoch,
                                     self.ablations.start_weighting, seed=hp.seed, num_replicas=shard.get("num_replicas", 1),

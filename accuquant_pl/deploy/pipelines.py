@@ -1,31 +1,132 @@
-"""A diffusers pipeline around an exported quantized model."""
+"""The diffusers pipeline that fits an exported quantized model: its quantized denoiser swapped into the FP
+model's pipeline, with the scheduler saved in the export."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from accuquant_pl.deploy.artifact import SCHEDULER_CONFIG, exported_scheduler_config, load_quantized
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DiffusionPipeline,
+    LDMPipeline,
+    SchedulerMixin,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from torch import nn
+
+from accuquant_pl.deploy.artifact import (
+    SCHEDULER_CONFIG,
+    exported_scheduler_config,
+    exported_source_model,
+    load_quantized,
+)
+from accuquant_pl.diffusion.hub import model_exists, resolve_model_path
+from accuquant_pl.diffusion.loading import load_vae
+from accuquant_pl.diffusion.schedulers import SCHEDULERS, scheduler_from_config
 
 
-def quantized_pipeline(folder: str | Path, scheduler: str = "ddim", execution: str = "dequant") -> Any:
-    """A diffusers ``DDIMPipeline`` (``scheduler="ddim"``) or ``DDPMPipeline`` (``"ddpm"``) around the quantized
-    ``UNet2DModel`` of ``folder``, its scheduler built from the saved scheduler config.
-
-    Conditional UNets need the rest of their pipeline (VAE, text encoder): pass ``load_quantized(folder)`` as
-    ``unet=`` to that pipeline instead.
-    """
-    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    kinds = {"ddim": (DDIMPipeline, DDIMScheduler), "ddpm": (DDPMPipeline, DDPMScheduler)}
-    if scheduler not in kinds:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(kinds)}")
-    unet = load_quantized(folder, execution)
-    if not isinstance(unet, UNet2DModel):
-        raise TypeError(f"{folder} holds a {type(unet).__name__}; pass load_quantized(folder) as the unet of "
-                        "its own pipeline (it needs a VAE / text encoder this folder does not have)")
-    scheduler_config = exported_scheduler_config(folder)
-    if scheduler_config is None:
+def _scheduler(folder: str | Path, name: str | None) -> SchedulerMixin:
+    """The export's scheduler: its own class, or the named one (``SCHEDULERS``) built from its config."""
+    config = exported_scheduler_config(folder)
+    if config is None:
         raise FileNotFoundError(f"quantized model folder {str(folder)!r} has no {SCHEDULER_CONFIG}")
-    pipeline_cls, scheduler_cls = kinds[scheduler]
-    return pipeline_cls(unet=unet, scheduler=scheduler_cls.from_config(scheduler_config))
+    if name is not None:
+        return scheduler_from_config(name, config)
+    by_class = {cls.__name__: key for key, cls in SCHEDULERS.items()}
+    return scheduler_from_config(by_class.get(config.get("_class_name"), "ddim"), config)
+
+
+def _source(folder: str | Path, pretrained: str | Path | None) -> Path | None:
+    """The FP model folder whose other parts (autoencoder, text encoder) the pipeline takes: ``pretrained``, else
+    the one the export recorded; None when neither is given (a pixel-space model needs none)."""
+    source = str(pretrained) if pretrained is not None else exported_source_model(folder)
+    if source is None:
+        return None
+    if not model_exists(source):
+        raise FileNotFoundError(f"the FP model {source!r} that {str(folder)!r} was calibrated from does not exist "
+                                "here; pass quantized_pipeline(folder, pretrained=<its folder or Hub id>)")
+    return resolve_model_path(source)
+
+
+def _denoiser_key(denoiser: nn.Module) -> str:
+    return "unet" if isinstance(denoiser, (UNet2DModel, UNet2DConditionModel)) else "transformer"
+
+
+def _from_model_index(root: Path, denoiser: nn.Module, scheduler: SchedulerMixin) -> Any:
+    """The FP pipeline folder's own pipeline class (``model_index.json``), its denoiser and scheduler replaced."""
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in (
+        (root / "model_index.json").read_text()) else {}
+    try:
+        return DiffusionPipeline.from_pretrained(root, **{_denoiser_key(denoiser): denoiser}, scheduler=scheduler,
+                                                 **extra)
+    except ImportError as err:
+        raise ImportError(f"the pipeline of {str(root)!r} needs a package that is not installed ({err}); "
+                          "pip install 'accuquant-pl[pipelines]'") from err
+
+
+def _assembled(root: Path | None, denoiser: nn.Module, scheduler: SchedulerMixin) -> Any:
+    """A pipeline assembled from the parts of a folder without ``model_index.json`` (component folders only)."""
+    if isinstance(denoiser, UNet2DConditionModel):
+        if root is None or not (root / "text_encoder").is_dir() or not (root / "tokenizer").is_dir():
+            raise TypeError("a UNet2DConditionModel samples through a text-to-image pipeline: pass pretrained= the FP "
+                            "folder with vae/, text_encoder/ and tokenizer/ (or use `predict` with prompt "
+                            "embeddings)")
+        return _stable_diffusion(root, denoiser, scheduler)
+    if not isinstance(denoiser, UNet2DModel):
+        raise TypeError(f"no diffusers pipeline for a quantized {type(denoiser).__name__} without the FP pipeline "
+                        "folder's model_index.json; pass pretrained=")
+    if denoiser.config.num_class_embeds is not None or denoiser.config.class_embed_type is not None:
+        raise TypeError("a class-conditional UNet2DModel has no diffusers pipeline; sample it with `predict` "
+                        "(--model.init_args.conditioning.num_classes)")
+    vae = load_vae(root) if root is not None else None
+    if vae is not None:
+        return LDMPipeline(vqvae=vae, unet=denoiser, scheduler=scheduler)
+    if isinstance(scheduler, DDIMScheduler):
+        return DDIMPipeline(unet=denoiser, scheduler=scheduler)
+    return DDPMPipeline(unet=denoiser, scheduler=scheduler)  # its loop steps any scheduler (no eta)
+
+
+def _stable_diffusion(root: Path, unet: nn.Module, scheduler: SchedulerMixin) -> Any:
+    try:
+        from diffusers import StableDiffusionPipeline
+        from transformers import AutoTokenizer, CLIPTextModel
+    except ImportError as err:
+        raise ImportError(f"StableDiffusionPipeline needs transformers ({err}); pip install "
+                          "'accuquant-pl[pipelines]'") from err
+    return StableDiffusionPipeline(
+        vae=load_vae(root), text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder").eval(),
+        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def quantized_pipeline(folder: str | Path, pretrained: str | Path | None = None, scheduler: str | None = "ddim",
+                       execution: str = "dequant") -> Any:
+    """The diffusers pipeline of the quantized model in ``folder``, with the quantized denoiser and the export's
+    scheduler swapped in.
+
+    The other parts come from the FP model it was calibrated from (``pretrained``, else the folder or Hub id the
+    export recorded): a pipeline folder with ``model_index.json`` gives its own pipeline class
+    (``DiffusionPipeline.from_pretrained``: LDMPipeline, StableDiffusionPipeline, DiTPipeline, PixArt, ...);
+    component folders give ``DDIMPipeline`` / ``DDPMPipeline`` for a pixel UNet, ``LDMPipeline`` for a UNet with
+    ``vae/`` or ``vqvae/``, ``StableDiffusionPipeline`` for a text UNet with ``text_encoder/`` and ``tokenizer/``.
+
+    Args:
+        folder: an ``ExportQuantized`` folder.
+        pretrained: the FP model folder or Hub id (default: the one recorded at export).
+        scheduler: a name in ``SCHEDULERS``, built from the export's scheduler config (default ``ddim``, the
+            sampler the shipped configs calibrate for); None keeps the config's own class.
+        execution: ``dequant``, ``cached`` or ``int`` (see ``load_quantized``).
+    """
+    denoiser = load_quantized(folder, execution)
+    sched = _scheduler(folder, scheduler)
+    root = _source(folder, pretrained)
+    if root is not None and (root / "model_index.json").is_file():
+        pipe = _from_model_index(root, denoiser, sched)
+    else:
+        pipe = _assembled(root, denoiser, sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

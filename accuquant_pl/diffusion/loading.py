@@ -10,6 +10,8 @@ from typing import Any
 
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel, VQModel
 
+from accuquant_pl.diffusion.hub import resolve_model_path
+
 SUPPORTED_UNETS: dict[str, type] = {
     "UNet2DModel": UNet2DModel,
     "UNet2DConditionModel": UNet2DConditionModel,
@@ -55,9 +57,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 def inspect_model_folder(path: str | Path) -> ModelFolder:
     """Check that ``path`` holds a diffusers UNet (a pipeline folder with ``unet/`` or a bare UNet folder).
 
-    Only config files are read, so a wrong path fails fast with an error naming it.
+    Only config files are read, so a wrong path fails fast with an error naming it. ``path`` may be a Hub id
+    (``owner/name[@revision][:subfolder]``, ``diffusion/hub.py``): its cached snapshot is inspected.
     """
-    root = Path(path).expanduser()
+    root = resolve_model_path(path)
     if not root.exists():
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
     if not root.is_dir():

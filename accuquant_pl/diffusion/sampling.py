@@ -12,7 +12,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
 from accuquant_pl.diffusion.conditioning import Conditioning
-from accuquant_pl.diffusion.schedulers import step_kwargs
+from accuquant_pl.diffusion.noise import step_generators, step_kwargs
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -107,14 +107,23 @@ def sample(
     generator: torch.Generator | None = None,
     keep_trajectory: bool = False,
     keep_model_outputs: bool = False,
+    noise_seeds: Sequence[int] | None = None,
 ) -> Tensor | Trajectory:
-    """Run the sampler from ``noise``; return the final sample, or the whole trajectory when asked."""
+    """Run the sampler from ``noise``; return the final sample, or the whole trajectory when asked.
+
+    A stochastic sampler's step noise: with ``noise_seeds`` (one per row, normally the seeds of the initial
+    noise), row i's noise at step k comes from its own generator (``noise.step_generators``), independent of
+    the batch, and the AccuQuant rollout can replay it; else from ``generator`` (or the global RNG)."""
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     states, outputs = [x], []
+    if noise_seeds is not None and len(noise_seeds) != noise.shape[0]:
+        raise ValueError(f"{len(noise_seeds)} noise seeds for a batch of {noise.shape[0]}")
     extra = step_kwargs(scheduler, eta, generator)
-    for t in scheduler.timesteps:
+    for k, t in enumerate(scheduler.timesteps):
         out = model_output(unet, scheduler.scale_model_input(x, t), t, cond)
+        if noise_seeds is not None:
+            extra = step_kwargs(scheduler, eta, step_generators(noise_seeds, k))
         x = scheduler.step(out, t, x, **extra).prev_sample
         if keep_trajectory:
             states.append(x)

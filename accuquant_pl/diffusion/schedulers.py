@@ -17,7 +17,6 @@ differentiate it.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     SchedulerMixin,
@@ -33,11 +33,14 @@ from diffusers import (
 )
 from torch import Tensor
 
+from accuquant_pl.diffusion.noise import step_generators, step_kwargs
+
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
     "ddpm": DDPMScheduler,
     "dpmsolver++": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
+    "euler-ancestral": EulerAncestralDiscreteScheduler,
     "pndm": PNDMScheduler,
     "unipc": UniPCMultistepScheduler,
 }
@@ -50,19 +53,9 @@ def scheduler_from_config(name: str, config: dict[str, Any], **overrides: Any) -
     return SCHEDULERS[name].from_config(config, **overrides)
 
 
-def step_kwargs(scheduler: SchedulerMixin, eta: float, generator: torch.Generator | None) -> dict:
-    """Keyword arguments that this scheduler's ``step`` accepts (not every scheduler takes eta or a generator)."""
-    params = inspect.signature(scheduler.step).parameters
-    kwargs: dict = {}
-    if "eta" in params:
-        kwargs["eta"] = eta
-    if "generator" in params and generator is not None:
-        kwargs["generator"] = generator
-    return kwargs
-
-
 # Schedulers whose step reads nothing from earlier steps except their position in the schedule.
-ONE_STEP: tuple[type[SchedulerMixin], ...] = (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler)
+ONE_STEP: tuple[type[SchedulerMixin], ...] = (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler,
+                                              EulerAncestralDiscreteScheduler)
 
 
 def history_steps(scheduler: SchedulerMixin) -> int:
@@ -103,6 +96,12 @@ def scaled_model_input(scheduler: SchedulerMixin, index: int, x: Tensor) -> Tens
     return _position(copy.deepcopy(scheduler), index).scale_model_input(x, scheduler.timesteps[index])
 
 
+def _kwargs_at(scheduler: SchedulerMixin, index: int, eta: float, noise_seeds: Sequence[int] | None) -> dict:
+    """``step`` arguments of schedule step ``index``: eta, and the generators of the trajectories' noise there
+    (``noise.step_generators``) when the trajectories were sampled with a stochastic sampler."""
+    return step_kwargs(scheduler, eta, None if noise_seeds is None else step_generators(noise_seeds, index))
+
+
 def _step(scheduler: SchedulerMixin, out: Tensor, t: Tensor, x: Tensor, kwargs: dict) -> Tensor:
     """One sampler step with the call sequence of ``sampling.sample`` (``scale_model_input`` first: some
     schedulers track that it was called)."""
@@ -113,12 +112,13 @@ def _step(scheduler: SchedulerMixin, out: Tensor, t: Tensor, x: Tensor, kwargs: 
 
 @torch.no_grad()
 def prime(scheduler: SchedulerMixin, start: int, states: Tensor | None = None, outputs: Tensor | None = None,
-          **kwargs) -> SchedulerMixin:
+          eta: float = 0.0, noise_seeds: Sequence[int] | None = None) -> SchedulerMixin:
     """Bring ``scheduler`` (fresh, timesteps set) to schedule step ``start`` as the sampler is there, in place.
 
     ``states`` and ``outputs`` are (h, B, ...): the FP sampler's inputs x and model outputs at steps
     ``start - h .. start - 1`` (h >= ``min(start, history_steps(scheduler))``); they are fed to the scheduler's
-    own ``step`` (extra ``kwargs`` go to it too) and its results are discarded. Returns ``scheduler``.
+    own ``step`` (with ``eta`` and the noise of ``noise_seeds``' trajectories at those steps) and its results are
+    discarded. Returns ``scheduler``.
     """
     num_steps = _num_steps(scheduler)
     if not 0 <= start < num_steps:
@@ -138,27 +138,9 @@ def prime(scheduler: SchedulerMixin, start: int, states: Tensor | None = None, o
     first = start - h
     _position(scheduler, first)
     for i in range(h):
-        _step(scheduler, outputs[i], scheduler.timesteps[first + i], states[i], kwargs)
+        _step(scheduler, outputs[i], scheduler.timesteps[first + i], states[i],
+              _kwargs_at(scheduler, first + i, eta, noise_seeds))
     return scheduler
-
-
-def is_stochastic(scheduler: SchedulerMixin, eta: float = 0.0) -> bool:
-    """Whether ``scheduler.step`` (with ``eta`` where it takes one) draws noise: two runs of the whole schedule on a
-    tiny input with different generators and global seeds are compared. ``scheduler`` is not modified."""
-    runs = []
-    for seed in (0, 1):
-        sched = copy.deepcopy(scheduler)
-        x = torch.full((1, 1, 2, 2), 0.5)
-        states = []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            extra = step_kwargs(sched, eta, torch.Generator().manual_seed(seed))
-            for t in sched.timesteps:
-                out = 0.1 * sched.scale_model_input(x, t) + 0.05
-                x = sched.step(out, t, x, **extra).prev_sample
-                states.append(x)
-        runs.append(torch.stack(states))
-    return not torch.equal(runs[0], runs[1])
 
 
 class SamplerSteps:
@@ -167,14 +149,16 @@ class SamplerSteps:
     ``scale(j, x)`` is the model input at the group's step j (``scale_model_input``); calling the object,
     ``steps(j, x, out, past_states, past_outputs)``, returns that step's ``prev_sample``, where ``past_*``
     are the group's own inputs and outputs of steps 0..j-1 (what the rollout fed the sampler before).
-    ``scheduler`` is used as a template (timesteps set, not stepped) and never modified.
+    ``scheduler`` is used as a template (timesteps set, not stepped) and never modified. For a stochastic sampler
+    ``noise_seeds`` are the batch's trajectory seeds: every step draws the noise the FP trajectory drew there.
     """
 
     reads_history = True
     """Marks a rollout ``phi`` that takes the group's earlier states and outputs (see ``rollout.py``)."""
 
     def __init__(self, scheduler: SchedulerMixin, start: int, n: int, history_states: Tensor | None = None,
-                 history_outputs: Tensor | None = None, **kwargs) -> None:
+                 history_outputs: Tensor | None = None, eta: float = 0.0,
+                 noise_seeds: Sequence[int] | None = None) -> None:
         num_steps = _num_steps(scheduler)
         if n < 1:
             raise ValueError(f"group size n must be >= 1, got {n}")
@@ -183,10 +167,11 @@ class SamplerSteps:
         if start + n > num_steps:
             raise ValueError(f"a group of n={n} steps from start {start} runs past the end of the schedule "
                              f"({num_steps} steps); the largest start is {num_steps - n}")
-        self.start, self.n, self.kwargs = start, n, kwargs
+        self.start, self.n, self.eta = start, n, eta
+        self.noise_seeds = None if noise_seeds is None else [int(v) for v in noise_seeds]
         self.template = copy.deepcopy(scheduler)
         self.memoryless = history_steps(scheduler) == 0
-        self.base = prime(copy.deepcopy(scheduler), start, history_states, history_outputs, **kwargs)
+        self.base = prime(copy.deepcopy(scheduler), start, history_states, history_outputs, eta, self.noise_seeds)
         self.timesteps = scheduler.timesteps[start : start + n]
         self._scalers: dict[int, SchedulerMixin] = {}
 
@@ -208,9 +193,16 @@ class SamplerSteps:
             return self.positioned(j)
         sched = copy.deepcopy(self.base)
         for i in range(j):
-            _step(sched, past_outputs[i], self.timesteps[i], past_states[i], self.kwargs)
+            _step(sched, past_outputs[i], self.timesteps[i], past_states[i], self.step_kwargs(i))
         return sched
 
     def __call__(self, j: int, x: Tensor, out: Tensor, past_states: Sequence[Tensor] = (),
                  past_outputs: Sequence[Tensor] = ()) -> Tensor:
-        return _step(self.scheduler_before(j, past_states, past_outputs), out, self.timesteps[j], x, self.kwargs)
+        return _step(self.scheduler_before(j, past_states, past_outputs), out, self.timesteps[j], x,
+                     self.step_kwargs(j))
+
+    def step_kwargs(self, j: int) -> dict:
+        """``step`` arguments of the group's step j: eta and, for a stochastic sampler, the generators that give
+        each trajectory the noise its FP trajectory drew at schedule step ``start + j`` (fresh on every call,
+        so a replayed step draws the same noise)."""
+        return _kwargs_at(self.template, self.start + j, self.eta, self.noise_seeds)

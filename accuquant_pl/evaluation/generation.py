@@ -6,13 +6,12 @@ Class- and text-conditional UNets sample with classifier-free guidance; a latent
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 from torch import Tensor
 
 from accuquant_pl.deploy.artifact import exported_scheduler_config, load_quantized
 from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec
+from accuquant_pl.diffusion.hub import model_exists
 from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet, load_vae
 from accuquant_pl.diffusion.sampling import decode_latents, initial_noise, sample
 from accuquant_pl.diffusion.schedulers import scheduler_from_config
@@ -61,7 +60,7 @@ class DiffusionSampler(L.LightningModule):
         self.scheduler = scheduler_from_config(scheduler, scheduler_config or load_scheduler_config(pretrained))
         # A quantized folder holds the UNet only: a latent model decodes with ``pretrained``'s autoencoder (a
         # quantized folder sampled without its FP folder at hand keeps working, without decoding, as before).
-        has_fp_folder = quantized is None or Path(pretrained).expanduser().exists()
+        has_fp_folder = quantized is None or model_exists(pretrained)
         self.vae = load_vae(pretrained) if decode and has_fp_folder else None
 
     @property
@@ -79,8 +78,9 @@ class DiffusionSampler(L.LightningModule):
     def generate(self, seeds: Tensor) -> Tensor:
         """The sampler's final states for ``seeds`` (latents for a latent model; see :meth:`decode`)."""
         noise = initial_noise(seeds.tolist(), self.sample_shape).to(self.device)
+        # Step noise per (seed, step) too: a stochastic sampler's samples do not depend on the batch either.
         return sample(self.unet, self.scheduler, noise, self.hparams.num_inference_steps,
-                      cond=self.conditioning(seeds), eta=self.hparams.eta)
+                      cond=self.conditioning(seeds), eta=self.hparams.eta, noise_seeds=seeds.tolist())
 
     def decode(self, samples: Tensor) -> Tensor:
         """Images from the sampler's final states: the autoencoder's decoding for a latent model, else as is."""

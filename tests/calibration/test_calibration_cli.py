@@ -92,10 +92,17 @@ def test_unknown_objective_is_named(tmp_path, tiny_model_dir, capsys):
     assert "magic" in capsys.readouterr().err
 
 
-def test_stochastic_sampler_is_rejected_for_the_rollout(tmp_path, tiny_model_dir):
-    args = [*tiny_args(tmp_path, tiny_model_dir), "--data.init_args.eta", "1.0"]
-    with pytest.raises(ValueError, match="eta=1.0"):
-        main(args)
+def test_a_stochastic_sampler_calibrates_with_mixed_start_batches(tmp_path, tiny_model_dir):
+    """DDIM eta = 1: the items carry their trajectory's noise seed through sub-batches of several starts."""
+    args = [*tiny_args(tmp_path, tiny_model_dir), "--data.init_args.eta", "1.0",
+            "--data.init_args.starts_per_batch", "2"]
+    cli = main(args)
+    assert cli.datamodule.serves_step_noise
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    for part in sub_batches(batch):
+        assert part["noise_seed"].shape == part["step_index"].shape and bool((part["eta"] == 1.0).all())
+    assert len(cli.model.done_units) == len(cli.model.unit_names)
+    assert torch.isfinite(cli.trainer.callback_metrics["calib/loss"])
 
 
 class RecordStarts(L.Callback):

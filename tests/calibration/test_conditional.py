@@ -40,6 +40,7 @@ from tests.tiny_models import (
     model_folder,
     rgb_unet,
     save_pipeline,
+    save_text_encoder,
     text_conditional_unet,
     vq_vae,
     write_prompts,
@@ -373,28 +374,10 @@ def test_encode_prompts_tool_matches_stable_diffusion_encode_prompt(tmp_path):
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
     except ImportError:
         pytest.skip("StableDiffusionPipeline does not import")
-    import json
-
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     from tools.encode_prompts import main as encode_main
 
     folder = save_pipeline(tmp_path / "sd", text_conditional_unet(), kl_vae(4), "vae", scheduler="sd")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for word in ("a", "photo", "of", "cat", "red", "car"):
-        vocab[f"{word}</w>"] = len(vocab)
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(f"{ch}</w>", len(vocab))
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=5)
-    tokenizer.save_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=5,
-                                           bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    encoder.save_pretrained(folder / "text_encoder")
+    encoder, tokenizer = save_text_encoder(folder)
     prompts = ["a photo of a cat", "red car", "a dog"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     encode_main([str(folder), str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "p.pt"), "--device", "cpu"])

@@ -1,0 +1,148 @@
+"""quantized_pipeline: the diffusers pipeline that matches an exported model, and its images equal `predict`'s for
+the same seeds and settings (tiny models with random weights, W8A8 round-to-nearest exports)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import (
+    DDIMPipeline,
+    DDPMPipeline,
+    LDMPipeline,
+    UNet2DConditionModel,
+)
+
+from accuquant_pl.deploy import export_quantized, quantized_pipeline
+from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
+from accuquant_pl.evaluation.generation import DiffusionSampler
+from accuquant_pl.quant import QuantSpec, rtn_quantize
+from tests.conftest import tiny_unet
+from tests.tiny_models import (
+    PROMPT_TOKENS,
+    TEXT_DIM,
+    kl_vae,
+    rgb_unet,
+    save_pipeline,
+    save_text_encoder,
+    text_conditional_unet,
+    vq_vae,
+)
+
+STEPS = 5
+SEEDS = [0, 1, 2]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def rtn_export(folder: Path, out: Path, record_source: bool = True) -> Path:
+    """W8A8 round-to-nearest of the folder's UNet, activation ranges from random inputs over all timesteps."""
+    unet = load_unet(folder)
+    cfg, scheduler = unet.config, load_scheduler_config(folder)
+    steps = scheduler["num_train_timesteps"]
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(4):
+        b = {"sample": torch.randn(4, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+             "timestep": torch.arange(4) * (steps // 4) + i}
+        if isinstance(unet, UNet2DConditionModel):
+            b["encoder_hidden_states"] = torch.randn(4, PROMPT_TOKENS, TEXT_DIM, generator=g)
+        if getattr(cfg, "num_class_embeds", None):
+            b["class_labels"] = torch.arange(4) % cfg.num_class_embeds
+        batches.append(b)
+    model = rtn_quantize(unet, QuantSpec(weight_bits=8, act_bits=8), batches, steps)
+    return export_quantized(model, out, scheduler_config=scheduler,
+                            source_model=str(folder) if record_source else None)
+
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def predicted(folder: Path, quantized: Path, **kwargs) -> torch.Tensor:
+    """``predict``'s images for SEEDS as (B, H, W, C) in [0, 1] (the pipelines' numpy layout)."""
+    sampler = DiffusionSampler(pretrained=str(folder), quantized=str(quantized), num_inference_steps=STEPS, **kwargs)
+    with torch.no_grad():
+        images = sampler.predict_step(torch.tensor(SEEDS), 0)
+    return ((images + 1) / 2).permute(0, 2, 3, 1)
+
+
+def assert_same_images(pipeline_images, ours: torch.Tensor) -> None:
+    theirs = torch.from_numpy(pipeline_images)
+    assert theirs.shape == ours.shape
+    # (x / 2 + 0.5) in the pipeline vs clamp to [-1, 1] then (x + 1) / 2 here: equal up to float rounding
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_pixel_unet_gives_a_ddim_pipeline_whose_images_equal_predict(tmp_path):
+    folder = save_pipeline(tmp_path / "fp", tiny_unet())
+    quantized = rtn_export(folder, tmp_path / "q", record_source=False)
+    pipe = quantized_pipeline(quantized)
+    assert type(pipe) is DDIMPipeline and type(pipe.unet).__name__ == "UNet2DModel"
+    with torch.no_grad():
+        images = pipe(batch_size=len(SEEDS), generator=generators(SEEDS), num_inference_steps=STEPS, eta=0.0,
+                      output_type="np").images
+    assert_same_images(images, predicted(folder, quantized))
+    assert type(quantized_pipeline(quantized, scheduler="ddpm")) is DDPMPipeline
+
+
+def test_latent_unet_gives_an_ldm_pipeline_that_decodes_like_predict(tmp_path):
+    folder = save_pipeline(tmp_path / "ldm", rgb_unet(channels=3), vq_vae(3), "vqvae", scheduler="ddim")
+    quantized = rtn_export(folder, tmp_path / "q")
+    pipe = quantized_pipeline(quantized)  # the autoencoder from the FP folder the export recorded
+    assert type(pipe) is LDMPipeline
+    with torch.no_grad():
+        images = pipe(batch_size=len(SEEDS), generator=generators(SEEDS), num_inference_steps=STEPS, eta=0.0,
+                      output_type="np").images
+    assert images.shape == (3, 16, 16, 3)
+    assert_same_images(images, predicted(folder, quantized))
+
+
+def test_text_unet_gives_the_stable_diffusion_pipeline_of_its_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from tests.tiny_models import SD_SCHEDULER
+
+    parts = save_pipeline(tmp_path / "parts", text_conditional_unet(), kl_vae(4), "vae", scheduler="sd")
+    encoder, tokenizer = save_text_encoder(parts)
+    fp = StableDiffusionPipeline(vae=kl_vae(4), text_encoder=encoder, tokenizer=tokenizer, unet=load_unet(parts),
+                                 scheduler=DDIMScheduler(num_train_timesteps=100, **SD_SCHEDULER),
+                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    folder = tmp_path / "sd"
+    fp.save_pretrained(folder)  # a pipeline folder with model_index.json
+    quantized = rtn_export(folder, tmp_path / "q")
+    pipe = quantized_pipeline(quantized)
+    assert type(pipe) is StableDiffusionPipeline
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel" and pipe.unet is not fp.unet
+    prompts = ["a photo of a cat", "red car", "a cat"]
+    cond, uncond = pipe.encode_prompt(prompts, torch.device("cpu"), 1, True, negative_prompt=[""] * 3)
+    torch.save({"cond": cond, "uncond": uncond[:1], "prompts": prompts}, tmp_path / "p.pt")
+    with torch.no_grad():
+        images = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=3.0,
+                      num_inference_steps=STEPS, eta=0.0, generator=generators(SEEDS), output_type="np").images
+    ours = predicted(folder, quantized, conditioning={"prompt_embeddings": str(tmp_path / "p.pt"),
+                                                      "guidance_scale": 3.0})
+    assert_same_images(images, ours)
+
+
+def test_the_recorded_fp_folder_must_exist_or_be_given(tmp_path):
+    folder = save_pipeline(tmp_path / "ldm", rgb_unet(channels=3), vq_vae(3), "vqvae", scheduler="ddim")
+    quantized = rtn_export(folder, tmp_path / "q")
+    moved = folder.rename(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match=r"the FP model .*ldm' that .* pass quantized_pipeline\(folder, pretrained="):
+        quantized_pipeline(quantized)
+    assert type(quantized_pipeline(quantized, pretrained=moved)) is LDMPipeline
+
+
+def test_models_without_a_diffusers_pipeline_are_named(tmp_path):
+    folder = save_pipeline(tmp_path / "class", rgb_unet(channels=3, num_class_embeds=4))
+    with pytest.raises(TypeError, match="class-conditional UNet2DModel has no diffusers pipeline"):
+        quantized_pipeline(rtn_export(folder, tmp_path / "q"))
+    text = save_pipeline(tmp_path / "text", text_conditional_unet(), kl_vae(4), "vae", scheduler="sd")
+    with pytest.raises(TypeError, match="text_encoder/ and tokenizer/"):
+        quantized_pipeline(rtn_export(text, tmp_path / "q2"))
