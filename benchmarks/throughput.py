@@ -49,7 +49,7 @@ from memory_vs_group_size import _proc_status_kb, _reset_rss_peak, cifar_unet  #
 
 from accuquant_pl.calibration.memory import LiveTensorBytes  # noqa: E402
 from accuquant_pl.calibration.objectives import accuquant_step, per_step_loss  # noqa: E402
-from accuquant_pl.quant import (
+from accuquant_pl.quant import (  # noqa: E402
     QuantSpec,
     adaround_regularizer,
     calibrate_activations,
