@@ -30,10 +30,13 @@ class SampleGrid(L.Callback):
         unet = pl_module.unet
         scheduler = DDIMScheduler.from_config(pl_module.noise_scheduler.config)
         shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        noise = initial_noise(range(self.first_seed, self.first_seed + self.num_samples), shape).to(pl_module.device)
+        seeds = torch.arange(self.first_seed, self.first_seed + self.num_samples)
+        noise = initial_noise(seeds.tolist(), shape).to(pl_module.device)
+        describe = getattr(pl_module, "sample_conditioning", None)  # a class-conditional teacher's labels
+        cond = describe(seeds) if callable(describe) else None
         was_training = unet.training
         unet.eval()
-        images = sample(unet, scheduler, noise, self.steps)
+        images = sample(unet, scheduler, noise, self.steps, cond=cond)
         unet.train(was_training)
         return make_grid(images)
 

@@ -31,7 +31,7 @@ from accuquant_pl.deploy.model import (
     load_deployed_state,
     set_execution,
 )
-from accuquant_pl.diffusion.loading import SUPPORTED_UNETS, UNet
+from accuquant_pl.diffusion.loading import SUPPORTED_DENOISERS, Denoiser
 from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, readable_directory, sha256_file
 from accuquant_pl.quant.convert import DEFAULT_TRAIN_TIMESTEPS, SPEC_ATTR
 from accuquant_pl.quant.spec import QuantSpec
@@ -126,9 +126,9 @@ def _unet_class(folder: Path) -> tuple[type[nn.Module], dict[str, Any]]:
     config_file = folder / UNET_CONFIG
     config = _read_json(config_file)
     cls_name = config.get("_class_name")
-    if cls_name not in SUPPORTED_UNETS:
-        raise ValueError(f"{config_file}: {cls_name!r} is not a supported UNet ({sorted(SUPPORTED_UNETS)})")
-    return SUPPORTED_UNETS[cls_name], config
+    if cls_name not in SUPPORTED_DENOISERS:
+        raise ValueError(f"{config_file}: {cls_name!r} is not a supported denoiser ({sorted(SUPPORTED_DENOISERS)})")
+    return SUPPORTED_DENOISERS[cls_name], config
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -168,7 +168,7 @@ def _load_packed(folder: Path, qmap: dict[str, Any], execution: str) -> nn.Modul
     return model
 
 
-def load_quantized(folder: str | Path, execution: str = "dequant") -> UNet:
+def load_quantized(folder: str | Path, execution: str = "dequant") -> Denoiser:
     """The quantized UNet of an exported folder, in eval mode without gradients; a drop-in ``unet`` for
     diffusers pipelines (``DDIMPipeline(unet=..., scheduler=...)``, or a conditional pipeline's ``unet``).
 

@@ -3,7 +3,7 @@ sampling loop, and the digits teacher's pretraining module."""
 
 from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec, load_prompt_embeddings
 from accuquant_pl.diffusion.loading import inspect_model_folder, load_scheduler_config, load_unet, load_vae
-from accuquant_pl.diffusion.pretraining import DiffusionPretraining
+from accuquant_pl.diffusion.pretraining import DiffusionPretraining, DiTPretraining
 from accuquant_pl.diffusion.sampling import initial_noise, model_output, network_inputs, sample
 from accuquant_pl.diffusion.schedulers import SCHEDULERS, scheduler_from_config
 
@@ -12,6 +12,7 @@ __all__ = [
     "Conditioning",
     "ConditioningSpec",
     "DiffusionPretraining",
+    "DiTPretraining",
     "initial_noise",
     "inspect_model_folder",
     "load_prompt_embeddings",

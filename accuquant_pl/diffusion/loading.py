@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import (
+    AutoencoderKL,
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+    VQModel,
+)
 
 from accuquant_pl.diffusion.hub import resolve_model_path
 
@@ -16,7 +23,15 @@ SUPPORTED_UNETS: dict[str, type] = {
     "UNet2DModel": UNet2DModel,
     "UNet2DConditionModel": UNet2DConditionModel,
 }
+SUPPORTED_TRANSFORMERS: dict[str, type] = {
+    "DiTTransformer2DModel": DiTTransformer2DModel,  # facebook/DiT-XL-2-*: pipeline component ``transformer``
+    "PixArtTransformer2DModel": PixArtTransformer2DModel,  # PixArt-alpha / sigma
+}
+SUPPORTED_DENOISERS: dict[str, type] = {**SUPPORTED_UNETS, **SUPPORTED_TRANSFORMERS}
+"""Every denoiser class this project calibrates: the diffusers UNets and the transformer denoisers."""
+DENOISER_SUBFOLDERS = ("unet", "transformer")
 UNet = UNet2DModel | UNet2DConditionModel
+Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | PixArtTransformer2DModel
 SUPPORTED_VAES: dict[str, type] = {
     "AutoencoderKL": AutoencoderKL,  # Stable Diffusion, LDM-KL: pipeline component ``vae``
     "VQModel": VQModel,  # LDM-4/8 (CompVis/ldm-*): pipeline component ``vqvae``
@@ -31,6 +46,7 @@ class ModelFolder:
 
     root: Path
     unet_dir: Path
+    """The denoiser's folder: ``unet/`` or ``transformer/`` of a pipeline folder, or the root."""
     unet_class: str
     scheduler_config: dict[str, Any] | None
     vae_dir: Path | None = None
@@ -65,18 +81,18 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"model folder {str(path)!r} is a file, expected a diffusers folder")
-    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    unet_dir = next((root / name for name in DENOISER_SUBFOLDERS if (root / name / "config.json").is_file()), root)
     config_file = unet_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"model folder {str(path)!r} has neither unet/config.json nor config.json; "
+            f"model folder {str(path)!r} has neither unet/config.json, transformer/config.json nor config.json; "
             "expected a diffusers save_pretrained folder"
         )
     unet_class = _read_json(config_file).get("_class_name")
-    if unet_class not in SUPPORTED_UNETS:
+    if unet_class not in SUPPORTED_DENOISERS:
         raise ValueError(
-            f"model folder {str(path)!r}: {config_file.name} describes {unet_class!r}, not a UNet; "
-            f"supported: {sorted(SUPPORTED_UNETS)}"
+            f"model folder {str(path)!r}: {config_file.relative_to(root)} describes {unet_class!r}, not a supported "
+            f"denoiser; supported: {sorted(SUPPORTED_DENOISERS)}"
         )
     if not any(unet_dir.glob("diffusion_pytorch_model*")):
         raise FileNotFoundError(f"model folder {str(path)!r}: no diffusion_pytorch_model weights in {unet_dir}")
@@ -105,10 +121,10 @@ def _inspect_vae(root: Path, path: str | Path) -> tuple[Path | None, str | None]
     return None, None
 
 
-def load_unet(path: str | Path) -> UNet:
-    """Load the UNet of a diffusers folder in eval mode, with gradients off."""
+def load_unet(path: str | Path) -> Denoiser:
+    """Load the denoiser (UNet or transformer) of a diffusers folder in eval mode, with gradients off."""
     folder = inspect_model_folder(path)
-    unet = SUPPORTED_UNETS[folder.unet_class].from_pretrained(folder.unet_dir, low_cpu_mem_usage=False)
+    unet = SUPPORTED_DENOISERS[folder.unet_class].from_pretrained(folder.unet_dir, low_cpu_mem_usage=False)
     unet.eval().requires_grad_(False)
     return unet
 

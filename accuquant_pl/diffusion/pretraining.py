@@ -1,4 +1,5 @@
-"""Train the full-precision DDPM teacher (epsilon prediction) as a LightningModule."""
+"""Train the full-precision DDPM teachers (epsilon prediction) as LightningModules: the digits UNet and the
+class-conditional digits DiT."""
 
 from __future__ import annotations
 
@@ -7,12 +8,63 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
-from torch import Tensor
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+from torch import Tensor, nn
+
+from accuquant_pl.diffusion.conditioning import Conditioning
 
 
-class DiffusionPretraining(L.LightningModule):
-    """A diffusers ``UNet2DModel`` trained with the DDPM noise-prediction loss."""
+class NoisePredictionTraining(L.LightningModule):
+    """The DDPM noise-prediction loss, the validation loss on fixed noise and the AdamW + cosine schedule shared by
+    the teachers. A subclass builds ``self.unet`` (the denoiser; ``ExportDiffusers`` saves it) and
+    ``self.noise_scheduler`` and says how the denoiser is called (:meth:`denoise`)."""
+
+    unet: nn.Module
+    noise_scheduler: DDPMScheduler
+
+    def denoise(self, noisy: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sample_conditioning(self, seeds: Tensor) -> Conditioning | None:
+        """What the sample of each seed is conditioned on when the teacher samples (None: unconditional)."""
+        return None
+
+    def _loss(self, images: Tensor, labels: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
+        return F.mse_loss(self.denoise(noisy, timesteps, labels), noise)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch[0], batch[1]
+        noise = torch.randn_like(images)
+        t = torch.randint(0, self.hparams.num_train_timesteps, (images.shape[0],), device=images.device)
+        loss = self._loss(images, labels, noise, t)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch[0], batch[1]
+        gen = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
+        noise = torch.randn(images.shape, generator=gen).to(images)
+        t = torch.randint(0, self.hparams.num_train_timesteps, (images.shape[0],), generator=gen).to(images.device)
+        self.log("val/loss", self._loss(images, labels, noise, t), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.learning_rate,
+                                weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.hparams.warmup_steps, total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class DiffusionPretraining(NoisePredictionTraining):
+    """A diffusers ``UNet2DModel`` (unconditional) trained with the DDPM noise-prediction loss."""
 
     def __init__(
         self,
@@ -68,35 +120,62 @@ class DiffusionPretraining(L.LightningModule):
         )
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
 
-    def _loss(self, images: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
-        return F.mse_loss(self.unet(noisy, timesteps).sample, noise)
+    def denoise(self, noisy: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
+        return self.unet(noisy, timesteps).sample
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images = batch[0]
-        noise = torch.randn_like(images)
-        t = torch.randint(0, self.hparams.num_train_timesteps, (images.shape[0],), device=images.device)
-        loss = self._loss(images, noise, t)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        images = batch[0]
-        gen = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
-        noise = torch.randn(images.shape, generator=gen).to(images)
-        t = torch.randint(0, self.hparams.num_train_timesteps, (images.shape[0],), generator=gen).to(images.device)
-        self.log("val/loss", self._loss(images, noise, t), prog_bar=True, sync_dist=True)
+class DiTPretraining(NoisePredictionTraining):
+    """A class-conditional diffusers ``DiTTransformer2DModel`` trained with the DDPM noise-prediction loss.
 
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.learning_rate,
-                                weight_decay=self.hparams.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.hparams.warmup_steps, total)
+    Its timestep/class embedding drops the label to the null class (id ``num_classes``) for 10 % of the training
+    samples (diffusers' ``LabelEmbedding``), so the teacher also samples with classifier-free guidance."""
 
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+    def __init__(
+        self,
+        sample_size: int = 16,
+        in_channels: int = 1,
+        patch_size: int = 2,
+        num_layers: int = 6,
+        num_attention_heads: int = 4,
+        attention_head_dim: int = 24,
+        num_classes: int = 10,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "squaredcos_cap_v2",
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 200,
+        val_seed: int = 1234,
+    ) -> None:
+        """
+        Args:
+            sample_size: image side in pixels (a multiple of patch_size).
+            in_channels: image channels (1 for the digits).
+            patch_size: side of the square patches that become tokens.
+            num_layers: transformer blocks.
+            num_attention_heads: attention heads per block.
+            attention_head_dim: channels per head (the width is heads x head dim).
+            num_classes: class labels; id ``num_classes`` is the unconditional (null) class.
+            num_train_timesteps: diffusion steps of the DDPM forward process.
+            beta_schedule: diffusers beta schedule name (linear, scaled_linear, squaredcos_cap_v2).
+            learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to 0 over the run).
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear warm-up steps.
+            val_seed: seed of the fixed noise and timesteps of the validation loss (so runs compare).
+        """
+        super().__init__()
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size {sample_size} is not a multiple of patch_size {patch_size}")
+        self.save_hyperparameters()
+        self.unet = DiTTransformer2DModel(
+            num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=in_channels,
+            out_channels=in_channels, num_layers=num_layers, sample_size=sample_size, patch_size=patch_size,
+            num_embeds_ada_norm=num_classes, norm_num_groups=1,
+        )
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def denoise(self, noisy: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
+        return self.unet(noisy, timesteps, class_labels=labels).sample
+
+    def sample_conditioning(self, seeds: Tensor) -> Conditioning | None:
+        """Sample i is of class ``i % num_classes`` (the rule of ``ConditioningSpec(class_labels=[0..9])``)."""
+        return Conditioning(class_labels=(seeds % self.hparams.num_classes).to(self.device))

@@ -12,6 +12,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
 from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.loading import SUPPORTED_TRANSFORMERS
 from accuquant_pl.diffusion.noise import step_generators, step_kwargs
 
 
@@ -54,18 +55,32 @@ def network_inputs(unet: nn.Module | None, x: Tensor, t: Tensor | int, cond: Con
         inputs.update(cond.kwargs())
     if "encoder_hidden_states" not in inputs and _needs_encoder_states(unet):
         inputs["encoder_hidden_states"] = None
+    if is_transformer(unet):
+        # The transformers name their input hidden_states and embed one timestep per sample (1-D).
+        inputs["hidden_states"] = inputs.pop("sample")
+        t = torch.as_tensor(inputs["timestep"], device=x.device)
+        if t.ndim == 0:
+            inputs["timestep"] = t.reshape(1).expand(inputs["hidden_states"].shape[0])
     return inputs
+
+
+def is_transformer(unet: nn.Module | None) -> bool:
+    """Whether ``unet`` is a transformer denoiser (DiT, PixArt): input ``hidden_states``, per-sample timesteps and,
+    with a learned variance, twice the input's channels out."""
+    return unet is not None and type(unet).__name__ in SUPPORTED_TRANSFORMERS
 
 
 def model_output(unet: nn.Module, x: Tensor, t: Tensor | int, cond: Conditioning | None = None) -> Tensor:
     """The UNet's prediction that the sampler steps on, with classifier-free guidance when ``cond`` asks for it:
     eps_u + s (eps_c - eps_u), from one batched forward over [uncond, cond] as the diffusers pipelines do it."""
-    inputs = network_inputs(unet, x, t, cond)
-    out = unet(inputs.pop("sample"), inputs.pop("timestep"), **inputs).sample
-    if cond is None or not cond.guided:
-        return out
-    out_u, out_c = out.chunk(2)
-    return out_u + cond.guidance_scale * (out_c - out_u)
+    out = unet(**network_inputs(unet, x, t, cond)).sample
+    if cond is not None and cond.guided:
+        out_u, out_c = out.chunk(2)
+        out = out_u + cond.guidance_scale * (out_c - out_u)
+    if is_transformer(unet) and out.shape[1] == 2 * x.shape[1]:
+        # A learned variance (DiT, PixArt): the sampler steps on the eps half, as DiTPipeline / PixArt do.
+        out = out[:, : x.shape[1]]
+    return out
 
 
 @torch.no_grad()

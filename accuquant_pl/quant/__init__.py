@@ -8,7 +8,7 @@ from .layers import QuantConv2d, QuantLinear, harden, layer_biases, quantized_la
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .spec import ActQuantConfig, LayerOverride, LayerQuantConfig, QuantSpec, WeightQuantConfig
 from .state import adaround_regularizer, quant_state, set_quant_state, unit_parameters
-from .unet import reconstruction_units
+from .structure import reconstruction_units
 
 __all__ = [
     "ActQuantConfig",

@@ -17,8 +17,8 @@ from .layers import QUANT_LAYERS, harden
 from .quantizers import ActivationQuantizer
 from .spec import LayerOverride, LayerQuantConfig, QuantSpec
 from .state import observing
+from .structure import check_unet, first_last_layers, is_transformer, skip_split_points
 from .timesteps import attach_timestep_router
-from .unet import FIRST_LAST_LAYERS, INPUT_LAYER, check_unet, skip_split_points
 
 SPEC_ATTR = "accuquant_spec"
 """Attribute under which :func:`quantize` records the spec on the model (read by serialization)."""
@@ -59,18 +59,22 @@ def plan_layers(model: nn.Module, spec: QuantSpec, num_train_timesteps: int = DE
     ``num_train_timesteps`` resolves ``spec.act_timestep_groups`` (a spec with explicit boundaries needs none)."""
     check_unet(model)
     spec = spec.resolved(num_train_timesteps)
-    splits = skip_split_points(model) if spec.split_skip else {}
+    if is_transformer(model) and spec.split_skip is True:
+        raise ValueError(f"quant.split_skip is a UNet option (its skip concatenations); {type(model).__name__} has "
+                         "none: leave split_skip unset")
+    splits = skip_split_points(model) if spec.split_skip is not False else {}
+    input_layer, output_layer = first_last_layers(model)
     used: set[int] = set()
     layers: dict[str, LayerQuantConfig] = {}
     processors: dict[str, Any] = {}
     for name, module in model.named_modules():
         if type(module) in QUANT_LAYERS:
             base = (spec.weight_bits, spec.act_bits)
-            if name in FIRST_LAST_LAYERS and spec.first_last_bits is not None:
+            if name in (input_layer, output_layer) and spec.first_last_bits is not None:
                 # Higher precision for the first and last layers where the rest is quantized: a float (16-bit)
                 # tensor, e.g. every activation of a weight-only W4A16 spec, stays float.
                 base = tuple(b if is_off(b) else spec.first_last_bits for b in base)
-            if name == INPUT_LAYER and spec.input_bits is not None:
+            if name == input_layer and spec.input_bits is not None:
                 base = (base[0], spec.input_bits)
             w_bits, a_bits = _resolve_bits(name, spec, base, used)
             layers[name] = LayerQuantConfig(spec.weight_config(w_bits), spec.act_config(a_bits), splits.get(name))
@@ -124,10 +128,12 @@ def quantize(model: nn.Module, spec: QuantSpec, num_train_timesteps: int = DEFAU
     return model
 
 
-def _forward_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
+def _forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     batch = dict(batch)
     if "x" in batch:  # alias used by the data module
         batch["sample"] = batch.pop("x")
+    if is_transformer(model) and "sample" in batch:  # the transformers' name for it
+        batch["hidden_states"] = batch.pop("sample")
     return batch
 
 
@@ -143,7 +149,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[dict[str, Any]], m
         for q in quantizers:
             q.reset_observations()
         for batch in batches:
-            model(**_forward_kwargs(batch))
+            model(**_forward_kwargs(model, batch))
     missing = [q.name if q.num_groups == 1 else f"{q.name} timestep {q.group_range(g)}"
                for q in quantizers for g in q.unobserved_groups()]
     if missing:

@@ -10,17 +10,15 @@ from torch import nn
 
 from .attention import QuantAttnProcessor
 from .layers import quantized_layers
-from .unet import FIRST_LAST_LAYERS, INPUT_LAYER
-
-OUTPUT_LAYER = FIRST_LAST_LAYERS[1]
+from .structure import first_last_layers
 
 
-def _layer_kinds(name: str, layer: nn.Module) -> tuple[str, str]:
+def _layer_kinds(name: str, layer: nn.Module, first_last: tuple[str, str]) -> tuple[str, str]:
     """(weight kind, input kind) of a quantized layer."""
-    if name == INPUT_LAYER:
-        return "conv_in weight", "network input x_t (conv_in input)"
-    if name == OUTPUT_LAYER:
-        return "conv_out weight", "conv_out input"
+    if name == first_last[0]:
+        return f"{name} weight", f"network input x_t ({name} input)"
+    if name == first_last[1]:
+        return f"{name} weight", f"{name} input"
     kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
     inputs = "skip-concat conv inputs (two ranges)" if getattr(layer, "input_quantizer_skip", None) is not None \
         else f"other {kind} inputs"
@@ -30,8 +28,9 @@ def _layer_kinds(name: str, layer: nn.Module) -> tuple[str, str]:
 def quantized_tensor_bits(model: nn.Module) -> dict[str, list[int]]:
     """``{tensor kind: sorted distinct bit widths}`` over the whole model (16 means kept in float)."""
     found: dict[str, set[int]] = {}
+    first_last = first_last_layers(model)
     for name, layer in quantized_layers(model):
-        weight_kind, input_kind = _layer_kinds(name, layer)
+        weight_kind, input_kind = _layer_kinds(name, layer, first_last)
         found.setdefault(weight_kind, set()).add(layer.weight_quantizer.bits)
         found.setdefault(input_kind, set()).add(layer.input_quantizer.bits)
         skip = getattr(layer, "input_quantizer_skip", None)

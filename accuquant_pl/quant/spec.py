@@ -110,8 +110,9 @@ class QuantSpec:
     """AdaRound weight quantizers (learned rounding) instead of round-to-nearest."""
     quantize_attention_matmuls: bool = True
     """Quantize the operands of QK^T and softmax-V through a quantizing attention processor."""
-    split_skip: bool = True
-    """Separate activation quantizers for the two halves of concatenated skip connections."""
+    split_skip: bool | None = None
+    """UNets: separate activation quantizers for the two halves of concatenated skip connections (None: on; a
+    transformer has no skip concatenations and refuses True)."""
     mse_grid: int = 80
     """Number of clipping ratios tried by MSE initialisation."""
     act_max_samples: int = 65536

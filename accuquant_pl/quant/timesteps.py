@@ -35,8 +35,11 @@ class TimestepRouter:
 
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Forward pre-hook: record ``timestep`` (the second positional argument of the diffusers denoisers)."""
-        sample = kwargs["sample"] if "sample" in kwargs else (args[0] if args else None)
+        given = kwargs.get("sample", kwargs.get("hidden_states"))  # UNets' and transformers' names of x_t
+        sample = given if given is not None else (args[0] if args else None)
         timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+        if type(module).__name__ == "PixArtTransformer2DModel" and "timestep" not in kwargs:
+            timestep = args[2] if len(args) > 2 else None  # forward(hidden_states, encoder_hidden_states, timestep)
         if timestep is None or sample is None:
             raise ValueError(f"{type(module).__name__} has timestep-grouped activation ranges: its forward needs "
                              "`sample` and `timestep`")

@@ -21,7 +21,7 @@ from accuquant_pl.quant import (
     quantized_layers,
     rtn_quantize,
 )
-from accuquant_pl.quant.unet import skip_split_points
+from accuquant_pl.quant.structure import skip_split_points
 
 MODELS = {"unet": (make_unet, False), "cond_unet": (make_cond_unet, True)}
 # Random-init tiny UNets pass relative noise of ~1% per 8-bit quantized tensor almost undamped to the

@@ -1,25 +1,47 @@
-"""Structural knowledge of diffusers UNets: skip-concat split points, first/last layers, reconstruction units.
+"""Structural knowledge of diffusers denoisers: first/last layers, skip-concat split points, reconstruction units.
 
-Everything is derived from the model's config and module tree, never from a forward pass.
+UNets (``UNet2DModel``, ``UNet2DConditionModel``) and transformer denoisers (``DiTTransformer2DModel``,
+``PixArtTransformer2DModel``). Everything is derived from the model's config and module tree, never from a
+forward pass.
 """
 
 from __future__ import annotations
 
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 SUPPORTED_UNETS = (UNet2DModel, UNet2DConditionModel)
+SUPPORTED_TRANSFORMERS = (DiTTransformer2DModel, PixArtTransformer2DModel)
 FIRST_LAST_LAYERS = ("conv_in", "conv_out")
 INPUT_LAYER = "conv_in"
 """The layer whose input activation is the network input (the sampler state x_t)."""
 # Top-level modules that run before conv_in, in UNet2DConditionModel.forward / UNet2DModel.forward order.
 _EMBEDDINGS = ("time_embedding", "class_embedding", "add_embedding", "encoder_hid_proj")
+# Transformers: the patch embedding's convolution sees x_t; the last projection writes the output.
+_TRANSFORMER_INPUT = "pos_embed.proj"
+_TRANSFORMER_OUTPUT = {DiTTransformer2DModel: "proj_out_2", PixArtTransformer2DModel: "proj_out"}
+# Top-level modules of the transformers in forward order, the blocks (``transformer_blocks``) in between.
+_BEFORE_BLOCKS = ("pos_embed", "adaln_single", "caption_projection")
+_AFTER_BLOCKS = ("proj_out_1", "proj_out_2", "proj_out")
+
+
+def is_transformer(model: nn.Module) -> bool:
+    return isinstance(model, SUPPORTED_TRANSFORMERS)
 
 
 def check_unet(model: nn.Module) -> None:
-    """Raise ``TypeError`` unless ``model`` is a supported diffusers UNet."""
-    if not isinstance(model, SUPPORTED_UNETS):
-        raise TypeError(f"expected one of {[c.__name__ for c in SUPPORTED_UNETS]}, got {type(model).__name__}")
+    """Raise ``TypeError`` unless ``model`` is a supported diffusers denoiser (a UNet or a transformer)."""
+    if not isinstance(model, SUPPORTED_UNETS + SUPPORTED_TRANSFORMERS):
+        supported = [c.__name__ for c in SUPPORTED_UNETS + SUPPORTED_TRANSFORMERS]
+        raise TypeError(f"expected one of {supported}, got {type(model).__name__}")
+
+
+def first_last_layers(model: nn.Module) -> tuple[str, str]:
+    """(the layer whose input is the network input x_t, the layer that writes the network output)."""
+    check_unet(model)
+    if is_transformer(model):
+        return _TRANSFORMER_INPUT, _TRANSFORMER_OUTPUT[type(model)]
+    return FIRST_LAST_LAYERS
 
 
 def skip_split_points(model: nn.Module) -> dict[str, int]:
@@ -31,6 +53,8 @@ def skip_split_points(model: nn.Module) -> dict[str, int]:
     Only ``conv_shortcut`` sees the raw concatenation (conv1 sees it after GroupNorm + activation).
     """
     check_unet(model)
+    if is_transformer(model):
+        return {}  # no skip concatenations
     rev = list(reversed(model.config.block_out_channels))
     points: dict[str, int] = {}
     for b, block in enumerate(model.up_blocks):
@@ -82,6 +106,8 @@ def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     (conv_norm_out has nothing to quantize). Units without parameters are left out.
     """
     check_unet(model)
+    if is_transformer(model):
+        return _transformer_units(model)
     units = [(n, getattr(model, n)) for n in _EMBEDDINGS if getattr(model, n, None) is not None]
     units.append(("conv_in", model.conv_in))
     for b, block in enumerate(model.down_blocks):
@@ -91,4 +117,15 @@ def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for b, block in enumerate(model.up_blocks):
         units += _block_units(f"up_blocks.{b}", block)
     units.append(("conv_out", model.conv_out))
+    return [(n, m) for n, m in units if any(True for _ in m.parameters())]
+
+
+
+def _transformer_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A transformer's units: the patch embedding (and PixArt's timestep and caption embeddings), each transformer
+    block in order, then the output projections. DiT's blocks each hold their own timestep/class (adaLN)
+    embedding; its final modulation reuses the first block's, calibrated with that block."""
+    units = [(n, getattr(model, n)) for n in _BEFORE_BLOCKS if getattr(model, n, None) is not None]
+    units += [(f"transformer_blocks.{i}", block) for i, block in enumerate(model.transformer_blocks)]
+    units += [(n, getattr(model, n)) for n in _AFTER_BLOCKS if isinstance(getattr(model, n, None), nn.Module)]
     return [(n, m) for n, m in units if any(True for _ in m.parameters())]
