@@ -145,3 +145,39 @@ def save_text_encoder(folder: Path, seed: int = 0) -> tuple[nn.Module, object]:
                                            pad_token_id=1)).eval()
     encoder.save_pretrained(folder / "text_encoder")
     return encoder, tokenizer
+
+
+def tiny_dit(sample_size: int = 8, channels: int = 1, num_classes: int = 10, learned_sigma: bool = False,
+             seed: int = 0) -> nn.Module:
+    """DiTTransformer2DModel: 2 blocks, width 16, patch 2, class-conditional (adaLN-Zero; null class =
+    num_classes); ``learned_sigma``: twice the input channels out, as facebook/DiT-XL-2 predicts a variance."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=channels,
+        out_channels=2 * channels if learned_sigma else channels, num_layers=2, sample_size=sample_size,
+        patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=1,
+    )
+
+
+def tiny_pixart(channels: int = 4, seed: int = 0) -> nn.Module:
+    """PixArtTransformer2DModel: 2 blocks, width 16, cross-attention on TEXT_DIM prompt embeddings, learned sigma."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=channels, out_channels=2 * channels, num_layers=2,
+        sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=TEXT_DIM, norm_num_groups=1,
+    )
+
+
+def save_transformer_folder(folder: Path, transformer: nn.Module, vae: nn.Module | None = None,
+                            scheduler: str = "ddpm") -> Path:
+    """A pipeline folder with ``transformer/``, ``scheduler/`` and, for a latent model, ``vae/``."""
+    transformer.save_pretrained(folder / "transformer")
+    (DDPMScheduler if scheduler == "ddpm" else DDIMScheduler)(num_train_timesteps=100).save_pretrained(
+        folder / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(folder / "vae")
+    return folder

@@ -89,6 +89,18 @@ def check_map_against_model(model: nn.Module, layers: dict[str, Any], processors
                          f"{' ...' if len(wrong) > 5 else ''}")
 
 
+def _compute_buffers(model: nn.Module, cls: type[nn.Module], config: dict[str, Any]) -> None:
+    """Fill the non-persistent buffers of a meta-device model, which ``__init__`` computes and no file holds (DiT's
+    and PixArt's sin-cos position table), from a CPU instance of the class. UNets have none: nothing is built."""
+    missing = [(name, buf) for name, mod in model.named_modules() for buf in mod._non_persistent_buffers_set
+               if getattr(mod, buf) is not None and getattr(mod, buf).is_meta]
+    if not missing:
+        return
+    reference = cls.from_config(config)  # transient float copy; its buffers are what __init__ computes
+    for name, buf in missing:
+        model.get_submodule(name).register_buffer(buf, getattr(reference.get_submodule(name), buf), persistent=False)
+
+
 def build_deployed(unet_cls: type[nn.Module], config: dict[str, Any], layers: dict[str, Any],
                    processors: dict[str, Any], spec: QuantSpec | None = None) -> nn.Module:
     """The deployed structure of ``unet_cls(config)`` on the meta device (load tensors with
@@ -96,6 +108,7 @@ def build_deployed(unet_cls: type[nn.Module], config: dict[str, Any], layers: di
     any that is not what ``spec`` plans for it (:func:`check_map_against_model`)."""
     with torch.device("meta"):
         model = unet_cls.from_config(config)
+    _compute_buffers(model, unet_cls, config)
     check_map_against_model(model, layers, processors, spec)
     # Processors first: installing one reads its attention's to_q device, still a plain meta Linear here.
     for pname, entry in processors.items():

@@ -11,6 +11,8 @@ from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
     DiffusionPipeline,
+    DiTPipeline,
+    DiTTransformer2DModel,
     LDMPipeline,
     SchedulerMixin,
     UNet2DConditionModel,
@@ -76,6 +78,12 @@ def _assembled(root: Path | None, denoiser: nn.Module, scheduler: SchedulerMixin
                             "folder with vae/, text_encoder/ and tokenizer/ (or use `predict` with prompt "
                             "embeddings)")
         return _stable_diffusion(root, denoiser, scheduler)
+    if isinstance(denoiser, DiTTransformer2DModel):
+        vae = load_vae(root) if root is not None else None
+        if vae is None:
+            raise TypeError("DiTPipeline needs the latent model's autoencoder: pass pretrained= the FP folder with "
+                            "vae/ (a pixel-space DiT has no diffusers pipeline: sample it with `predict`)")
+        return DiTPipeline(transformer=denoiser, vae=vae, scheduler=scheduler)
     if not isinstance(denoiser, UNet2DModel):
         raise TypeError(f"no diffusers pipeline for a quantized {type(denoiser).__name__} without the FP pipeline "
                         "folder's model_index.json; pass pretrained=")
@@ -112,7 +120,8 @@ def quantized_pipeline(folder: str | Path, pretrained: str | Path | None = None,
     export recorded): a pipeline folder with ``model_index.json`` gives its own pipeline class
     (``DiffusionPipeline.from_pretrained``: LDMPipeline, StableDiffusionPipeline, DiTPipeline, PixArt, ...);
     component folders give ``DDIMPipeline`` / ``DDPMPipeline`` for a pixel UNet, ``LDMPipeline`` for a UNet with
-    ``vae/`` or ``vqvae/``, ``StableDiffusionPipeline`` for a text UNet with ``text_encoder/`` and ``tokenizer/``.
+    ``vae/`` or ``vqvae/``, ``StableDiffusionPipeline`` for a text UNet with ``text_encoder/`` and ``tokenizer/``,
+    ``DiTPipeline`` for a DiT with ``vae/``.
 
     Args:
         folder: an ``ExportQuantized`` folder.

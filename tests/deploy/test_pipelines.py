@@ -146,3 +146,34 @@ def test_models_without_a_diffusers_pipeline_are_named(tmp_path):
     text = save_pipeline(tmp_path / "text", text_conditional_unet(), kl_vae(4), "vae", scheduler="sd")
     with pytest.raises(TypeError, match="text_encoder/ and tokenizer/"):
         quantized_pipeline(rtn_export(text, tmp_path / "q2"))
+
+
+def test_latent_dit_gives_a_dit_pipeline_whose_guided_images_equal_predict(tmp_path):
+    from diffusers import DiTPipeline
+
+    from accuquant_pl.diffusion import ConditioningSpec
+    from tests.tiny_models import save_transformer_folder, tiny_dit
+
+    # DiTPipeline's unconditional class is 1000 (ImageNet's null class): 1000 labels, learned sigma, 4 latent channels
+    folder = save_transformer_folder(tmp_path / "dit", tiny_dit(channels=4, num_classes=1000, learned_sigma=True),
+                                     kl_vae(4), scheduler="ddim")
+    quantized = rtn_dit_export(folder, tmp_path / "q")
+    pipe = quantized_pipeline(quantized)
+    assert type(pipe) is DiTPipeline and type(pipe.transformer).__name__ == "DiTTransformer2DModel"
+    labels = [3, 7, 1]
+    with torch.no_grad():
+        images = pipe(class_labels=labels, guidance_scale=2.0, generator=generators(SEEDS), num_inference_steps=STEPS,
+                      output_type="np").images
+    ours = predicted(folder, quantized, conditioning=ConditioningSpec(class_labels=labels, uncond_class_label=1000,
+                                                                      guidance_scale=2.0))
+    # DiTPipeline batches [cond, uncond], predict [uncond, cond]: equal up to float rounding
+    torch.testing.assert_close(ours, torch.from_numpy(images), rtol=0, atol=1e-5)
+
+
+def rtn_dit_export(folder: Path, out: Path) -> Path:
+    transformer = load_unet(folder)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"sample": torch.randn(4, 4, 8, 8, generator=g), "timestep": torch.arange(4) * 25 + i,
+                "class_labels": torch.tensor([0, 3, 7, 1000])} for i in range(4)]
+    model = rtn_quantize(transformer, QuantSpec(weight_bits=8, act_bits=8), batches, 100)
+    return export_quantized(model, out, scheduler_config=load_scheduler_config(folder), source_model=str(folder))

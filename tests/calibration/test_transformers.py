@@ -1,0 +1,132 @@
+"""Transformer denoisers end to end: a tiny class-conditional DiT calibrated through the CLI (per-step, and
+AccuQuant with its final stage), exported, sampled by ``predict``, evaluated by ``SampleEvaluation`` and the
+``FIDCallback`` with the same labels and guidance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from accuquant_pl.calibration.module import BlockReconstruction
+from accuquant_pl.cli import main
+from accuquant_pl.data.trajectories import TrajectoryDataModule
+from accuquant_pl.deploy import load_quantized
+from accuquant_pl.diffusion import ConditioningSpec
+from accuquant_pl.evaluation.generation import DiffusionSampler
+from accuquant_pl.evaluation.module import SampleEvaluation
+from callbacks.fid import FIDCallback
+from tests.conftest import REPO
+from tests.tiny_models import save_transformer_folder, tiny_dit
+
+STEPS = 4
+CLASS = {"class_labels": [0, 3, 7, 9], "uncond_class_label": 10, "guidance_scale": 2.0}
+SEEDS = torch.tensor([5, 6, 7])
+
+
+@pytest.fixture
+def dit_folder(tmp_path) -> Path:
+    return save_transformer_folder(tmp_path / "dit", tiny_dit(learned_sigma=True))
+
+
+def fit_args(tmp_path: Path, folder: Path, config: str, conditioning: dict | None = None, **model) -> list[str]:
+    root = tmp_path / "run"
+    override = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": str(root), "enable_progress_bar": False,
+                    "enable_model_summary": False, "logger": False, "enable_checkpointing": False,
+                    "callbacks": [{"class_path": "callbacks.ExportQuantized",
+                                   "init_args": {"dirpath": str(root / "quantized")}}]},
+        "model": {"init_args": {"pretrained": str(folder), "iterations_per_unit": 2, "act_calibration_samples": 8,
+                                **model}},
+        "data": {"init_args": {"num_inference_steps": STEPS, "num_trajectories": 4, "batch_size": 2,
+                               "cache_dir": str(tmp_path / "cache"), "conditioning": conditioning or CLASS}},
+    }
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return ["fit", "--config", str(REPO / "configs" / config), "--config", str(path)]
+
+
+@pytest.mark.parametrize("config, model", [
+    ("digits_w4a8_qdiff.yaml", {}),
+    ("digits_w4a8_accuquant.yaml", {"final_stage": {"iterations": 2, "group_size": 2}}),
+])
+def test_a_dit_calibrates_exports_and_samples(tmp_path, dit_folder, config, model):
+    args = fit_args(tmp_path, dit_folder, config, **model)
+    if "accuquant" in config:
+        args += ["--data.init_args.group_size", "2"]
+    cli = main(args)
+    module = cli.model
+    assert module.unit_names == ["pos_embed", "transformer_blocks.0", "transformer_blocks.1", "proj_out_1",
+                                 "proj_out_2"]
+    assert len(module.done_units) == len(module.unit_names)
+    assert torch.isfinite(cli.trainer.callback_metrics["calib/loss"])
+    quantized = tmp_path / "run" / "quantized"
+    loaded = load_quantized(quantized)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 60]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, class_labels=y).sample, module.student(x, t, class_labels=y).sample)
+    sampler = DiffusionSampler(pretrained=str(dit_folder), quantized=str(quantized), num_inference_steps=STEPS,
+                               conditioning=ConditioningSpec(**CLASS))
+    images = sampler.predict_step(SEEDS, 0)
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_dit_evaluation_and_fid_callback_sample_with_the_labels(tmp_path, dit_folder):
+    evaluation = SampleEvaluation(pretrained=str(dit_folder), num_inference_steps=STEPS, features="random-projection",
+                                  real_dataset=None, stats_cache_dir=None, output_dir=None,
+                                  conditioning=ConditioningSpec(**CLASS))
+    evaluation._step(SEEDS)
+    want = DiffusionSampler(pretrained=str(dit_folder), num_inference_steps=STEPS,
+                            conditioning=ConditioningSpec(**CLASS)).predict_step(SEEDS, 0)
+    torch.testing.assert_close(evaluation._fp[0], want)
+    other = DiffusionSampler(pretrained=str(dit_folder), num_inference_steps=STEPS,
+                             conditioning=ConditioningSpec(**{**CLASS, "class_labels": [1, 2, 4, 5]}))
+    assert not torch.allclose(other.predict_step(SEEDS, 0), want)  # the labels reach the transformer
+    dm = TrajectoryDataModule(teacher=str(dit_folder), num_inference_steps=STEPS, num_trajectories=4, batch_size=2,
+                              cache_dir=str(tmp_path / "cache"), conditioning=ConditioningSpec(**CLASS))
+    module = BlockReconstruction(pretrained=str(dit_folder), objective="per_step", iterations_per_unit=1,
+                                 act_calibration_samples=8)
+    callback = FIDCallback(every_n_units=0, num_samples=3, num_inference_steps=STEPS, first_seed=5,
+                           features="random-projection", real_dataset=None, stats_cache_dir=None,
+                           output_dir=str(tmp_path / "fid"))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, dm)
+    torch.testing.assert_close(callback._fp, want)
+    assert callback.history and callback.history[-1]["tag"] == "final"
+
+
+def test_unsupported_denoisers_name_the_supported_ones(tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from accuquant_pl.diffusion.loading import load_unet
+
+    torch.manual_seed(0)
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                          num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                          pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8).save_pretrained(
+        tmp_path / "sd3" / "transformer")
+    with pytest.raises(ValueError, match=r"'SD3Transformer2DModel', not a supported denoiser; supported: .*"
+                                         r"DiTTransformer2DModel.*PixArtTransformer2DModel.*UNet2DModel"):
+        load_unet(tmp_path / "sd3")
+
+
+def test_a_pixart_transformer_calibrates_on_prompt_embeddings_and_samples(tmp_path):
+    from tests.tiny_models import save_transformer_folder, tiny_pixart, write_prompts
+
+    folder = save_transformer_folder(tmp_path / "pixart", tiny_pixart(), scheduler="ddim")
+    prompts = write_prompts(tmp_path / "prompts.pt")
+    args = fit_args(tmp_path, folder, "digits_w4a8_accuquant.yaml",
+                    {"prompt_embeddings": str(prompts), "guidance_scale": 3.0}, final_stage=None)
+    cli = main([*args, "--data.init_args.group_size", "2"])
+    module = cli.model
+    assert module.unit_names[:3] == ["pos_embed", "adaln_single", "caption_projection"]
+    assert len(module.done_units) == len(module.unit_names)
+    sampler = DiffusionSampler(pretrained=str(folder), quantized=str(tmp_path / "run" / "quantized"),
+                               num_inference_steps=STEPS,
+                               conditioning=ConditioningSpec(prompt_embeddings=str(prompts), guidance_scale=3.0))
+    images = sampler.predict_step(SEEDS, 0)
+    assert images.shape == (3, 4, 8, 8) and torch.isfinite(images).all()  # latents: the folder has no vae/
