@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, quantized_layers, reconstruction_units
+from accuquant_pl.quant import (
+    QuantSpec,
+    calibrate_activations,
+    quantize,
+    quantized_layers,
+    reconstruction_units,
+)
 from accuquant_pl.quant.attention import QuantAttnProcessor
 from accuquant_pl.quant.report import quantized_tensor_bits
 from accuquant_pl.quant.structure import first_last_layers
