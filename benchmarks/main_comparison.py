@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from accuquant_pl.deploy import load_quantized  # noqa: E402
+from accuquant_pl.diffusion.conditioning import ConditioningSpec  # noqa: E402
 from accuquant_pl.evaluation.digit_classifier import DigitClassifier  # noqa: E402
 from accuquant_pl.evaluation.paired import paired_errors, samples_from  # noqa: E402
 from accuquant_pl.evaluation.quality import SampleQualityMeter  # noqa: E402
@@ -59,17 +61,39 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 CURVE_SEEDS = 256
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """One teacher of the main comparison: its folder, configs, conditioning and where its rows go."""
+
+    path: Path
+    config_prefix: str
+    bits: str
+    suffix: str
+    conditioning: ConditioningSpec | None = None
+
+
+TEACHERS = {
+    "unet": Teacher(REPO / "models" / "digits-ddpm", "digits_", "w4a8,w8a8,w4a4", ""),
+    "dit": Teacher(REPO / "models" / "digits-dit", "digits_dit_", "w8a8,w4a8", "_dit",
+                   ConditioningSpec(class_labels=list(range(10)))),
+}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", default="w4a8,w8a8,w4a4", help="comma list of wXaY (a configs/digits_<bits>_* set each)")
+    p.add_argument("--teacher", default="unet", choices=sorted(TEACHERS),
+                   help="unet: models/digits-ddpm with configs/digits_<bits>_*; dit: the class-conditional "
+                        "models/digits-dit with configs/digits_dit_<bits>_* (its own JSON and work folder)")
+    p.add_argument("--teacher-path", default=None, help="another folder of the teacher's kind (tests)")
+    p.add_argument("--bits", default=None, help="comma list of wXaY (default: the teacher's bit widths)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")
     p.add_argument("--seeds", default="0,1,2,3", help="calibration seeds (seed_everything and trajectory seed)")
     p.add_argument("--eval-samples", type=int, default=1024)
     p.add_argument("--features", default="inception", help="FID features: inception or random-projection (tests)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of calibration and evaluation (recorded)")
-    p.add_argument("--out", default=str(REPO / "docs" / "results" / "main_comparison.json"))
-    p.add_argument("--work-dir", default=str(REPO / ".cache" / "main_comparison"),
-                   help="calibration runs, exports and samples")
+    p.add_argument("--out", default=None, help="default: docs/results/main_comparison[_dit].json")
+    p.add_argument("--work-dir", default=None, help="calibration runs, exports and samples "
+                                                    "(default: .cache/main_comparison[_dit])")
     p.add_argument("--config-overrides", default=None,
                    help="YAML merged into every run's config (tests shrink the runs with it)")
     return p.parse_args()
@@ -78,7 +102,8 @@ def parse_args() -> argparse.Namespace:
 def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, root: Path) -> list[str]:
     """``main.py fit`` arguments of one row (its override file is written under ``root``)."""
     suffix, overrides = METHODS[method]
-    config = REPO / "configs" / f"digits_{bits}_{suffix}.yaml"
+    teacher = TEACHERS[args.teacher]
+    config = REPO / "configs" / f"{teacher.config_prefix}{bits}_{suffix}.yaml"
     if not config.is_file():
         raise SystemExit(f"no config {config.relative_to(REPO)} for bits {bits!r}")
     override = {
@@ -92,7 +117,8 @@ def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, root
                  "init_args": {"dirpath": str(root / "quantized")}},
             ],
         },
-        "model": {"init_args": dict(overrides.get("model", {}))},
+        "model": {"init_args": {**overrides.get("model", {}),
+                                **({"pretrained": args.teacher_path} if args.teacher_path else {})}},
         "data": {"init_args": {"seed": seed, "cache_dir": str(REPO / ".cache" / "trajectories"),
                                **overrides.get("data", {})}},
     }
@@ -128,13 +154,13 @@ def evaluate(folder: Path, protocol: Protocol, meter: SampleQualityMeter, classi
     unet = load_quantized(folder)
     seeds, reference, steps = protocol.seeds, protocol.reference, protocol.steps
     curve_seeds = seeds[: min(CURVE_SEEDS, len(seeds))]
-    curves = paired_errors(protocol.teacher, unet, protocol.scheduler, curve_seeds, steps,
+    curves = paired_errors(protocol.teacher, unet, protocol.scheduler, curve_seeds, steps, cond=protocol.cond,
                            batch_size=PROTOCOL_BATCH_SIZE)
     samples = curves.q_samples
     if len(seeds) > len(curve_seeds):
         with torch.no_grad():
             rest = samples_from(unet, protocol.scheduler, seeds[len(curve_seeds):], steps,
-                                batch_size=PROTOCOL_BATCH_SIZE)
+                                batch_size=PROTOCOL_BATCH_SIZE, cond=protocol.cond)
         samples = torch.cat([samples, rest])
     _, figures = protocol.error_row(samples, classifier.labels)
     quality = meter.measure(samples, reference)
@@ -155,12 +181,18 @@ def cpu_model() -> str:
 
 def main() -> None:
     args = parse_args()
+    teacher = TEACHERS[args.teacher]
+    args.bits = args.bits or teacher.bits
+    args.out = args.out or str(REPO / "docs" / "results" / f"main_comparison{teacher.suffix}.json")
+    args.work_dir = args.work_dir or str(REPO / ".cache" / f"main_comparison{teacher.suffix}")
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    protocol = setup_protocol(eval_samples=args.eval_samples, threads=args.threads)
+    protocol = setup_protocol(args.teacher_path or str(teacher.path), eval_samples=args.eval_samples,
+                              threads=args.threads, conditioning=teacher.conditioning,
+                              fp_cache=str(REPO / ".cache" / "protocol" / f"fp_samples{teacher.suffix}.pt"))
     meter = SampleQualityMeter(features=args.features, real_dataset="digits",
                                image_size=protocol.teacher.config.sample_size,
                                features_cache_dir=str(Path(args.work_dir) / "features"))

@@ -13,6 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
+from accuquant_pl.diffusion.conditioning import ConditioningSpec  # noqa: E402
 from accuquant_pl.diffusion.loading import load_unet  # noqa: E402
 from accuquant_pl.evaluation.paired import samples_from  # noqa: E402
 from accuquant_pl.io import atomic_torch_save  # noqa: E402
@@ -40,6 +41,8 @@ class Protocol:
     reference: torch.Tensor
     """The FP teacher's final samples of ``seeds`` (batches of ``PROTOCOL_BATCH_SIZE``)."""
     steps: int
+    cond: Any = None
+    """A conditional teacher's ``seeds -> Conditioning`` (sample i of class i % 10 for the digits DiT); None."""
 
     def calibration_batches(self, samples: int) -> list[dict[str, torch.Tensor]]:
         """Forward kwargs of the activation-calibration inputs (the data module's ``calibration_inputs``)."""
@@ -54,22 +57,24 @@ class Protocol:
     def samples(self, model: torch.nn.Module) -> torch.Tensor:
         """``model``'s final samples of the protocol seeds, in the protocol's batches."""
         with torch.no_grad():
-            return samples_from(model, self.scheduler, self.seeds, self.steps, batch_size=PROTOCOL_BATCH_SIZE)
+            return samples_from(model, self.scheduler, self.seeds, self.steps, batch_size=PROTOCOL_BATCH_SIZE,
+                                cond=self.cond)
 
 
 def fp_reference(teacher: torch.nn.Module, teacher_path: str, scheduler: Any, seeds: list[int], steps: int,
-                 threads: int, cache: str | None) -> torch.Tensor:
+                 threads: int, cache: str | None, cond: Any = None) -> torch.Tensor:
     """The FP samples of ``seeds``, from ``cache`` when it holds them for the same teacher, seeds, steps, batch and
     thread count (float reduction order, hence a few samples, can depend on the thread count)."""
     key = json.dumps({"teacher": str(Path(teacher_path).resolve()), "seeds": [seeds[0], len(seeds)], "steps": steps,
-                      "batch_size": PROTOCOL_BATCH_SIZE, "threads": threads})
+                      "batch_size": PROTOCOL_BATCH_SIZE, "threads": threads,
+                      **({"conditional": True} if cond is not None else {})})
     path = Path(cache) if cache else None
     if path is not None and path.is_file():
         cached = torch.load(path, weights_only=True)
         if cached.get("key") == key:
             return cached["samples"]
     with torch.no_grad():
-        samples = samples_from(teacher, scheduler, seeds, steps, batch_size=PROTOCOL_BATCH_SIZE)
+        samples = samples_from(teacher, scheduler, seeds, steps, batch_size=PROTOCOL_BATCH_SIZE, cond=cond)
     if path is not None:
         atomic_torch_save({"key": key, "samples": samples}, path)
     return samples
@@ -77,15 +82,17 @@ def fp_reference(teacher: torch.nn.Module, teacher_path: str, scheduler: Any, se
 
 def setup_protocol(teacher_path: str = DEFAULT_TEACHER, eval_samples: int = 1024, steps: int = 50,
                    num_trajectories: int = 64, threads: int = 1, cache_dir: str = TRAJECTORY_CACHE,
-                   fp_cache: str | None = FP_CACHE) -> Protocol:
-    """Load the teacher, its FP calibration trajectories and the FP reference samples (with ``threads`` torch threads)."""
+                   fp_cache: str | None = FP_CACHE, conditioning: ConditioningSpec | None = None) -> Protocol:
+    """Load the teacher, its FP calibration trajectories and the FP reference samples (with ``threads`` torch threads);
+    a conditional teacher samples seed i with ``conditioning``'s rule (``ConditioningSpec.for_samples``)."""
     torch.set_num_threads(threads)
     teacher = load_unet(teacher_path).eval()
     data = TrajectoryDataModule(teacher=teacher_path, num_inference_steps=steps, num_trajectories=num_trajectories,
-                                batch_size=min(16, num_trajectories), cache_dir=cache_dir)
+                                batch_size=min(16, num_trajectories), cache_dir=cache_dir, conditioning=conditioning)
     data.prepare_data()
     data.setup("fit")
     scheduler = data.make_scheduler()
     seeds = list(range(PROTOCOL_FIRST_SEED, PROTOCOL_FIRST_SEED + eval_samples))
-    reference = fp_reference(teacher, teacher_path, scheduler, seeds, steps, threads, fp_cache)
-    return Protocol(teacher, data, scheduler, seeds, reference, steps)
+    cond = None if conditioning is None else (lambda chunk: conditioning.for_samples(torch.tensor(chunk)))
+    reference = fp_reference(teacher, teacher_path, scheduler, seeds, steps, threads, fp_cache, cond)
+    return Protocol(teacher, data, scheduler, seeds, reference, steps, cond)

@@ -54,6 +54,8 @@ def subcommand(config: Path) -> str:
 
 def family(config: Path) -> str:
     """Which tiny model stands in for the config's model folder."""
+    if config.name.startswith("digits_dit_"):
+        return "dit"
     return config.name.split("_")[0] if config.name.split("_")[0] in ("cifar10", "ldm", "t2i") else "digits"
 
 

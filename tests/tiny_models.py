@@ -99,7 +99,7 @@ def write_prompts(path: Path, num_prompts: int = 3, seed: int = 2) -> Path:
 
 
 def model_folder(kind: str, root: Path) -> Path:
-    """A tiny folder of the layout a config family expects: 'digits', 'cifar10', 'ldm', 't2i', 'class'."""
+    """A tiny folder of the layout a config family expects: 'digits', 'cifar10', 'ldm', 't2i', 'class', 'dit'."""
     folder = root / f"tiny-{kind}"
     if folder.exists():
         return folder
@@ -116,6 +116,8 @@ def model_folder(kind: str, root: Path) -> Path:
         return save_pipeline(folder, text_conditional_unet(), kl_vae(4), "vae", scheduler="sd")
     if kind == "class":
         return save_pipeline(folder, class_conditional_unet())
+    if kind == "dit":  # the digits DiT teacher's layout: transformer/ + scheduler/, 10 classes, 1 channel
+        return save_transformer_folder(folder, tiny_dit())
     raise ValueError(f"unknown tiny model kind {kind!r}")
 
 
