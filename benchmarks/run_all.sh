@@ -88,4 +88,8 @@ $Q --bits w4a8 --methods accuquant --group-sizes 4 --gradients approx --rounding
 python benchmarks/core_ablation.py --threads 2
 python benchmarks/peers.py --threads 2
 python benchmarks/main_comparison.py --threads 2
+# the second architecture: the class-conditional DiT digits teacher (models/digits-dit, trained by
+# configs/pretrain_digits_dit.yaml), RTN / per-step / AccuQuant at W8A8 and W4A8, calibration seeds 0..3
+python benchmarks/teacher_quality.py --teacher models/digits-dit --class-conditional --grid models/digits-dit/samples.png
+python benchmarks/main_comparison.py --threads 2 --teacher dit
 python benchmarks/make_results.py

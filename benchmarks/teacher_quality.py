@@ -1,9 +1,12 @@
 """Sample-quality figures of the shipped FP teacher (for its model card): a digit classifier's view.
 
     python benchmarks/teacher_quality.py [--samples 512]
+    python benchmarks/teacher_quality.py --teacher models/digits-dit --class-conditional --grid models/digits-dit/samples.png
 
 Not FID: a logistic-regression classifier trained on the real training digits reads the samples; the
-same figures for the real held-out digits are the reference. Also writes the sample grid PNG.
+same figures for the real held-out digits are the reference. Also writes the sample grid PNG. A class-conditional
+teacher (``--class-conditional``) samples seed i as class i % 10, and the share of samples the classifier reads as
+their requested class is reported too.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+
 from accuquant_pl.data.digits import digits_tensors  # noqa: E402
 from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
+from accuquant_pl.diffusion.conditioning import ConditioningSpec  # noqa: E402
 from accuquant_pl.diffusion.loading import load_unet  # noqa: E402
 from accuquant_pl.evaluation.digit_classifier import DigitClassifier, pixel_statistics_gap  # noqa: E402
 from accuquant_pl.evaluation.images import make_grid, save_png  # noqa: E402
@@ -30,11 +36,16 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--grid", default=str(REPO / "models" / "digits-ddpm" / "samples.png"))
+    p.add_argument("--class-conditional", action="store_true", help="sample seed i as class i %% 10")
     args = p.parse_args()
     start = time.time()
     unet = load_unet(args.teacher)
-    scheduler = TrajectoryDataModule(teacher=args.teacher).make_scheduler()
-    samples = samples_from(unet, scheduler, list(range(args.samples)), args.steps)
+    spec = ConditioningSpec(class_labels=list(range(10))) if args.class_conditional else None
+    scheduler = TrajectoryDataModule(teacher=args.teacher, conditioning=spec).make_scheduler()
+    seeds = list(range(args.samples))
+    cond = (lambda chunk: spec.for_samples(torch.tensor(chunk))) if spec is not None else None
+    with torch.no_grad():
+        samples = samples_from(unet, scheduler, seeds, args.steps, cond=cond)
     seconds = time.time() - start
     save_png(make_grid(samples[:64]), args.grid)
     held, held_labels = digits_tensors(16, "heldout")
@@ -48,6 +59,9 @@ def main() -> None:
         q = clf.score(images)
         gap = pixel_statistics_gap(images, train)
         print(f"| {name} | {q.confidence:.3f} | {q.confident_fraction:.3f} | {q.class_coverage:.3f} | {gap:.4f} |")
+    if spec is not None:
+        requested = torch.tensor(seeds) % 10
+        print(f"samples read as their requested class: {clf.accuracy(samples, requested):.3f}")
 
 
 if __name__ == "__main__":

@@ -190,6 +190,22 @@ def _smoke_pretrain(tmp_path: Path) -> None:
     assert (tmp_path / "export" / "unet" / "config.json").is_file()
 
 
+def _smoke_pretrain_dit(tmp_path: Path) -> None:
+    """The DiT teacher's pretraining, tiny: class-conditional samples in the grid, transformer/ + scheduler/ out."""
+    from accuquant_pl.diffusion.loading import inspect_model_folder
+    from tests.test_cli import tiny_pretrain_args
+
+    args = tiny_pretrain_args(tmp_path)
+    override = yaml.safe_load(Path(args[-1]).read_text())
+    override["model"] = {"init_args": {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8,
+                                       "num_train_timesteps": 50, "warmup_steps": 2}}
+    Path(args[-1]).write_text(yaml.safe_dump(override))
+    main(["fit", "--config", str(CONFIG_DIR / "pretrain_digits_dit.yaml"), "--config", args[-1]])
+    folder = inspect_model_folder(tmp_path / "export")
+    assert folder.unet_class == "DiTTransformer2DModel" and folder.unet_dir.name == "transformer"
+    assert (tmp_path / "tb" / "version_0" / "samples.png").is_file()
+
+
 def _smoke_sample(tmp_path: Path) -> None:
     out = tmp_path / "samples"
     main(["predict", "--config", str(CONFIG_DIR / "sample_digits.yaml"),
@@ -207,7 +223,8 @@ def _smoke_evaluate(tmp_path: Path) -> None:
     assert read_metrics(tmp_path / "eval")["mse"] == 0.0
 
 
-OTHER_SMOKES = {"pretrain_digits.yaml": _smoke_pretrain, "sample_digits.yaml": _smoke_sample,
+OTHER_SMOKES = {"pretrain_digits.yaml": _smoke_pretrain, "pretrain_digits_dit.yaml": _smoke_pretrain_dit,
+                "sample_digits.yaml": _smoke_sample,
                 "evaluate_digits.yaml": _smoke_evaluate}
 
 
