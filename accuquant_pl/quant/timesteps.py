@@ -9,6 +9,7 @@ outside a model forward fails loudly instead of using a stale timestep.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -34,12 +35,12 @@ class TimestepRouter:
         return self.timestep
 
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook: record ``timestep`` (the second positional argument of the diffusers denoisers)."""
-        given = kwargs.get("sample", kwargs.get("hidden_states"))  # UNets' and transformers' names of x_t
-        sample = given if given is not None else (args[0] if args else None)
-        timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
-        if type(module).__name__ == "PixArtTransformer2DModel" and "timestep" not in kwargs:
-            timestep = args[2] if len(args) > 2 else None  # forward(hidden_states, encoder_hidden_states, timestep)
+        """Forward pre-hook: record the forward's ``timestep`` argument."""
+        # Bound to the forward's own parameter names, so that UNets (sample, timestep, ...) and transformers
+        # (hidden_states, [encoder_hidden_states,] timestep, ...) are read alike, positional or keyword.
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        sample = bound.get("sample", bound.get("hidden_states"))
+        timestep = bound.get("timestep")
         if timestep is None or sample is None:
             raise ValueError(f"{type(module).__name__} has timestep-grouped activation ranges: its forward needs "
                              "`sample` and `timestep`")
