@@ -39,9 +39,11 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from torch import Tensor, nn
 
-from accuquant_pl.calibration.memory import LiveTensorBytes, SavedTensorBytes
-from accuquant_pl.calibration.rollout import GRADIENT_MODES, rollout
-from accuquant_pl.quant import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from accuquant_pl.calibration.memory import LiveTensorBytes, SavedTensorBytes  # noqa: E402
+from accuquant_pl.calibration.rollout import GRADIENT_MODES, rollout  # noqa: E402
+from accuquant_pl.quant import (  # noqa: E402
     QuantSpec,
     calibrate_activations,
     quant_state,

@@ -122,8 +122,8 @@ def iteration(setup: dict[str, Any], objective: str, n: int, autocast: str | Non
     with ctx:
         if objective == "per_step":
             teacher = setup["teacher"]
-            loss = per_step_loss(student, teacher, unit, teacher.get_submodule(setup["unit_name"]), batch, None,
-                                 "sum_per_sample")
+            loss = per_step_loss(student, teacher, unit, teacher.get_submodule(setup["unit_name"]), setup["scheduler"],
+                                 batch, None, "sum_per_sample")
             loss.backward()
         else:
             accuquant_step(student, setup["scheduler"], batch, None, "checkpointed", "sum_per_sample")
