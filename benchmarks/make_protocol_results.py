@@ -1,5 +1,5 @@
-"""Writes the robust-protocol section of docs/results.md from docs/results/main_comparison.json, core_ablation.json
-and peers.json.
+"""Writes the robust-protocol section of docs/results.md from docs/results/main_comparison.json (and
+main_comparison_dit.json, the DiT teacher's), core_ablation.json and peers.json.
 
 Cheap (no sampling, no FID): it only formats the rows those benchmarks wrote (and plots the error curves). The section sits between two
 marker comments, which ``make_results.py`` keeps when it regenerates the rest of the page.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +104,37 @@ def _mean_std(values: list[float], fmt: str) -> str:
     return f"{float(t.mean()):{fmt}} ± {float(t.std()):{fmt}}"
 
 
-def main_comparison_lines(data: dict[str, Any], results: Path) -> list[str]:
+@dataclass(frozen=True)
+class TeacherPage:
+    """How one teacher's main-comparison rows are introduced on the page (``main_comparison.py --teacher``)."""
+
+    json_name: str
+    title: str
+    flag: str
+    teacher: str
+    configs: str
+    curves: str
+
+
+TEACHER_PAGES = {
+    "unet": TeacherPage("main_comparison.json", "Main comparison: RTN, per-step and AccuQuant, calibration seeds",
+                        "", "the shipped digits teacher (models/digits-ddpm, a UNet)",
+                        "configs/digits_<bits>_{rtn,qdiff,accuquant}.yaml", "main_comparison_curves"),
+    "dit": TeacherPage("main_comparison_dit.json",
+                       "Second architecture: the class-conditional DiT teacher, calibration seeds", " --teacher dit",
+                       "the shipped class-conditional transformer teacher (models/digits-dit; sample i of class i % 10)",
+                       "configs/digits_dit_<bits>_{rtn,qdiff,accuquant}.yaml", "main_comparison_dit_curves"),
+}
+
+
+def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage = TEACHER_PAGES["unet"]) -> list[str]:
     """Mean ± std over calibration seeds per (bits, method), the per-seed rows with AccuQuant's paired ratio
     against the per-step baseline of the same seed, and the error-accumulation plot of each bit width (seed 0)."""
     rows, protocol = data["rows"], data["protocol"]
-    lines = ["### Main comparison: RTN, per-step and AccuQuant, calibration seeds", "",
-             f"`python benchmarks/main_comparison.py --threads {rows[0]['threads']}` ({len(rows)} rows, one sweep on "
-             f"one machine). Each row calibrates the shipped digits teacher with the shipped config "
-             "(`configs/digits_<bits>_{rtn,qdiff,accuquant}.yaml`; block-output n = 2 is the AccuQuant config with "
+    lines = [f"### {page.title}", "",
+             f"`python benchmarks/main_comparison.py{page.flag} --threads {rows[0]['threads']}` ({len(rows)} rows, one "
+             f"sweep on one machine). Each row calibrates {page.teacher} with the shipped config "
+             f"(`{page.configs}`; block-output n = 2 is the AccuQuant config with "
              "`data.group_size: 2` and no final stage) at the given calibration seed (`seed_everything` and the "
              f"trajectory seed) and evaluates its export on {protocol['samples']} held-out seeds in batches of "
              f"{protocol['batch_size']}. FID / FID2FP32 / KID ({protocol['features']} features) on the same samples; "
@@ -149,7 +173,7 @@ def main_comparison_lines(data: dict[str, Any], results: Path) -> list[str]:
     for bits in sorted({r["bits"] for r in rows}):
         seed0 = {METHOD_NAMES.get(r["method"], r["method"]): (r["per_step"], r["accumulated"])
                  for r in rows if r["bits"] == bits and r["seed"] == min(x["seed"] for x in rows if x["bits"] == bits)}
-        name = f"main_comparison_curves_{bits}.png"
+        name = f"{page.curves}_{bits}.png"
         plot_error_curves(seed0, results / name, title=f"{bits.upper()}: error along the DDIM-50 trajectory "
                           f"(first 256 protocol seeds, calibration seed 0)")
         lines += [f"![{bits.upper()} error accumulation](results/{name})", ""]
@@ -211,6 +235,9 @@ def protocol_section(results: Path) -> list[str]:
         main = json.loads(path.read_text())
         peers = json.loads((results / "peers.json").read_text()) if (results / "peers.json").is_file() else None
         body += target_lines(main, peers) + main_comparison_lines(main, results)
+    path = results / TEACHER_PAGES["dit"].json_name
+    if path.is_file() and json.loads(path.read_text())["rows"]:
+        body += main_comparison_lines(json.loads(path.read_text()), results, TEACHER_PAGES["dit"])
     for name, fmt in (("core_ablation.json", core_ablation_lines), ("peers.json", peers_lines)):
         path = results / name
         if path.is_file() and json.loads(path.read_text())["rows"]:

@@ -75,3 +75,24 @@ def test_targets_are_set_against_the_measured_rows(tmp_path):
     assert "| W4A8 AccuQuant median <= 0.6x per-step's, every seed | seed 0: 0.25 | yes |" in text
     # changed digits equal (the fixture's 2.1 % on both): that target is not met
     assert "| W4A8 share > 0.01 and changed digits <= 0.5x per-step's, every seed | seed 0: 0.40 / 1.00 | no |" in text
+
+
+def test_dit_teacher_rows_get_their_own_subsection_and_curves(tmp_path):
+    unet = [_comparison_row("per_step", 0, [0.002, 0.004, 0.006])]
+    dit = [_comparison_row("per_step", 0, [0.004, 0.004, 0.004]), _comparison_row("accuquant", 0, [0.002, 0.002, 0.002])]
+    protocol = {"first_seed": 100000, "samples": 3, "batch_size": 64, "features": "inception"}
+    (tmp_path / "main_comparison.json").write_text(json.dumps({"protocol": protocol, "rows": unet}))
+    (tmp_path / "main_comparison_dit.json").write_text(json.dumps({"protocol": protocol, "rows": dit}))
+    text = "\n".join(protocol_section(tmp_path))
+    unet_part, _, dit_part = text.partition("### Second architecture: the class-conditional DiT teacher")
+    assert dit_part, text
+    assert "`python benchmarks/main_comparison.py --teacher dit --threads 2` (2 rows" in dit_part
+    assert "configs/digits_dit_<bits>_{rtn,qdiff,accuquant}.yaml" in dit_part
+    # the DiT AccuQuant row is paired with the DiT per-step row, not the UNet's
+    assert "| W4A8 | AccuQuant (shipped recipe) | 0 | 0.00200 [" in dit_part and "| 0.50 [0.50, 0.50] * |" in dit_part
+    assert "| W4A8 | AccuQuant (shipped recipe)" not in unet_part  # the UNet sweep has no AccuQuant row here
+    assert (tmp_path / "main_comparison_dit_curves_w4a8.png").stat().st_size > 1000
+    assert (tmp_path / "main_comparison_curves_w4a8.png").stat().st_size > 1000
+    # DiT rows alone (the UNet sweep not run yet) still make a section
+    (tmp_path / "main_comparison.json").unlink()
+    assert "### Second architecture" in "\n".join(protocol_section(tmp_path))
