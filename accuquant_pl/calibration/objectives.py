@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from accuquant_pl.calibration.capture import block_output, run_capturing
 from accuquant_pl.calibration.rollout import Reduction, rollout, state_loss
 from accuquant_pl.diffusion.conditioning import Conditioning
-from accuquant_pl.diffusion.noise import check_replayable, is_stochastic
+from accuquant_pl.diffusion.noise import check_replayable
 from accuquant_pl.diffusion.sampling import model_output, network_inputs
 from accuquant_pl.diffusion.schedulers import SamplerSteps, scaled_model_input
 
@@ -49,8 +49,7 @@ def check_rollout_scheduler(scheduler: SchedulerMixin, eta: float, serves_step_n
     (DDPM, DDIM with eta > 0, ancestral/SDE solvers) gets, per trajectory and step, the noise its FP trajectory
     drew (``diffusion/noise.py``), which the data module must serve with its items (``serves_step_noise``).
     Rejected: a sampler whose step draws noise its ``generator`` does not control, or data without that noise."""
-    check_replayable(scheduler, eta)
-    if is_stochastic(scheduler, eta) and not serves_step_noise:
+    if check_replayable(scheduler, eta) and not serves_step_noise:
         raise ValueError(
             f"{type(scheduler).__name__} with eta={eta} draws noise in its steps, but the data module does not serve "
             "each trajectory's step noise (items 'noise_seed' and 'eta', as TrajectoryDataModule does), so the "

@@ -218,7 +218,7 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     # ----- LightningDataModule -----
     def prepare_data(self) -> None:
-        check_replayable(self.make_scheduler(), self.hparams.eta)
+        self._stochastic = check_replayable(self.make_scheduler(), self.hparams.eta)  # serves_step_noise reads it
         key = self.cache_key()
         folder = self.cache_folder(key)
         recover_directory(folder)  # a cache whose replacement was killed half-way is moved back first

@@ -11,6 +11,7 @@ trajectory and step, exactly the noise the FP sampler drew there (docs/METHOD.md
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 from collections.abc import Sequence
@@ -36,13 +37,20 @@ def step_generators(seeds: Sequence[int], step: int) -> list[torch.Generator]:
 def step_kwargs(scheduler: SchedulerMixin, eta: float, generator: torch.Generator | list[torch.Generator] | None
                 ) -> dict:
     """Keyword arguments that this scheduler's ``step`` accepts (not every scheduler takes eta or a generator)."""
-    params = inspect.signature(scheduler.step).parameters
+    own_step = vars(scheduler).get("step")  # a step set on the instance (a wrapper) wins over the class's
+    params = inspect.signature(own_step).parameters if own_step is not None else _step_parameters(type(scheduler))
     kwargs: dict = {}
     if "eta" in params:
         kwargs["eta"] = eta
     if "generator" in params and generator is not None:
         kwargs["generator"] = generator
     return kwargs
+
+
+@functools.cache
+def _step_parameters(scheduler_class: type) -> frozenset[str]:
+    # Read once per class: step_kwargs runs at every step of every sample and rollout.
+    return frozenset(inspect.signature(scheduler_class.step).parameters)
 
 
 def _run_schedule(scheduler: SchedulerMixin, eta: float, global_seed: int, generator_seed: int) -> torch.Tensor:
@@ -73,9 +81,11 @@ def noise_is_replayable(scheduler: SchedulerMixin, eta: float = 0.0) -> bool:
     return torch.equal(_run_schedule(scheduler, eta, 0, 7), _run_schedule(scheduler, eta, 1, 7))
 
 
-def check_replayable(scheduler: SchedulerMixin, eta: float) -> None:
-    """Raise ``ValueError`` naming the scheduler when it draws noise that its ``generator`` does not control."""
-    if is_stochastic(scheduler, eta) and not noise_is_replayable(scheduler, eta):
+def check_replayable(scheduler: SchedulerMixin, eta: float) -> bool:
+    """Raise ``ValueError`` naming the scheduler when it draws noise that its ``generator`` does not control;
+    else return whether it draws noise at all (:func:`is_stochastic`, so callers need not probe twice)."""
+    stochastic = is_stochastic(scheduler, eta)
+    if stochastic and not noise_is_replayable(scheduler, eta):
         raise ValueError(
             f"{type(scheduler).__name__} (eta={eta}) draws noise in its steps that the generator passed to step() "
             "does not control (it reads the global RNG), so the noise of a trajectory's step cannot be replayed: "
@@ -83,3 +93,4 @@ def check_replayable(scheduler: SchedulerMixin, eta: float) -> None:
             "same noise. Use a scheduler whose step draws its noise from the generator argument (every diffusers "
             "scheduler does), or a deterministic one (ddim with eta: 0, dpmsolver++, unipc, pndm, euler)"
         )
+    return stochastic
