@@ -31,7 +31,8 @@ def tiny_pretrain_args(tmp_path: Path) -> list[str]:
         },
         "model": {"init_args": {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
                                 "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4,
-                                "attention_head_dim": 8, "num_train_timesteps": 50, "warmup_steps": 2}},
+                                "attention_head_dim": 8,
+                                "training": {"num_train_timesteps": 50, "warmup_steps": 2}}},
         "data": {"init_args": {"batch_size": 16}},
     }
     path = tmp_path / "tiny.yaml"
@@ -101,7 +102,7 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
 
 def test_wrong_type_is_named(capsys):
     err = _cli_error(["fit", "--config", str(REPO / "configs" / "pretrain_digits.yaml"),
-                      "--model.init_args.learning_rate", "fast", "--print_config"], capsys)
+                      "--model.init_args.training.learning_rate", "fast", "--print_config"], capsys)
     assert "fast" in err and "learning_rate" in err
 
 

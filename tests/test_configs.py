@@ -198,7 +198,7 @@ def _smoke_pretrain_dit(tmp_path: Path) -> None:
     args = tiny_pretrain_args(tmp_path)
     override = yaml.safe_load(Path(args[-1]).read_text())
     override["model"] = {"init_args": {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8,
-                                       "num_train_timesteps": 50, "warmup_steps": 2}}
+                                       "training": {"num_train_timesteps": 50, "warmup_steps": 2}}}
     Path(args[-1]).write_text(yaml.safe_dump(override))
     main(["fit", "--config", str(CONFIG_DIR / "pretrain_digits_dit.yaml"), "--config", args[-1]])
     folder = inspect_model_folder(tmp_path / "export")

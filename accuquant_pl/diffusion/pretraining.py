@@ -4,6 +4,7 @@ class-conditional digits DiT."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -14,13 +15,48 @@ from torch import Tensor, nn
 from accuquant_pl.diffusion.conditioning import Conditioning
 
 
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """The DDPM forward process and the optimisation of a teacher's pretraining (``--model.init_args.training``)."""
+
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to 0 over the run)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 200
+    """Linear warm-up steps."""
+    num_train_timesteps: int = 1000
+    """Diffusion steps of the DDPM forward process."""
+    beta_schedule: str = "squaredcos_cap_v2"
+    """diffusers beta schedule name (linear, scaled_linear, squaredcos_cap_v2)."""
+    val_seed: int = 1234
+    """Seed of the fixed noise and timesteps of the validation loss (so runs compare)."""
+
+    def __post_init__(self) -> None:
+        key = "--model.init_args.training"
+        if self.learning_rate <= 0:
+            raise ValueError(f"{key}.learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError(f"{key}: weight_decay and warmup_steps must be >= 0, got {self.weight_decay}, "
+                             f"{self.warmup_steps}")
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"{key}.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule)
+
+
 class NoisePredictionTraining(L.LightningModule):
     """The DDPM noise-prediction loss, the validation loss on fixed noise and the AdamW + cosine schedule shared by
-    the teachers. A subclass builds ``self.unet`` (the denoiser; ``ExportDiffusers`` saves it) and
-    ``self.noise_scheduler`` and says how the denoiser is called (:meth:`denoise`)."""
+    the teachers, set by one :class:`TrainingSchedule`. A subclass builds ``self.unet`` (the denoiser;
+    ``ExportDiffusers`` saves it) and says how the denoiser is called (:meth:`denoise`)."""
 
     unet: nn.Module
-    noise_scheduler: DDPMScheduler
+
+    def __init__(self, training: TrainingSchedule) -> None:
+        super().__init__()
+        self.schedule = training
+        self.noise_scheduler = training.noise_scheduler()
 
     def denoise(self, noisy: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
         raise NotImplementedError
@@ -36,23 +72,23 @@ class NoisePredictionTraining(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch[0], batch[1]
         noise = torch.randn_like(images)
-        t = torch.randint(0, self.hparams.num_train_timesteps, (images.shape[0],), device=images.device)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (images.shape[0],), device=images.device)
         loss = self._loss(images, labels, noise, t)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch[0], batch[1]
-        gen = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
+        gen = torch.Generator().manual_seed(self.schedule.val_seed + batch_idx)
         noise = torch.randn(images.shape, generator=gen).to(images)
-        t = torch.randint(0, self.hparams.num_train_timesteps, (images.shape[0],), generator=gen).to(images.device)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (images.shape[0],), generator=gen).to(images.device)
         self.log("val/loss", self._loss(images, labels, noise, t), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.learning_rate,
-                                weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.schedule.learning_rate,
+                                weight_decay=self.schedule.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.hparams.warmup_steps, total)
+        warmup = min(self.schedule.warmup_steps, total)
 
         def factor(step: int) -> float:
             if step < warmup:
@@ -76,12 +112,7 @@ class DiffusionPretraining(NoisePredictionTraining):
         layers_per_block: int = 1,
         attention_head_dim: int = 32,
         norm_num_groups: int = 8,
-        num_train_timesteps: int = 1000,
-        beta_schedule: str = "squaredcos_cap_v2",
-        learning_rate: float = 2e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 100,
-        val_seed: int = 1234,
+        training: TrainingSchedule = TrainingSchedule(learning_rate=2e-3),
     ) -> None:
         """
         Args:
@@ -93,14 +124,9 @@ class DiffusionPretraining(NoisePredictionTraining):
             layers_per_block: resnet layers per down block.
             attention_head_dim: channels per attention head in attention blocks.
             norm_num_groups: GroupNorm groups.
-            num_train_timesteps: diffusion steps of the DDPM forward process.
-            beta_schedule: diffusers beta schedule name (linear, scaled_linear, squaredcos_cap_v2).
-            learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to 0 over the run).
-            weight_decay: AdamW weight decay.
-            warmup_steps: linear warm-up steps.
-            val_seed: seed of the fixed noise and timesteps of the validation loss (so runs compare).
+            training: the DDPM process and the optimisation (learning rate, warm-up, validation seed).
         """
-        super().__init__()
+        super().__init__(training)
         if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
             raise ValueError(
                 f"down_block_types ({len(down_block_types)}) and up_block_types ({len(up_block_types)}) need one "
@@ -118,7 +144,6 @@ class DiffusionPretraining(NoisePredictionTraining):
             attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups,
         )
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
 
     def denoise(self, noisy: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
         return self.unet(noisy, timesteps).sample
@@ -139,12 +164,7 @@ class DiTPretraining(NoisePredictionTraining):
         num_attention_heads: int = 4,
         attention_head_dim: int = 24,
         num_classes: int = 10,
-        num_train_timesteps: int = 1000,
-        beta_schedule: str = "squaredcos_cap_v2",
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 200,
-        val_seed: int = 1234,
+        training: TrainingSchedule = TrainingSchedule(),
     ) -> None:
         """
         Args:
@@ -155,14 +175,9 @@ class DiTPretraining(NoisePredictionTraining):
             num_attention_heads: attention heads per block.
             attention_head_dim: channels per head (the width is heads x head dim).
             num_classes: class labels; id ``num_classes`` is the unconditional (null) class.
-            num_train_timesteps: diffusion steps of the DDPM forward process.
-            beta_schedule: diffusers beta schedule name (linear, scaled_linear, squaredcos_cap_v2).
-            learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to 0 over the run).
-            weight_decay: AdamW weight decay.
-            warmup_steps: linear warm-up steps.
-            val_seed: seed of the fixed noise and timesteps of the validation loss (so runs compare).
+            training: the DDPM process and the optimisation (learning rate, warm-up, validation seed).
         """
-        super().__init__()
+        super().__init__(training)
         if sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} is not a multiple of patch_size {patch_size}")
         self.save_hyperparameters()
@@ -171,7 +186,6 @@ class DiTPretraining(NoisePredictionTraining):
             out_channels=in_channels, num_layers=num_layers, sample_size=sample_size, patch_size=patch_size,
             num_embeds_ada_norm=num_classes, norm_num_groups=1,
         )
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
 
     def denoise(self, noisy: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
         return self.unet(noisy, timesteps, class_labels=labels).sample
