@@ -96,3 +96,17 @@ def test_dit_teacher_rows_get_their_own_subsection_and_curves(tmp_path):
     # DiT rows alone (the UNet sweep not run yet) still make a section
     (tmp_path / "main_comparison.json").unlink()
     assert "### Second architecture" in "\n".join(protocol_section(tmp_path))
+
+
+def test_methods_are_compared_over_the_seeds_pooled(tmp_path):
+    # per sample, averaged over seeds 0 and 1: per-step (0.003, 0.003, 0.003), AccuQuant (0.0015, 0.003, 0.0045)
+    rows = [_comparison_row("per_step", 0, [0.002, 0.002, 0.002]), _comparison_row("per_step", 1, [0.004, 0.004, 0.004]),
+            _comparison_row("accuquant", 0, [0.001, 0.002, 0.003]), _comparison_row("accuquant", 1, [0.002, 0.004, 0.006]),
+            _comparison_row("rtn", 0, [0.004, 0.004, 0.004])]  # one seed only: no pooled row
+    (tmp_path / "main_comparison.json").write_text(json.dumps({
+        "protocol": {"first_seed": 100000, "samples": 3, "batch_size": 64, "features": "inception"}, "rows": rows}))
+    text = "\n".join(protocol_section(tmp_path))
+    pooled = text.split("Over the calibration seeds")[1]
+    assert "| W4A8 | AccuQuant (shipped recipe) | 0,1 | 1.00 [" in pooled
+    assert "| 1.00 | 33 % |" in pooled  # median 0.003 vs 0.003; one sample of three lower
+    assert "| W4A8 | RTN |" not in pooled.split("![")[0]
