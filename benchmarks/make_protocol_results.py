@@ -181,11 +181,12 @@ def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage
     return lines
 
 
-def seed_pooled_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Each method against the per-step baseline over all calibration seeds both ran: each evaluation sample's
-    error averaged over the seeds, then paired on the evaluation seeds (the interval resamples evaluation seeds
-    with the calibrations fixed, so the per-seed rows above carry the calibration-seed spread)."""
-    out = []
+def seed_pooled(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[list[int], Any]]:
+    """(bits, method) -> (seeds, paired comparison against the per-step baseline) over all calibration seeds both
+    ran (at least two): each evaluation sample's error averaged over the seeds, then paired on the evaluation
+    seeds (the interval resamples evaluation seeds with the calibrations fixed, so the per-seed rows carry the
+    calibration-seed spread)."""
+    out = {}
     for bits in sorted({r["bits"] for r in rows}):
         base = {r["seed"]: r for r in rows if r["bits"] == bits and r["method"] == "per_step"}
         for method in METHOD_NAMES:
@@ -195,10 +196,18 @@ def seed_pooled_lines(rows: list[dict[str, Any]]) -> list[str]:
                 continue
             a = torch.tensor([mine[s]["per_sample_mse"] for s in seeds], dtype=torch.float64).mean(0)
             b = torch.tensor([base[s]["per_sample_mse"] for s in seeds], dtype=torch.float64).mean(0)
-            c = paired_comparison(a, b)
-            out.append(f"| {bits.upper()} | {METHOD_NAMES[method]} | {','.join(map(str, seeds))} | "
-                       f"{c.ratio:.2f} [{c.ratio_ci95[0]:.2f}, {c.ratio_ci95[1]:.2f}]{' *' if c.excludes_one else ''} | "
-                       f"{c.median_ratio:.2f} | {100 * c.a_lower_share:.0f} % |")
+            out[bits, method] = (seeds, paired_comparison(a, b))
+    return out
+
+
+def _ratio(c: Any) -> str:
+    return f"{c.ratio:.2f} [{c.ratio_ci95[0]:.2f}, {c.ratio_ci95[1]:.2f}]{' *' if c.excludes_one else ''}"
+
+
+def seed_pooled_lines(rows: list[dict[str, Any]]) -> list[str]:
+    out = [f"| {bits.upper()} | {METHOD_NAMES[method]} | {','.join(map(str, seeds))} | {_ratio(c)} | "
+           f"{c.median_ratio:.2f} | {100 * c.a_lower_share:.0f} % |"
+           for (bits, method), (seeds, c) in seed_pooled(rows).items()]
     if not out:
         return []
     return ["Over the calibration seeds: each evaluation sample's final MSE averaged over the seeds both methods ran, "
@@ -206,6 +215,37 @@ def seed_pooled_lines(rows: list[dict[str, Any]]) -> list[str]:
             "evaluation seeds with the calibrations fixed; * excludes 1).", "",
             "| bits | method | seeds | mean vs per-step [95 % CI] | median vs per-step | samples lower than per-step |",
             "|---|---|---|---|---|---|", *out, ""]
+
+
+README_START, README_END = "<!-- main-comparison:start -->", "<!-- main-comparison:end -->"
+
+
+def readme_lines(data: dict[str, Any]) -> list[str]:
+    """The README's results table: mean ± std over calibration seeds per (bits, method), and the seed-pooled
+    paired ratio against the per-step baseline."""
+    rows, protocol = data["rows"], data["protocol"]
+    pooled = seed_pooled(rows)
+    lines = [README_START, "",
+             f"`python benchmarks/main_comparison.py --threads {rows[0]['threads']}`, then "
+             "`python benchmarks/make_protocol_results.py`: the shipped digits teacher, each config as shipped, "
+             f"calibration seeds as listed, {protocol['samples']} held-out evaluation seeds in batches of "
+             f"{protocol['batch_size']}, DDIM 50; final-sample MSE against the FP sample of the same noise, mean ± std "
+             "over calibration seeds; FID of the FP samples themselves "
+             f"{rows[0]['fid_fp']:.2f}. *vs per-step*: seed-pooled paired ratio of the means, 95 % interval over "
+             "evaluation seeds (* excludes 1).", "",
+             "| bits | method | seeds | mean final MSE | median | digit changed | FID | FID2FP32 | vs per-step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: (r["bits"], list(METHOD_NAMES).index(r["method"]), r["seed"])):
+        groups.setdefault((r["bits"], r["method"]), []).append(r)
+    for (bits, method), rs in groups.items():
+        vs = _ratio(pooled[bits, method][1]) if (bits, method) in pooled else "-"
+        lines.append(f"| {bits.upper()} | {METHOD_NAMES.get(method, method)} | {','.join(str(r['seed']) for r in rs)} | "
+                     f"{_mean_std([r['mean'] for r in rs], '.5f')} | {_mean_std([r['median'] for r in rs], '.6f')} | "
+                     f"{_mean_std([100 * r['label_change_share'] for r in rs], '.1f')} % | "
+                     f"{_mean_std([r['fid'] for r in rs], '.2f')} | {_mean_std([r['fid2fp32'] for r in rs], '.2f')} | "
+                     f"{vs} |")
+    return [*lines, "", README_END]
 
 
 def target_lines(main: dict[str, Any], peers: dict[str, Any] | None) -> list[str]:
@@ -281,11 +321,13 @@ def protocol_section(results: Path) -> list[str]:
 
 
 def write_section(page: Path, section: list[str]) -> None:
+    """Replace the text between the section's first and last line (its markers), or append the section."""
     text = page.read_text() if page.is_file() else ""
     block = "\n".join(section)
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
+    start, end = section[0], section[-1]
+    if start in text and end in text:
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
@@ -296,9 +338,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(REPO / "docs" / "results"))
     parser.add_argument("--page", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument("--readme", default=str(REPO / "README.md"),
+                        help="its main-comparison table (between its markers) is rewritten from main_comparison.json")
     args = parser.parse_args()
     lines = protocol_section(Path(args.results))
     if not lines:
         raise SystemExit("no rows in docs/results/core_ablation.json or peers.json yet")
     write_section(Path(args.page), lines)
     print("\n".join(lines))
+    main_json = Path(args.results) / "main_comparison.json"
+    if main_json.is_file() and json.loads(main_json.read_text())["rows"]:
+        write_section(Path(args.readme), readme_lines(json.loads(main_json.read_text())))

@@ -10,7 +10,15 @@ from tests.conftest import REPO
 sys.path.insert(0, str(REPO))
 
 from benchmarks.core_ablation import BASE_ROW  # noqa: E402
-from benchmarks.make_protocol_results import END, START, protocol_section, write_section  # noqa: E402
+from benchmarks.make_protocol_results import (  # noqa: E402
+    END,
+    README_END,
+    README_START,
+    START,
+    protocol_section,
+    readme_lines,
+    write_section,
+)
 
 STATS = {"mean": 0.00125, "mean_ci95": [0.0007, 0.00185], "median": 9.1e-05, "p99": 0.0418, "share_above": 0.013,
          "label_change_share": 0.021}
@@ -110,3 +118,20 @@ def test_methods_are_compared_over_the_seeds_pooled(tmp_path):
     assert "| W4A8 | AccuQuant (shipped recipe) | 0,1 | 1.00 [" in pooled
     assert "| 1.00 | 33 % |" in pooled  # median 0.003 vs 0.003; one sample of three lower
     assert "| W4A8 | RTN |" not in pooled.split("![")[0]
+
+
+def test_readme_table_is_rewritten_between_its_markers(tmp_path):
+    rows = [_comparison_row("per_step", 0, [0.002, 0.002, 0.002]), _comparison_row("per_step", 1, [0.004, 0.004, 0.004]),
+            _comparison_row("accuquant", 0, [0.001, 0.001, 0.001]), _comparison_row("accuquant", 1, [0.002, 0.002, 0.002])]
+    data = {"protocol": {"first_seed": 100000, "samples": 3, "batch_size": 64, "features": "inception"}, "rows": rows}
+    lines = readme_lines(data)
+    assert lines[0] == README_START and lines[-1] == README_END
+    text = "\n".join(lines)
+    assert "| W4A8 | per-step (Q-Diffusion/BRECQ) | 0,1 | 0.00300 ± 0.00141 |" in text
+    assert "| W4A8 | AccuQuant (shipped recipe) | 0,1 | 0.00150 ± 0.00071 |" in text and "| 0.50 [0.50, 0.50] * |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Tool\n\n{README_START}\nold table\n{README_END}\n\n## Next section\n")
+    write_section(readme, lines)
+    written = readme.read_text()
+    assert "old table" not in written and written.count(README_START) == 1
+    assert written.startswith("# Tool\n\n") and written.endswith("\n\n## Next section\n")
