@@ -33,7 +33,8 @@ from benchmarks.make_protocol_results import protocol_section  # noqa: E402
 DEFAULTS = {k: v.default for k, v in inspect.signature(BlockReconstruction.__init__).parameters.items()}
 
 TABLES = {
-    "quality": "Main comparison (equal iteration budget: {iters} iterations per unit for every method)",
+    "quality": "Earlier main comparison (128 seeds, one activation range per tensor; equal iteration budget: {iters} "
+               "iterations per unit for every method; the robust protocol's is at the end of this page)",
     "ablation_group_size": "AccuQuant group-size ablation (W4A8; state target n = 1 here, n = 4 in the main table; block-output target n = 2, 4, 8 in the objective-variant table)",
     "ablation_gradient": "AccuQuant gradient-mode ablation (W4A8, state target, n = 4; `checkpointed`, whose gradient `exact` equals, is in the main table)",
     "per_step_100_iters": "Per-step baseline at 2x the iterations (100 per unit): about AccuQuant n = 2's compute",
