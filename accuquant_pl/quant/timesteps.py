@@ -22,9 +22,14 @@ ROUTER_ATTR = "accuquant_timestep_router"
 
 
 class TimestepRouter:
-    """The timestep of the model forward in progress: ``[1]`` for the whole batch, or one per sample."""
+    """The timestep of the model forward in progress: ``[1]`` for the whole batch, or one per sample.
 
-    def __init__(self) -> None:
+    ``forward`` is the signature of the hooked model's forward, read once when the router is made (the hook
+    runs on every model call), so that UNets (sample, timestep, ...) and transformers (hidden_states,
+    [encoder_hidden_states,] timestep, ...) are read alike, positional or keyword."""
+
+    def __init__(self, forward: inspect.Signature) -> None:
+        self.forward = forward
         self.timestep: torch.Tensor | None = None
 
     def current(self, who: str = "a quantizer") -> torch.Tensor:
@@ -36,9 +41,7 @@ class TimestepRouter:
 
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Forward pre-hook: record the forward's ``timestep`` argument."""
-        # Bound to the forward's own parameter names, so that UNets (sample, timestep, ...) and transformers
-        # (hidden_states, [encoder_hidden_states,] timestep, ...) are read alike, positional or keyword.
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        bound = self.forward.bind_partial(*args, **kwargs).arguments
         sample = bound.get("sample", bound.get("hidden_states"))
         timestep = bound.get("timestep")
         if timestep is None or sample is None:
@@ -68,7 +71,7 @@ def attach_timestep_router(model: nn.Module) -> TimestepRouter | None:
         return None
     router = getattr(model, ROUTER_ATTR, None)
     if router is None:
-        router = TimestepRouter()
+        router = TimestepRouter(inspect.signature(model.forward))
         model.register_forward_pre_hook(router.before_forward, with_kwargs=True)
         model.register_forward_hook(router.after_forward, with_kwargs=True, always_call=True)
         setattr(model, ROUTER_ATTR, router)

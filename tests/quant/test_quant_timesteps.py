@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -22,7 +23,7 @@ SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 
 def _quantizer(timesteps: list[int] | None = None) -> tuple[ActivationQuantizer, TimestepRouter]:
     q = ActivationQuantizer(8, timestep_boundaries=BOUNDARIES)
-    router = TimestepRouter()
+    router = TimestepRouter(inspect.signature(lambda sample, timestep: None))  # a denoiser's forward
     q.timestep_source = router
     if timesteps is not None:
         router.timestep = torch.tensor(timesteps)
