@@ -104,6 +104,32 @@ def _mean_std(values: list[float], fmt: str) -> str:
     return f"{float(t.mean()):{fmt}} ± {float(t.std()):{fmt}}"
 
 
+def _by_method(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(bits, method) -> its rows in seed order, groups in bits then METHOD_NAMES order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: (r["bits"], list(METHOD_NAMES).index(r["method"]), r["seed"])):
+        groups.setdefault((r["bits"], r["method"]), []).append(r)
+    return groups
+
+
+# column -> (row value, format); the page and the README pick their columns from this one list
+_SUMMARY = {"mean": (lambda r: r["mean"], ".5f"), "median": (lambda r: r["median"], ".6f"),
+            "share > 0.01": (lambda r: 100 * r["share_above"], ".1f"),
+            "digit changed": (lambda r: 100 * r["label_change_share"], ".1f"),
+            "FID": (lambda r: r["fid"], ".2f"), "FID2FP32": (lambda r: r["fid2fp32"], ".2f"),
+            "KID": (lambda r: r["kid"], ".4f")}
+
+
+def _summary_cells(rs: list[dict[str, Any]], columns: tuple[str, ...]) -> list[str]:
+    """Mean ± std over the calibration seeds of each named column (shares in %)."""
+    cells = []
+    for name in columns:
+        value, fmt = _SUMMARY[name]
+        cell = _mean_std([value(r) for r in rs], fmt)
+        cells.append(cell + " %" if name in ("share > 0.01", "digit changed") else cell)
+    return cells
+
+
 @dataclass(frozen=True)
 class TeacherPage:
     """How one teacher's main-comparison rows are introduced on the page (``main_comparison.py --teacher``)."""
@@ -127,7 +153,8 @@ TEACHER_PAGES = {
 }
 
 
-def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage = TEACHER_PAGES["unet"]) -> list[str]:
+def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage = TEACHER_PAGES["unet"],
+                          pooled: dict[tuple[str, str], tuple[list[int], Any]] | None = None) -> list[str]:
     """Mean ± std over calibration seeds per (bits, method), the per-seed rows with AccuQuant's paired ratio
     against the per-step baseline of the same seed, and the error-accumulation plot of each bit width (seed 0)."""
     rows, protocol = data["rows"], data["protocol"]
@@ -146,15 +173,8 @@ def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage
     if len(cpus) > 1:
         lines[2] += (f" **The rows ran on {len(cpus)} CPU models ({'; '.join(cpus)}): compare only rows of one "
                      "calibration seed, which ran back to back.**")
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["bits"], r["method"]), []).append(r)
-    for (bits, method), rs in groups.items():
-        cells = [_mean_std([r["mean"] for r in rs], ".5f"), _mean_std([r["median"] for r in rs], ".6f"),
-                 _mean_std([100 * r["share_above"] for r in rs], ".1f") + " %",
-                 _mean_std([100 * r["label_change_share"] for r in rs], ".1f") + " %",
-                 _mean_std([r["fid"] for r in rs], ".2f"), _mean_std([r["fid2fp32"] for r in rs], ".2f"),
-                 _mean_std([r["kid"] for r in rs], ".4f")]
+    for (bits, method), rs in _by_method(rows).items():
+        cells = _summary_cells(rs, ("mean", "median", "share > 0.01", "digit changed", "FID", "FID2FP32", "KID"))
         lines.append(f"| {bits.upper()} | {METHOD_NAMES.get(method, method)} | "
                      f"{','.join(str(r['seed']) for r in rs)} | {' | '.join(cells)} |")
     lines += ["", "Per seed. *vs per-step*: the row's mean error over the per-step baseline's of the same calibration "
@@ -170,7 +190,7 @@ def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage
                      f"{_seconds(r)} |")
     lines += ["", "Calibration seconds marked † were taken while other jobs loaded the machine (1-minute load average "
               "above the row's thread count); they are not timings of the method.", ""]
-    lines += seed_pooled_lines(rows)
+    lines += seed_pooled_lines(seed_pooled(rows) if pooled is None else pooled)
     for bits in sorted({r["bits"] for r in rows}):
         seed0 = {METHOD_NAMES.get(r["method"], r["method"]): (r["per_step"], r["accumulated"])
                  for r in rows if r["bits"] == bits and r["seed"] == min(x["seed"] for x in rows if x["bits"] == bits)}
@@ -204,10 +224,10 @@ def _ratio(c: Any) -> str:
     return f"{c.ratio:.2f} [{c.ratio_ci95[0]:.2f}, {c.ratio_ci95[1]:.2f}]{' *' if c.excludes_one else ''}"
 
 
-def seed_pooled_lines(rows: list[dict[str, Any]]) -> list[str]:
+def seed_pooled_lines(pooled: dict[tuple[str, str], tuple[list[int], Any]]) -> list[str]:
     out = [f"| {bits.upper()} | {METHOD_NAMES[method]} | {','.join(map(str, seeds))} | {_ratio(c)} | "
            f"{c.median_ratio:.2f} | {100 * c.a_lower_share:.0f} % |"
-           for (bits, method), (seeds, c) in seed_pooled(rows).items()]
+           for (bits, method), (seeds, c) in pooled.items()]
     if not out:
         return []
     return ["Over the calibration seeds: each evaluation sample's final MSE averaged over the seeds both methods ran, "
@@ -220,11 +240,11 @@ def seed_pooled_lines(rows: list[dict[str, Any]]) -> list[str]:
 README_START, README_END = "<!-- main-comparison:start -->", "<!-- main-comparison:end -->"
 
 
-def readme_lines(data: dict[str, Any]) -> list[str]:
+def readme_lines(data: dict[str, Any], pooled: dict[tuple[str, str], tuple[list[int], Any]] | None = None) -> list[str]:
     """The README's results table: mean ± std over calibration seeds per (bits, method), and the seed-pooled
     paired ratio against the per-step baseline."""
     rows, protocol = data["rows"], data["protocol"]
-    pooled = seed_pooled(rows)
+    pooled = seed_pooled(rows) if pooled is None else pooled
     lines = [README_START, "",
              f"`python benchmarks/main_comparison.py --threads {rows[0]['threads']}`, then "
              "`python benchmarks/make_protocol_results.py`: the shipped digits teacher, each config as shipped, "
@@ -235,16 +255,11 @@ def readme_lines(data: dict[str, Any]) -> list[str]:
              "evaluation seeds (* excludes 1).", "",
              "| bits | method | seeds | mean final MSE | median | digit changed | FID | FID2FP32 | vs per-step |",
              "|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in sorted(rows, key=lambda r: (r["bits"], list(METHOD_NAMES).index(r["method"]), r["seed"])):
-        groups.setdefault((r["bits"], r["method"]), []).append(r)
-    for (bits, method), rs in groups.items():
+    for (bits, method), rs in _by_method(rows).items():
         vs = _ratio(pooled[bits, method][1]) if (bits, method) in pooled else "-"
+        cells = _summary_cells(rs, ("mean", "median", "digit changed", "FID", "FID2FP32"))
         lines.append(f"| {bits.upper()} | {METHOD_NAMES.get(method, method)} | {','.join(str(r['seed']) for r in rs)} | "
-                     f"{_mean_std([r['mean'] for r in rs], '.5f')} | {_mean_std([r['median'] for r in rs], '.6f')} | "
-                     f"{_mean_std([100 * r['label_change_share'] for r in rs], '.1f')} % | "
-                     f"{_mean_std([r['fid'] for r in rs], '.2f')} | {_mean_std([r['fid2fp32'] for r in rs], '.2f')} | "
-                     f"{vs} |")
+                     f"{' | '.join(cells)} | {vs} |")
     return [*lines, "", README_END]
 
 
@@ -295,21 +310,29 @@ def target_lines(main: dict[str, Any], peers: dict[str, Any] | None) -> list[str
     return [*lines, ""] if len(lines) > 4 else []
 
 
-def protocol_section(results: Path) -> list[str]:
-    """The section's lines (with its markers); empty when neither benchmark has written rows yet."""
+def _rows_of(path: Path) -> dict[str, Any] | None:
+    """A benchmark's JSON when it has written rows, else None."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if data["rows"] else None
+
+
+def protocol_section(results: Path, main: dict[str, Any] | None = None,
+                     pooled: dict[tuple[str, str], tuple[list[int], Any]] | None = None) -> list[str]:
+    """The section's lines (with its markers); empty when no benchmark has written rows yet. ``main`` and
+    ``pooled``: main_comparison.json and its seed-pooled comparison when the caller already has them."""
     body: list[str] = []
-    path = results / "main_comparison.json"
-    if path.is_file() and json.loads(path.read_text())["rows"]:
-        main = json.loads(path.read_text())
-        peers = json.loads((results / "peers.json").read_text()) if (results / "peers.json").is_file() else None
-        body += target_lines(main, peers) + main_comparison_lines(main, results)
-    path = results / TEACHER_PAGES["dit"].json_name
-    if path.is_file() and json.loads(path.read_text())["rows"]:
-        body += main_comparison_lines(json.loads(path.read_text()), results, TEACHER_PAGES["dit"])
+    main = main if main is not None else _rows_of(results / "main_comparison.json")
+    if main is not None:
+        body += target_lines(main, _rows_of(results / "peers.json")) + main_comparison_lines(main, results, pooled=pooled)
+    dit = _rows_of(results / TEACHER_PAGES["dit"].json_name)
+    if dit is not None:
+        body += main_comparison_lines(dit, results, TEACHER_PAGES["dit"])
     for name, fmt in (("core_ablation.json", core_ablation_lines), ("peers.json", peers_lines)):
-        path = results / name
-        if path.is_file() and json.loads(path.read_text())["rows"]:
-            body += fmt(json.loads(path.read_text()))
+        data = _rows_of(results / name)
+        if data is not None:
+            body += fmt(data)
     if not body:
         return []
     intro = ["## Robust protocol (per-sample statistics over 1024 seeds)", "",
@@ -341,11 +364,12 @@ if __name__ == "__main__":
     parser.add_argument("--readme", default=str(REPO / "README.md"),
                         help="its main-comparison table (between its markers) is rewritten from main_comparison.json")
     args = parser.parse_args()
-    lines = protocol_section(Path(args.results))
+    main = _rows_of(Path(args.results) / "main_comparison.json")
+    pooled = seed_pooled(main["rows"]) if main is not None else None  # the bootstrap runs once for page and README
+    lines = protocol_section(Path(args.results), main, pooled)
     if not lines:
         raise SystemExit("no rows in docs/results/core_ablation.json or peers.json yet")
     write_section(Path(args.page), lines)
     print("\n".join(lines))
-    main_json = Path(args.results) / "main_comparison.json"
-    if main_json.is_file() and json.loads(main_json.read_text())["rows"]:
-        write_section(Path(args.readme), readme_lines(json.loads(main_json.read_text())))
+    if main is not None:
+        write_section(Path(args.readme), readme_lines(main, pooled))
