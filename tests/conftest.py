@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +21,40 @@ def checkpoint_and_export_callbacks(root: Path, every_n_seconds: float | None = 
          "init_args": {"dirpath": str(root / "checkpoints"), "every_n_seconds": every_n_seconds}},
         {"class_path": "callbacks.ExportQuantized", "init_args": {"dirpath": str(root / "quantized")}},
     ]
+
+
+def quick_fit_args(tmp_path: Path, config: str, folder: Path, name: str, model: dict, data: dict) -> list[str]:
+    """``main.py fit`` arguments: a shipped config, overridden for a seconds-long CPU run of ``folder`` that exports
+    to ``tmp_path/name/quantized``; ``model`` and ``data`` add to (or replace) its model and data init_args."""
+    root = tmp_path / name
+    override = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": str(root), "enable_progress_bar": False,
+                    "enable_model_summary": False, "logger": False, "enable_checkpointing": False,
+                    "callbacks": [{"class_path": "callbacks.ExportQuantized",
+                                   "init_args": {"dirpath": str(root / "quantized")}}]},
+        "model": {"init_args": {"pretrained": str(folder), "iterations_per_unit": 2, "act_calibration_samples": 8,
+                                **model}},
+        "data": {"init_args": {"num_trajectories": 4, "batch_size": 2, "cache_dir": str(tmp_path / "cache"), **data}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return ["fit", "--config", str(REPO / "configs" / config), "--config", str(path)]
+
+
+def fit_with_final_fid(module, datamodule, output_dir: Path, num_inference_steps: int):
+    """Calibrate ``module`` with a plain Trainer and an FIDCallback that evaluates only at the end (3 samples from
+    seed 5, random-projection features, no real set); returns the callback."""
+    import lightning as L
+
+    from callbacks.fid import FIDCallback
+
+    callback = FIDCallback(every_n_units=0, num_samples=3, num_inference_steps=num_inference_steps, first_seed=5,
+                           features="random-projection", real_dataset=None, stats_cache_dir=None,
+                           output_dir=str(output_dir))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, datamodule)
+    return callback
 
 
 def tiny_unet(sample_size: int = 8, seed: int = 0) -> UNet2DModel:

@@ -33,7 +33,7 @@ from accuquant_pl.diffusion.conditioning import Conditioning
 from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet, load_vae
 from accuquant_pl.diffusion.sampling import model_output, network_inputs
 from accuquant_pl.evaluation.generation import DiffusionSampler
-from tests.conftest import REPO
+from tests.conftest import REPO, quick_fit_args
 from tests.tiny_models import (
     class_conditional_unet,
     kl_vae,
@@ -62,21 +62,9 @@ def _nest_conditioning(args: dict[str, Any]) -> dict[str, Any]:
 
 def calibration_args(tmp_path: Path, config: str, folder: Path, name: str, data: dict[str, Any],
                      **model: Any) -> list[str]:
-    root = tmp_path / name
-    override = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": str(root), "enable_progress_bar": False,
-                    "enable_model_summary": False, "logger": False, "enable_checkpointing": False,
-                    "callbacks": [{"class_path": "callbacks.ExportQuantized",
-                                   "init_args": {"dirpath": str(root / "quantized")}}]},
-        # The digits AccuQuant config's final stage is off: these runs test conditioning.
-        "model": {"init_args": {"pretrained": str(folder), "iterations_per_unit": 2, "act_calibration_samples": 8,
-                                "final_stage": None, **model}},
-        "data": {"init_args": {"num_inference_steps": STEPS, "num_trajectories": 4, "batch_size": 2,
-                               "sampling_batch_size": 4, "cache_dir": str(tmp_path / "cache"), **_nest_conditioning(data)}},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(override))
-    return ["fit", "--config", str(REPO / "configs" / config), "--config", str(path)]
+    # The digits AccuQuant config's final stage is off: these runs test conditioning.
+    return quick_fit_args(tmp_path, config, folder, name, {"final_stage": None, **model},
+                          {"num_inference_steps": STEPS, "sampling_batch_size": 4, **_nest_conditioning(data)})
 
 
 def predict(tmp_path: Path, folder: Path, name: str, num_samples: int = 3, **model: Any) -> np.ndarray:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-import yaml
 
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.cli import main
@@ -18,8 +16,7 @@ from accuquant_pl.deploy import load_quantized
 from accuquant_pl.diffusion import ConditioningSpec
 from accuquant_pl.evaluation.generation import DiffusionSampler
 from accuquant_pl.evaluation.module import SampleEvaluation
-from callbacks.fid import FIDCallback
-from tests.conftest import REPO
+from tests.conftest import fit_with_final_fid, quick_fit_args
 from tests.tiny_models import save_transformer_folder, tiny_dit
 
 STEPS = 4
@@ -33,20 +30,8 @@ def dit_folder(tmp_path) -> Path:
 
 
 def fit_args(tmp_path: Path, folder: Path, config: str, conditioning: dict | None = None, **model) -> list[str]:
-    root = tmp_path / "run"
-    override = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": str(root), "enable_progress_bar": False,
-                    "enable_model_summary": False, "logger": False, "enable_checkpointing": False,
-                    "callbacks": [{"class_path": "callbacks.ExportQuantized",
-                                   "init_args": {"dirpath": str(root / "quantized")}}]},
-        "model": {"init_args": {"pretrained": str(folder), "iterations_per_unit": 2, "act_calibration_samples": 8,
-                                **model}},
-        "data": {"init_args": {"num_inference_steps": STEPS, "num_trajectories": 4, "batch_size": 2,
-                               "cache_dir": str(tmp_path / "cache"), "conditioning": conditioning or CLASS}},
-    }
-    path = tmp_path / "override.yaml"
-    path.write_text(yaml.safe_dump(override))
-    return ["fit", "--config", str(REPO / "configs" / config), "--config", str(path)]
+    return quick_fit_args(tmp_path, config, folder, "run", model,
+                          {"num_inference_steps": STEPS, "conditioning": conditioning or CLASS})
 
 
 @pytest.mark.parametrize("config, model", [
@@ -89,12 +74,7 @@ def test_dit_evaluation_and_fid_callback_sample_with_the_labels(tmp_path, dit_fo
                               cache_dir=str(tmp_path / "cache"), conditioning=ConditioningSpec(**CLASS))
     module = BlockReconstruction(pretrained=str(dit_folder), objective="per_step", iterations_per_unit=1,
                                  act_calibration_samples=8)
-    callback = FIDCallback(every_n_units=0, num_samples=3, num_inference_steps=STEPS, first_seed=5,
-                           features="random-projection", real_dataset=None, stats_cache_dir=None,
-                           output_dir=str(tmp_path / "fid"))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
-    trainer.fit(module, dm)
+    callback = fit_with_final_fid(module, dm, tmp_path / "fid", STEPS)
     torch.testing.assert_close(callback._fp, want)
     assert callback.history and callback.history[-1]["tag"] == "final"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -15,7 +14,7 @@ from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.diffusion import ConditioningSpec
 from accuquant_pl.evaluation.generation import DiffusionSampler
 from accuquant_pl.evaluation.module import SampleEvaluation
-from callbacks.fid import FIDCallback
+from tests.conftest import fit_with_final_fid
 from tests.tiny_models import model_folder
 
 STEPS = 4
@@ -64,12 +63,7 @@ def test_fid_callback_samples_a_conditional_latent_model_like_predict(tmp_path):
                               conditioning=ConditioningSpec(prompt_embeddings=prompts, guidance_scale=3.0))
     module = BlockReconstruction(pretrained=str(folder), objective="per_step", iterations_per_unit=1,
                                  act_calibration_samples=8)  # every item: each timestep group sees inputs
-    callback = FIDCallback(every_n_units=0, num_samples=3, num_inference_steps=STEPS, first_seed=5,
-                           features="random-projection", real_dataset=None, stats_cache_dir=None,
-                           output_dir=str(tmp_path / "fid"))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
-    trainer.fit(module, dm)
+    callback = fit_with_final_fid(module, dm, tmp_path / "fid", STEPS)
     want = predicted(folder, prompt_embeddings=prompts, guidance_scale=3.0)
     assert callback._fp.shape == want.shape == (3, 3, 16, 16)
     torch.testing.assert_close(callback._fp, want)
