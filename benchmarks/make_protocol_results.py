@@ -67,14 +67,8 @@ def core_ablation_lines(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def peers_lines(data: dict[str, Any]) -> list[str]:
-    lines = ["### Peers: optimum-quanto against our round-to-nearest", "",
-             "`python benchmarks/peers.py`. Quantized operations counted on each model: conv / linear weights, "
-             "conv / linear inputs, module outputs, attention act-act matmul operand pairs. The counts say which "
-             "tensors, not at which bits: quanto quantizes conv_in and conv_out like every other layer, ours keep "
-             "them at 8 bits (`first_last_bits`); the core ablation's 'first/last layers at the base bits' row is "
-             "our figure with them at the base bits too.", "",
-             "| bits | method | quantizes (cw / lw / ci / li / out / attn) | mean final MSE [95 % CI] | median | p99 | "
+def _peers_table(data: dict[str, Any]) -> list[str]:
+    lines = ["| bits | method | quantizes (cw / lw / ci / li / out / attn) | mean final MSE [95 % CI] | median | p99 | "
              "share > 0.01 | digit changed |", "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if "skipped" in r:
@@ -84,7 +78,31 @@ def peers_lines(data: dict[str, Any]) -> list[str]:
         ops = " / ".join(str(q[k]) for k in ("conv_weights", "linear_weights", "conv_inputs", "linear_inputs",
                                              "outputs", "attention_matmuls"))
         lines.append(f"| {r['bits'].upper()} | {r['method']} | {ops} | {_stats_cells(r)} |")
+    return lines
+
+
+PEERS_NOTE = ("Quantized operations counted on each model: conv / linear weights, conv / linear inputs, module outputs, "
+              "attention act-act matmul operand pairs. The counts say which tensors, not at which bits: quanto "
+              "quantizes conv_in and conv_out like every other layer, ours keep them at 8 bits (`first_last_bits`).")
+
+
+def peers_lines(data: dict[str, Any]) -> list[str]:
+    lines = ["### Peers: optimum-quanto against our round-to-nearest", "",
+             f"`python benchmarks/peers.py --threads {data['settings']['threads']}`. {PEERS_NOTE} The core "
+             "ablation's 'first/last layers at the base bits' row is our figure with them at the base bits too.", "",
+             *_peers_table(data)]
     return [*lines, ""]
+
+
+PEERS_README_START, PEERS_README_END = "<!-- peers:start -->", "<!-- peers:end -->"
+
+
+def readme_peers_lines(data: dict[str, Any]) -> list[str]:
+    """The README's peer table: the page's, between its own markers."""
+    return [PEERS_README_START, "", f"`python benchmarks/peers.py --threads {data['settings']['threads']}`, then "
+            f"`python benchmarks/make_protocol_results.py`: the robust protocol above, round-to-nearest, activation "
+            f"ranges from {data['settings']['act_calibration_samples']} inputs of the same FP trajectories. "
+            f"{PEERS_NOTE}", "", *_peers_table(data), "", PEERS_README_END]
 
 
 METHOD_NAMES = {"rtn": "RTN", "per_step": "per-step (Q-Diffusion/BRECQ)", "accuquant": "AccuQuant (shipped recipe)",
@@ -373,3 +391,6 @@ if __name__ == "__main__":
     print("\n".join(lines))
     if main is not None:
         write_section(Path(args.readme), readme_lines(main, pooled))
+    peers = _rows_of(Path(args.results) / "peers.json")
+    if peers is not None:
+        write_section(Path(args.readme), readme_peers_lines(peers))

@@ -12,11 +12,14 @@ sys.path.insert(0, str(REPO))
 from benchmarks.core_ablation import BASE_ROW  # noqa: E402
 from benchmarks.make_protocol_results import (  # noqa: E402
     END,
+    PEERS_README_END,
+    PEERS_README_START,
     README_END,
     README_START,
     START,
     protocol_section,
     readme_lines,
+    readme_peers_lines,
     write_section,
 )
 
@@ -30,7 +33,7 @@ def test_section_from_the_benchmarks_json_replaces_itself(tmp_path):
         "protocol": {"first_seed": 100000, "batch_size": 64},
         "rows": [{"bits": "w8a8", "row": BASE_ROW, "threads": 2, **STATS, "per_sample_mse": [0.002, 0.004, 0.006]},
                  {"bits": "w8a8", "row": "halved", "threads": 2, **STATS, "per_sample_mse": [0.001, 0.002, 0.003]}]}))
-    (tmp_path / "peers.json").write_text(json.dumps({"rows": [
+    (tmp_path / "peers.json").write_text(json.dumps({"settings": {"threads": 2, "act_calibration_samples": 256}, "rows": [
         {"bits": "w8a8", "method": "optimum-quanto 0.2.7", **STATS,
          "quantizes": {"conv_weights": 25, "linear_weights": 26, "conv_inputs": 0, "linear_inputs": 26,
                        "outputs": 4, "attention_matmuls": 0}},
@@ -42,6 +45,9 @@ def test_section_from_the_benchmarks_json_replaces_itself(tmp_path):
     assert "| W8A8 | halved |" in text and "| 0.50 [0.50, 0.50] * |" in text  # paired with the default row
     assert "| W8A8 | optimum-quanto 0.2.7 | 25 / 26 / 0 / 26 / 4 / 0 |" in text
     assert "| W4A4 | optimum-quanto 0.2.7 | cannot run: no int4 activations |" in text
+    readme = readme_peers_lines(json.loads((tmp_path / "peers.json").read_text()))
+    assert readme[0] == PEERS_README_START and readme[-1] == PEERS_README_END
+    assert "| W8A8 | optimum-quanto 0.2.7 | 25 / 26 / 0 / 26 / 4 / 0 |" in "\n".join(readme)
     page = tmp_path / "results.md"
     page.write_text("# Results\n\nearlier tables\n")
     write_section(page, lines)
