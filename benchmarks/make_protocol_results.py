@@ -130,22 +130,17 @@ def _by_method(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[st
     return groups
 
 
-# column -> (row value, format); the page and the README pick their columns from this one list
-_SUMMARY = {"mean": (lambda r: r["mean"], ".5f"), "median": (lambda r: r["median"], ".6f"),
-            "share > 0.01": (lambda r: 100 * r["share_above"], ".1f"),
-            "digit changed": (lambda r: 100 * r["label_change_share"], ".1f"),
-            "FID": (lambda r: r["fid"], ".2f"), "FID2FP32": (lambda r: r["fid2fp32"], ".2f"),
-            "KID": (lambda r: r["kid"], ".4f")}
+# column -> (row value, format, unit); the page and the README pick their columns from this one list
+_SUMMARY = {"mean": (lambda r: r["mean"], ".5f", ""), "median": (lambda r: r["median"], ".6f", ""),
+            "share > 0.01": (lambda r: 100 * r["share_above"], ".1f", " %"),
+            "digit changed": (lambda r: 100 * r["label_change_share"], ".1f", " %"),
+            "FID": (lambda r: r["fid"], ".2f", ""), "FID2FP32": (lambda r: r["fid2fp32"], ".2f", ""),
+            "KID": (lambda r: r["kid"], ".4f", "")}
 
 
 def _summary_cells(rs: list[dict[str, Any]], columns: tuple[str, ...]) -> list[str]:
     """Mean ± std over the calibration seeds of each named column (shares in %)."""
-    cells = []
-    for name in columns:
-        value, fmt = _SUMMARY[name]
-        cell = _mean_std([value(r) for r in rs], fmt)
-        cells.append(cell + " %" if name in ("share > 0.01", "digit changed") else cell)
-    return cells
+    return [_mean_std([value(r) for r in rs], fmt) + unit for value, fmt, unit in (_SUMMARY[c] for c in columns)]
 
 
 @dataclass(frozen=True)
@@ -171,8 +166,8 @@ TEACHER_PAGES = {
 }
 
 
-def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage = TEACHER_PAGES["unet"],
-                          pooled: dict[tuple[str, str], tuple[list[int], Any]] | None = None) -> list[str]:
+def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage,
+                          pooled: dict[tuple[str, str], tuple[list[int], Any]]) -> list[str]:
     """Mean ± std over calibration seeds per (bits, method), the per-seed rows with AccuQuant's paired ratio
     against the per-step baseline of the same seed, and the error-accumulation plot of each bit width (seed 0)."""
     rows, protocol = data["rows"], data["protocol"]
@@ -208,7 +203,7 @@ def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage
                      f"{_seconds(r)} |")
     lines += ["", "Calibration seconds marked † were taken while other jobs loaded the machine (1-minute load average "
               "above the row's thread count); they are not timings of the method.", ""]
-    lines += seed_pooled_lines(seed_pooled(rows) if pooled is None else pooled)
+    lines += seed_pooled_lines(pooled)
     for bits in sorted({r["bits"] for r in rows}):
         seed0 = {METHOD_NAMES.get(r["method"], r["method"]): (r["per_step"], r["accumulated"])
                  for r in rows if r["bits"] == bits and r["seed"] == min(x["seed"] for x in rows if x["bits"] == bits)}
@@ -258,11 +253,10 @@ def seed_pooled_lines(pooled: dict[tuple[str, str], tuple[list[int], Any]]) -> l
 README_START, README_END = "<!-- main-comparison:start -->", "<!-- main-comparison:end -->"
 
 
-def readme_lines(data: dict[str, Any], pooled: dict[tuple[str, str], tuple[list[int], Any]] | None = None) -> list[str]:
+def readme_lines(data: dict[str, Any], pooled: dict[tuple[str, str], tuple[list[int], Any]]) -> list[str]:
     """The README's results table: mean ± std over calibration seeds per (bits, method), and the seed-pooled
-    paired ratio against the per-step baseline."""
+    paired ratio against the per-step baseline (``seed_pooled(data["rows"])``)."""
     rows, protocol = data["rows"], data["protocol"]
-    pooled = seed_pooled(rows) if pooled is None else pooled
     lines = [README_START, "",
              f"`python benchmarks/main_comparison.py --threads {rows[0]['threads']}`, then "
              "`python benchmarks/make_protocol_results.py`: the shipped digits teacher, each config as shipped, "
@@ -343,10 +337,12 @@ def protocol_section(results: Path, main: dict[str, Any] | None = None,
     body: list[str] = []
     main = main if main is not None else _rows_of(results / "main_comparison.json")
     if main is not None:
-        body += target_lines(main, _rows_of(results / "peers.json")) + main_comparison_lines(main, results, pooled=pooled)
+        pooled = seed_pooled(main["rows"]) if pooled is None else pooled
+        body += (target_lines(main, _rows_of(results / "peers.json"))
+                 + main_comparison_lines(main, results, TEACHER_PAGES["unet"], pooled))
     dit = _rows_of(results / TEACHER_PAGES["dit"].json_name)
     if dit is not None:
-        body += main_comparison_lines(dit, results, TEACHER_PAGES["dit"])
+        body += main_comparison_lines(dit, results, TEACHER_PAGES["dit"], seed_pooled(dit["rows"]))
     for name, fmt in (("core_ablation.json", core_ablation_lines), ("peers.json", peers_lines)):
         data = _rows_of(results / name)
         if data is not None:

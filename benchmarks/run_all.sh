@@ -93,4 +93,4 @@ python benchmarks/main_comparison.py --threads 2
 python benchmarks/teacher_quality.py --teacher models/digits-dit --class-conditional --grid models/digits-dit/samples.png
 python benchmarks/main_comparison.py --threads 2 --teacher dit
 python benchmarks/make_results.py
-python benchmarks/make_protocol_results.py   # also the README main-comparison table, from main_comparison.json
+python benchmarks/make_protocol_results.py   # also the README's main-comparison and peer tables, from their JSON

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from callbacks.fid import FIDCallback
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "models" / "digits-ddpm"
@@ -44,10 +47,6 @@ def quick_fit_args(tmp_path: Path, config: str, folder: Path, name: str, model: 
 def fit_with_final_fid(module, datamodule, output_dir: Path, num_inference_steps: int):
     """Calibrate ``module`` with a plain Trainer and an FIDCallback that evaluates only at the end (3 samples from
     seed 5, random-projection features, no real set); returns the callback."""
-    import lightning as L
-
-    from callbacks.fid import FIDCallback
-
     callback = FIDCallback(every_n_units=0, num_samples=3, num_inference_steps=num_inference_steps, first_seed=5,
                            features="random-projection", real_dataset=None, stats_cache_dir=None,
                            output_dir=str(output_dir))

@@ -20,6 +20,7 @@ from benchmarks.make_protocol_results import (  # noqa: E402
     protocol_section,
     readme_lines,
     readme_peers_lines,
+    seed_pooled,
     write_section,
 )
 
@@ -130,7 +131,7 @@ def test_readme_table_is_rewritten_between_its_markers(tmp_path):
     rows = [_comparison_row("per_step", 0, [0.002, 0.002, 0.002]), _comparison_row("per_step", 1, [0.004, 0.004, 0.004]),
             _comparison_row("accuquant", 0, [0.001, 0.001, 0.001]), _comparison_row("accuquant", 1, [0.002, 0.002, 0.002])]
     data = {"protocol": {"first_seed": 100000, "samples": 3, "batch_size": 64, "features": "inception"}, "rows": rows}
-    lines = readme_lines(data)
+    lines = readme_lines(data, seed_pooled(rows))
     assert lines[0] == README_START and lines[-1] == README_END
     text = "\n".join(lines)
     assert "| W4A8 | per-step (Q-Diffusion/BRECQ) | 0,1 | 0.00300 ± 0.00141 |" in text
