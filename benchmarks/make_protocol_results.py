@@ -166,6 +166,9 @@ TEACHER_PAGES = {
 }
 
 
+N2_NOTE = "; block-output n = 2 is the AccuQuant config with `data.group_size: 2` and no final stage"
+
+
 def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage,
                           pooled: dict[tuple[str, str], tuple[list[int], Any]]) -> list[str]:
     """Mean ± std over calibration seeds per (bits, method), the per-seed rows with AccuQuant's paired ratio
@@ -174,9 +177,8 @@ def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage
     lines = [f"### {page.title}", "",
              f"`python benchmarks/main_comparison.py{page.flag} --threads {rows[0]['threads']}` ({len(rows)} rows, one "
              f"sweep on one machine). Each row calibrates {page.teacher} with the shipped config "
-             f"(`{page.configs}`; block-output n = 2 is the AccuQuant config with "
-             "`data.group_size: 2` and no final stage) at the given calibration seed (`seed_everything` and the "
-             f"trajectory seed) and evaluates its export on {protocol['samples']} held-out seeds in batches of "
+             f"(`{page.configs}`{N2_NOTE if any(r['method'] == 'accuquant_block_n2' for r in rows) else ''}) at the "
+             f"given calibration seed (`seed_everything` and the trajectory seed) and evaluates its export on {protocol['samples']} held-out seeds in batches of "
              f"{protocol['batch_size']}. FID / FID2FP32 / KID ({protocol['features']} features) on the same samples; "
              "FID of the FP samples against the real digits: "
              f"{rows[0]['fid_fp']:.2f}.", "",
