@@ -29,6 +29,14 @@ SUPPORTED_TRANSFORMERS: dict[str, type] = {
 }
 SUPPORTED_DENOISERS: dict[str, type] = {**SUPPORTED_UNETS, **SUPPORTED_TRANSFORMERS}
 """Every denoiser class this project calibrates: the diffusers UNets and the transformer denoisers."""
+LEGACY_TRANSFORMER_CLASS = "Transformer2DModel"
+LEGACY_NORM_TYPES: dict[str, str] = {
+    "ada_norm_zero": "DiTTransformer2DModel",
+    "ada_norm_single": "PixArtTransformer2DModel",
+}
+"""The Hub's DiT and PixArt-alpha checkpoints (facebook/DiT-XL-2-256, PixArt-alpha/PixArt-XL-2-*) predate the
+dedicated classes: their config says ``Transformer2DModel`` and its ``norm_type`` tells which model it is, as
+diffusers itself reads them."""
 DENOISER_SUBFOLDERS = ("unet", "transformer")
 UNet = UNet2DModel | UNet2DConditionModel
 Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | PixArtTransformer2DModel
@@ -70,6 +78,20 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
+def denoiser_class_name(config: dict[str, Any], where: str) -> str | None:
+    """The denoiser class a diffusers config describes: its ``_class_name``, or for a legacy
+    ``Transformer2DModel`` config the DiT/PixArt class its ``norm_type`` stands for (``where`` names the config
+    in the error for a norm type with no dedicated class)."""
+    name = config.get("_class_name")
+    if name != LEGACY_TRANSFORMER_CLASS:
+        return name
+    norm_type = config.get("norm_type")
+    if norm_type not in LEGACY_NORM_TYPES:
+        raise ValueError(f"{where} describes a legacy {LEGACY_TRANSFORMER_CLASS} with norm_type {norm_type!r}; "
+                         f"supported: {sorted(LEGACY_NORM_TYPES)} (DiT, PixArt) or one of {sorted(SUPPORTED_DENOISERS)}")
+    return LEGACY_NORM_TYPES[norm_type]
+
+
 def inspect_model_folder(path: str | Path) -> ModelFolder:
     """Check that ``path`` holds a diffusers UNet (a pipeline folder with ``unet/`` or a bare UNet folder).
 
@@ -88,7 +110,8 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
             f"model folder {str(path)!r} has neither unet/config.json, transformer/config.json nor config.json; "
             "expected a diffusers save_pretrained folder"
         )
-    unet_class = _read_json(config_file).get("_class_name")
+    unet_class = denoiser_class_name(_read_json(config_file), f"model folder {str(path)!r}: "
+                                     f"{config_file.relative_to(root)}")
     if unet_class not in SUPPORTED_DENOISERS:
         raise ValueError(
             f"model folder {str(path)!r}: {config_file.relative_to(root)} describes {unet_class!r}, not a supported "

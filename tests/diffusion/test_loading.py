@@ -66,3 +66,32 @@ def test_unet_config_without_weights(tmp_path, tiny_model_dir):
 def test_unknown_scheduler_name(tiny_model_dir):
     with pytest.raises(ValueError, match="'heun3'"):
         scheduler_from_config("heun3", load_scheduler_config(tiny_model_dir))
+
+
+@pytest.mark.parametrize("norm_type, expected", [("ada_norm_zero", "DiTTransformer2DModel"),
+                                                 ("ada_norm_single", "PixArtTransformer2DModel")])
+def test_legacy_transformer2d_configs_load_as_dit_or_pixart(tmp_path, norm_type, expected):
+    # facebook/DiT-XL-2-256 and PixArt-alpha on the Hub say "Transformer2DModel" (with keys the new classes
+    # do not take); diffusers reads them by norm_type, and so must we.
+    from tests.tiny_models import save_transformer_folder, tiny_dit, tiny_pixart
+
+    model = tiny_dit() if norm_type == "ada_norm_zero" else tiny_pixart()
+    folder = save_transformer_folder(tmp_path / "legacy", model)
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["norm_type"] == norm_type
+    config.update({"_class_name": "Transformer2DModel", "use_linear_projection": False, "only_cross_attention": False,
+                   "num_vector_embeds": None})
+    config_file.write_text(json.dumps(config))
+    assert inspect_model_folder(folder).unet_class == expected
+    loaded = load_unet(folder)
+    assert type(loaded).__name__ == expected
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
+
+
+def test_legacy_transformer2d_config_of_another_kind_is_named(tmp_path, tiny_model_dir):
+    load_unet(tiny_model_dir).save_pretrained(tmp_path / "weights")
+    config = {"_class_name": "Transformer2DModel", "norm_type": "layer_norm"}
+    (tmp_path / "weights" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="norm_type 'layer_norm'"):
+        inspect_model_folder(tmp_path / "weights")
