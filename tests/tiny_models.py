@@ -163,14 +163,17 @@ def tiny_dit(sample_size: int = 8, channels: int = 1, num_classes: int = 10, lea
     )
 
 
-def tiny_pixart(channels: int = 4, seed: int = 0) -> nn.Module:
-    """PixArtTransformer2DModel: 2 blocks, width 16, cross-attention on TEXT_DIM prompt embeddings, learned sigma."""
+def tiny_pixart(channels: int = 4, seed: int = 0, size_conditions: bool = False) -> nn.Module:
+    """PixArtTransformer2DModel: 2 blocks, width 16 (24 with size conditions), cross-attention on TEXT_DIM prompt embeddings, learned sigma;
+    ``size_conditions``: resolution and aspect-ratio micro-conditions, as the 1024-px PixArt-alpha has."""
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
+    head_dim = 12 if size_conditions else 8  # the size embeddings split the width in thirds
     return PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=channels, out_channels=2 * channels, num_layers=2,
-        sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=TEXT_DIM, norm_num_groups=1,
+        num_attention_heads=2, attention_head_dim=head_dim, in_channels=channels, out_channels=2 * channels,
+        num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=2 * head_dim, caption_channels=TEXT_DIM,
+        norm_num_groups=1, use_additional_conditions=size_conditions,
     )
 
 

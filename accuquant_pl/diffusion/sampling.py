@@ -61,7 +61,24 @@ def network_inputs(unet: nn.Module | None, x: Tensor, t: Tensor | int, cond: Con
         t = torch.as_tensor(inputs["timestep"], device=x.device)
         if t.ndim == 0:
             inputs["timestep"] = t.reshape(1).expand(inputs["hidden_states"].shape[0])
+        if getattr(unet, "use_additional_conditions", False):
+            inputs["added_cond_kwargs"] = size_conditions(inputs["hidden_states"])
     return inputs
+
+
+PIXART_VAE_SCALE = 8
+"""Pixels per latent of PixArt's autoencoder (Stable Diffusion's VAE), the PixArt pipelines' default too."""
+
+
+def size_conditions(latents: Tensor) -> dict[str, Tensor]:
+    """PixArt-alpha's micro-conditions for a batch of latents, as PixArtAlphaPipeline builds them for its default
+    size: the image height and width in pixels and their ratio, per sample. Only the 1024-px checkpoints
+    (``sample_size`` 128, ``use_additional_conditions``) take them; their VAE is SD's, 8 pixels per latent."""
+    n, (h, w) = latents.shape[0], latents.shape[-2:]
+    height, width = h * PIXART_VAE_SCALE, w * PIXART_VAE_SCALE
+    resolution = torch.tensor([height, width], dtype=latents.dtype, device=latents.device).repeat(n, 1)
+    aspect_ratio = torch.tensor([height / width], dtype=latents.dtype, device=latents.device).repeat(n, 1)
+    return {"resolution": resolution, "aspect_ratio": aspect_ratio}
 
 
 def is_transformer(unet: nn.Module | None) -> bool:

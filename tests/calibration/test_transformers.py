@@ -94,10 +94,12 @@ def test_unsupported_denoisers_name_the_supported_ones(tmp_path):
         load_unet(tmp_path / "sd3")
 
 
-def test_a_pixart_transformer_calibrates_on_prompt_embeddings_and_samples(tmp_path):
+@pytest.mark.parametrize("size_conditions", [False, True])
+def test_a_pixart_transformer_calibrates_on_prompt_embeddings_and_samples(tmp_path, size_conditions):
     from tests.tiny_models import save_transformer_folder, tiny_pixart, write_prompts
 
-    folder = save_transformer_folder(tmp_path / "pixart", tiny_pixart(), scheduler="ddim")
+    folder = save_transformer_folder(tmp_path / "pixart", tiny_pixart(size_conditions=size_conditions),
+                                     scheduler="ddim")
     prompts = write_prompts(tmp_path / "prompts.pt")
     args = fit_args(tmp_path, folder, "digits_w4a8_accuquant.yaml",
                     {"prompt_embeddings": str(prompts), "guidance_scale": 3.0}, final_stage=None)

@@ -43,3 +43,27 @@ def test_guidance_combines_conditional_and_unconditional():
         e_c = unet(x, 7, class_labels=cond.class_labels).sample
         e_u = unet(x, 7, class_labels=cond.uncond_class_labels).sample
     assert torch.allclose(got, e_u + 3.0 * (e_c - e_u), atol=1e-5)
+
+
+def test_pixart_size_conditions_are_the_pipelines():
+    # The 1024-px PixArt-alpha takes the image size as micro-conditions; PixArtAlphaPipeline gives its default
+    # size, sample_size x 8 pixels per latent (SD's VAE), per sample and doubled with the guided batch.
+    from tests.tiny_models import PROMPT_TOKENS, TEXT_DIM, tiny_pixart
+
+    model = tiny_pixart(size_conditions=True).eval()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = torch.randn(2, PROMPT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(1))
+    cond = Conditioning(encoder_hidden_states=prompts, guidance_scale=2.0,
+                        uncond_encoder_hidden_states=torch.zeros_like(prompts))
+    with torch.no_grad():
+        ours = model_output(model, x, 500, cond)
+
+        def guided(height: int, width: int) -> torch.Tensor:
+            sizes = {"resolution": torch.tensor([[float(height), float(width)]] * 4),
+                     "aspect_ratio": torch.tensor([[height / width]] * 4)}
+            out = model(torch.cat([x, x]), encoder_hidden_states=torch.cat([torch.zeros_like(prompts), prompts]),
+                        timestep=torch.tensor([500] * 4), added_cond_kwargs=sizes).sample[:, :4]
+            return out[:2] + 2.0 * (out[2:] - out[:2])
+
+        assert torch.allclose(ours, guided(64, 64), atol=1e-6)
+        assert not torch.allclose(ours, guided(128, 64), atol=1e-3)  # the conditions reach the output
