@@ -16,14 +16,25 @@ from accuquant_pl.diffusion.loading import SUPPORTED_TRANSFORMERS
 from accuquant_pl.diffusion.noise import step_generators, step_kwargs
 
 
+def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded with its seed: what a diffusers pipeline takes as
+    ``generator=[torch.Generator().manual_seed(s) for s in seeds]``."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int],
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """Gaussian noise of shape ``(len(generators), *shape)``, row i drawn from ``generators[i]`` (which advance)."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in generators])
+
+
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
     """Gaussian noise of shape ``(len(seeds), *shape)``, row i drawn from its own CPU generator seeded ``seeds[i]``.
 
     A per-row generator makes sample i independent of batch size, rank and device, so FP and quantized
     samples pair up exactly and DDP shards reproduce a single-process run.
     """
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
-    return torch.stack(rows)
+    return draw_noise(seed_generators(seeds), shape, dtype)
 
 
 def _needs_encoder_states(unet: nn.Module | None) -> bool:
@@ -145,7 +156,8 @@ def sample(
 
     A stochastic sampler's step noise: with ``noise_seeds`` (one per row, normally the seeds of the initial
     noise), row i's noise at step k comes from its own generator (``noise.step_generators``), independent of
-    the batch, and the AccuQuant rollout can replay it; else from ``generator`` (or the global RNG)."""
+    the batch and of the steps before, and the AccuQuant rollout can replay it; else from ``generator`` (one per
+    row, as the diffusers pipelines take it, continuing across steps; or the global RNG)."""
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     states, outputs = [x], []

@@ -90,6 +90,30 @@ def test_pixel_unet_gives_a_ddim_pipeline_whose_images_equal_predict(tmp_path):
     assert type(quantized_pipeline(quantized, scheduler="ddpm")) is DDPMPipeline
 
 
+@pytest.mark.parametrize("scheduler, eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_stochastic_samplers_draw_the_same_step_noise_as_predict(tmp_path, scheduler, eta):
+    # Seed s's generator gives the initial noise and then every step's noise, in both.
+    folder = save_pipeline(tmp_path / "fp", tiny_unet())
+    quantized = rtn_export(folder, tmp_path / "q", record_source=False)
+    pipe = quantized_pipeline(quantized, scheduler=scheduler)
+    kwargs = {"eta": eta} if scheduler == "ddim" else {}
+    with torch.no_grad():
+        images = pipe(batch_size=len(SEEDS), generator=generators(SEEDS), num_inference_steps=STEPS,
+                      output_type="np", **kwargs).images
+        deterministic = pipe(batch_size=len(SEEDS), generator=generators(SEEDS), num_inference_steps=STEPS,
+                             output_type="np", **({"eta": 0.0} if scheduler == "ddim" else {})).images
+    ours = predicted(folder, quantized, scheduler=scheduler, eta=eta)
+    assert_same_images(images, ours)
+    if scheduler == "ddim":
+        assert not torch.allclose(torch.from_numpy(deterministic), ours, atol=1e-3)  # the noise was drawn
+    # One sample's images do not depend on the batch it is drawn in.
+    sampler = DiffusionSampler(pretrained=str(folder), quantized=str(quantized), num_inference_steps=STEPS,
+                               scheduler=scheduler, eta=eta)
+    with torch.no_grad():
+        alone = sampler.predict_step(torch.tensor(SEEDS[1:2]), 0)
+    torch.testing.assert_close((alone + 1) / 2, ours[1:2].permute(0, 3, 1, 2), rtol=0, atol=1e-6)
+
+
 def test_latent_unet_gives_an_ldm_pipeline_that_decodes_like_predict(tmp_path):
     folder = save_pipeline(tmp_path / "ldm", rgb_unet(channels=3), vq_vae(3), "vqvae", scheduler="ddim")
     quantized = rtn_export(folder, tmp_path / "q")
