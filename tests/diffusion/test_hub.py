@@ -97,3 +97,27 @@ def test_a_calibration_runs_from_a_hub_id_offline(hub_cache, tmp_path):
     unet = load_quantized(tmp_path / "run" / "quantized")
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(unet(x, 10).sample, cli.model.student(x, 10).sample)
+
+
+@pytest.mark.parametrize("error, spec, message", [
+    ("RevisionNotFoundError", "acme/online@nope", "the Hub repository 'acme/online' has no revision 'nope'"),
+    ("RepositoryNotFoundError", "acme/missing", "'acme/missing': no such Hub repository"),
+    ("HfHubHTTPError", "acme/flaky", "'acme/flaky': the Hub download failed \\(HfHubHTTPError: 503 busy\\)"),
+])
+def test_online_failures_name_the_id_in_one_line(tmp_path, monkeypatch, error, spec, message):
+    # What the Hub answers online, without a network: snapshot_download raises what huggingface_hub raises.
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def refuse(repo_id, **kwargs):
+        status = 503 if error == "HfHubHTTPError" else 404
+        response = SimpleNamespace(status_code=status, headers={}, request=None)  # what the errors read of it
+        raise getattr(errors, error)(f"{status} busy\nmore detail", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=message) as err:
+        resolve_model_path(spec, cache_dir=str(tmp_path / "hub"))
+    assert "\n" not in str(err.value)
