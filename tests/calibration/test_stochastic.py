@@ -15,7 +15,13 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from accuquant_pl.calibration.objectives import accuquant_step, check_rollout_scheduler, group_steps
+from accuquant_pl.calibration.objectives import (
+    accuquant_block_accumulated_step,
+    accuquant_block_step,
+    accuquant_step,
+    check_rollout_scheduler,
+    group_steps,
+)
 from accuquant_pl.calibration.rollout import rollout, simulate
 from accuquant_pl.data.groups import TrajectoryGroups
 from accuquant_pl.data.trajectories import TrajectoryDataModule
@@ -135,6 +141,26 @@ def test_every_gradient_mode_has_zero_loss_with_the_fp_student(case):
     for mode in MODES:
         loss = accuquant_step(student, make_scheduler(case), batch, None, mode, "mean")
         assert loss.item() == 0.0, (case, mode, loss.item())
+
+
+@pytest.mark.parametrize("target", ["block_output", "block_accumulated"])
+@pytest.mark.parametrize("case", ["ddim-eta1", "ddpm"])
+def test_block_targets_follow_the_stochastic_trajectory_with_the_fp_student(case, target):
+    # The FP student's rollout meets the cached FP states only under the trajectories' own step noise: the block's
+    # outputs there equal the FP block's on the cached states (zero loss), and without that noise they do not.
+    teacher = fp_teacher()
+    student = tiny_unet(seed=1).eval()  # same weights, trainable
+    unit = "down_blocks.1"
+    step_fn = accuquant_block_step if target == "block_output" else accuquant_block_accumulated_step
+    batch = batch_at(groups_of(case, cache(case, teacher), 3), 2)
+
+    def loss(items: dict) -> float:
+        return step_fn(student, teacher, student.get_submodule(unit), teacher.get_submodule(unit),
+                       make_scheduler(case), items, None, "mean").item()
+
+    assert loss(batch) == 0.0
+    other = {**batch, "noise_seed": batch["noise_seed"] + 100}
+    assert loss(other) > 1e-8
 
 
 def hybrid_sampler_loss(case: str, teacher: nn.Module, student: nn.Module, tensors: dict, start: int,
