@@ -90,11 +90,17 @@ def save_pipeline(folder: Path, unet: nn.Module, vae: nn.Module | None = None, v
     return folder
 
 
-def write_prompts(path: Path, num_prompts: int = 3, seed: int = 2) -> Path:
-    """A prompt-embedding file {'cond': (P, L, D), 'uncond': (L, D)} for ``text_conditional_unet``."""
+def write_prompts(path: Path, num_prompts: int = 3, seed: int = 2, masks: bool = False) -> Path:
+    """A prompt-embedding file {'cond': (P, L, D), 'uncond': (L, D)} for ``text_conditional_unet``; ``masks``: with
+    attention masks of prompts padded after 1 + i % L tokens (the negative prompt after one), as PixArt's."""
     gen = torch.Generator().manual_seed(seed)
-    torch.save({"cond": torch.randn(num_prompts, PROMPT_TOKENS, TEXT_DIM, generator=gen),
-                "uncond": torch.randn(PROMPT_TOKENS, TEXT_DIM, generator=gen)}, path)
+    content = {"cond": torch.randn(num_prompts, PROMPT_TOKENS, TEXT_DIM, generator=gen),
+               "uncond": torch.randn(PROMPT_TOKENS, TEXT_DIM, generator=gen)}
+    if masks:
+        positions = torch.arange(PROMPT_TOKENS)
+        content["cond_mask"] = torch.stack([(positions <= i % PROMPT_TOKENS).long() for i in range(num_prompts)])
+        content["uncond_mask"] = (positions == 0).long()
+    torch.save(content, path)
     return path
 
 
@@ -186,3 +192,24 @@ def save_transformer_folder(folder: Path, transformer: nn.Module, vae: nn.Module
     if vae is not None:
         vae.save_pretrained(folder / "vae")
     return folder
+
+
+T5_TOKENS = 12  # the tiny T5 prompts' padded length (PixArt pads to 120)
+
+
+def tiny_t5(seed: int = 0) -> tuple[nn.Module, object]:
+    """A tiny T5 encoder (width TEXT_DIM) and a word-level tokenizer that pads with 0 and ends prompts with
+    ``</s>``, as PixArt's T5 does (needs transformers and tokenizers; built here, nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "cat", "red", "car", "dog"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=T5_TOKENS)
+    torch.manual_seed(seed)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1,
+                                      num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    return encoder, tokenizer

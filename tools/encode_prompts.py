@@ -1,12 +1,15 @@
-"""Encode calibration prompts with a Stable-Diffusion-class pipeline's own text encoder, once, into the
-prompt-embedding file that ``TrajectoryDataModule(prompt_embeddings=...)`` and ``DiffusionSampler`` read:
-``{'cond': (P, L, D), 'uncond': (L, D), 'prompts': [...]}``.
+"""Encode calibration prompts with a pipeline's own text encoder, once, into the prompt-embedding file that
+``TrajectoryDataModule(prompt_embeddings=...)`` and ``DiffusionSampler`` read:
+``{'cond': (P, L, D), 'uncond': (L, D), 'prompts': [...]}``, and for PixArt also ``'cond_mask': (P, L)`` and
+``'uncond_mask': (L,)``.
 
-The encoding is StableDiffusionPipeline.encode_prompt's (no clip_skip): the tokenizer pads / truncates every
-prompt to ``model_max_length`` tokens, the text encoder's last hidden state is the embedding; ``uncond`` is the
-negative prompt's (empty by default), as the pipeline uses it for classifier-free guidance. Needs ``transformers``
-(not a dependency of accuquant-pl: install it where you run this) and a local pipeline folder with tokenizer/ and
-text_encoder/; nothing is downloaded.
+Stable-Diffusion-class folders: StableDiffusionPipeline.encode_prompt's encoding (no clip_skip): the tokenizer
+pads / truncates every prompt to ``model_max_length`` tokens, the text encoder's last hidden state is the
+embedding. PixArt folders (``model_index.json`` naming a PixArt pipeline): the pipeline's own ``encode_prompt``
+(T5, padded to its ``max_sequence_length``), with the attention masks the transformer is given. ``uncond`` is
+the negative prompt's (empty by default), as the pipeline uses it for classifier-free guidance. Needs
+``transformers`` (the ``pipelines`` extra) and a local pipeline folder with tokenizer/ and text_encoder/; nothing
+is downloaded.
 
     python tools/encode_prompts.py path/to/sd-folder prompts.txt --out data/prompts.pt
 """
@@ -14,14 +17,22 @@ text_encoder/; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
 
+def _pipeline_class(folder: Path) -> str:
+    index = folder / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+
+
 @torch.no_grad()
 def encode(folder: Path, prompts: list[str], negative: str = "", device: str = "cpu",
            batch_size: int = 64) -> dict[str, object]:
+    if _pipeline_class(folder).startswith("PixArt"):
+        return _encode_pixart(folder, prompts, negative, device, batch_size)
     from transformers import CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
@@ -35,6 +46,21 @@ def encode(folder: Path, prompts: list[str], negative: str = "", device: str = "
 
     cond = torch.cat([embed(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
     return {"cond": cond, "uncond": embed([negative])[0], "prompts": prompts}
+
+
+def _encode_pixart(folder: Path, prompts: list[str], negative: str, device: str, batch_size: int) -> dict[str, object]:
+    from diffusers import DiffusionPipeline
+
+    # Only the tokenizer and the text encoder are needed: the transformer and the autoencoder are not loaded.
+    pipe = DiffusionPipeline.from_pretrained(folder, transformer=None, vae=None).to(device)
+    conds, masks = [], []
+    for i in range(0, len(prompts), batch_size):
+        cond, mask, uncond, uncond_mask = pipe.encode_prompt(prompts[i : i + batch_size], True, negative_prompt=negative,
+                                                             device=torch.device(device))
+        conds.append(cond.float().cpu())
+        masks.append(mask.cpu())
+    return {"cond": torch.cat(conds), "cond_mask": torch.cat(masks), "uncond": uncond[0].float().cpu(),
+            "uncond_mask": uncond_mask[0].cpu(), "prompts": prompts}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,9 @@ class Conditioning:
     """Classifier-free guidance weight s: eps = eps_u + s (eps_c - eps_u); 1.0 means no guidance."""
     uncond_class_labels: Tensor | None = None
     uncond_encoder_hidden_states: Tensor | None = None
+    encoder_attention_mask: Tensor | None = None
+    """(B, L) 1 for the prompt tokens to attend to, 0 for padding (PixArt's T5 prompts); None: attend to all."""
+    uncond_encoder_attention_mask: Tensor | None = None
 
     @property
     def guided(self) -> bool:
@@ -30,11 +33,14 @@ class Conditioning:
     def kwargs(self, uncond: bool = False) -> dict[str, Tensor]:
         labels = self.uncond_class_labels if uncond else self.class_labels
         states = self.uncond_encoder_hidden_states if uncond else self.encoder_hidden_states
+        mask = self.uncond_encoder_attention_mask if uncond else self.encoder_attention_mask
         out: dict[str, Tensor] = {}
         if labels is not None:
             out["class_labels"] = labels
         if states is not None:
             out["encoder_hidden_states"] = states
+            if mask is not None:
+                out["encoder_attention_mask"] = mask
         return out
 
     def to(self, device: torch.device) -> Conditioning:
@@ -44,7 +50,9 @@ class Conditioning:
 
 def load_prompt_embeddings(path: str | Path) -> dict[str, Tensor]:
     """A prompt-embedding file: ``{'cond': (P, L, D), 'uncond': (L, D)}`` (the text encoder's outputs for P
-    prompts and for the empty / negative prompt), as ``TrajectoryDataModule.prompt_embeddings`` reads it."""
+    prompts and for the empty / negative prompt), as ``TrajectoryDataModule.prompt_embeddings`` reads it, and for
+    a denoiser that masks the prompt's padding (PixArt) ``'cond_mask': (P, L)`` and ``'uncond_mask': (L,)``, the
+    tokenizer's attention masks (1 = token, 0 = padding), which the denoiser is then given as the pipelines do."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt_embeddings file {str(path)!r} does not exist")
@@ -52,6 +60,17 @@ def load_prompt_embeddings(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(prompts, dict) or "cond" not in prompts or prompts["cond"].ndim != 3:
         raise ValueError(f"prompt_embeddings {str(path)!r} must hold a 'cond' tensor (P, L, D) "
                          "and optionally an 'uncond' tensor (L, D)")
+    cond = prompts["cond"]
+    expected = {"uncond": cond.shape[1:], "cond_mask": cond.shape[:2], "uncond_mask": cond.shape[1:2]}
+    for key, shape in expected.items():
+        if key in prompts and tuple(prompts[key].shape) != tuple(shape):
+            raise ValueError(f"prompt_embeddings {str(path)!r}: {key!r} has shape {tuple(prompts[key].shape)}, "
+                             f"expected {tuple(shape)} for 'cond' of shape {tuple(cond.shape)}")
+    masks = [key for key in ("cond_mask", "uncond_mask") if key in prompts]
+    if masks and masks != ["cond_mask", "uncond_mask"][: 1 + ("uncond" in prompts)]:
+        raise ValueError(f"prompt_embeddings {str(path)!r} holds {masks} with"
+                         f"{'' if 'uncond' in prompts else 'out'} 'uncond': give 'cond_mask', and 'uncond_mask' "
+                         "exactly when 'uncond' is given (the prompts' and the negative prompt's attention masks)")
     return prompts
 
 
@@ -67,7 +86,8 @@ class ConditioningSpec:
     uncond_class_label: int | None = None
     """The class id given as the unconditional input under classifier-free guidance."""
     prompt_embeddings: str | None = None
-    """Text-conditional models: a .pt file {'cond': (P, L, D), 'uncond': (L, D)}; sample i uses prompt ``i % P``."""
+    """Text-conditional models: a .pt file {'cond': (P, L, D), 'uncond': (L, D)} (and for PixArt the attention
+    masks 'cond_mask': (P, L), 'uncond_mask': (L,)); sample i uses prompt ``i % P``."""
     guidance_scale: float = 1.0
     """Classifier-free guidance weight s (1.0 = none)."""
 
@@ -120,7 +140,12 @@ class ConditioningSpec:
             states = prompts["cond"][items["prompt_index"].cpu()].to(device)
             uncond = prompts.get("uncond")
             uncond = uncond.expand_as(states).to(device) if uncond is not None else None
+            mask, uncond_mask = prompts.get("cond_mask"), prompts.get("uncond_mask")
+            if mask is not None:
+                mask = mask[items["prompt_index"].cpu()].to(device)
+                uncond_mask = uncond_mask.expand_as(mask).to(device) if uncond_mask is not None else None
             return Conditioning(encoder_hidden_states=states, uncond_encoder_hidden_states=uncond,
+                                encoder_attention_mask=mask, uncond_encoder_attention_mask=uncond_mask,
                                 guidance_scale=self.guidance_scale)
         return None
 

@@ -100,7 +100,7 @@ def test_a_pixart_transformer_calibrates_on_prompt_embeddings_and_samples(tmp_pa
 
     folder = save_transformer_folder(tmp_path / "pixart", tiny_pixart(size_conditions=size_conditions),
                                      scheduler="ddim")
-    prompts = write_prompts(tmp_path / "prompts.pt")
+    prompts = write_prompts(tmp_path / "prompts.pt", masks=size_conditions)  # and padded prompts with their masks
     args = fit_args(tmp_path, folder, "digits_w4a8_accuquant.yaml",
                     {"prompt_embeddings": str(prompts), "guidance_scale": 3.0}, final_stage=None)
     cli = main([*args, "--data.init_args.group_size", "2"])

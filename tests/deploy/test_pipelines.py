@@ -201,3 +201,47 @@ def rtn_dit_export(folder: Path, out: Path) -> Path:
                 "class_labels": torch.tensor([0, 3, 7, 1000])} for i in range(4)]
     model = rtn_quantize(transformer, QuantSpec(weight_bits=8, act_bits=8), batches, 100)
     return export_quantized(model, out, scheduler_config=load_scheduler_config(folder), source_model=str(folder))
+
+
+def test_pixart_folder_gives_its_pipeline_whose_masked_prompt_images_equal_predict(tmp_path):
+    # PixArt pads its T5 prompts and masks the padding out of cross-attention: tools/encode_prompts.py writes the
+    # tokenizer's masks with the embeddings and predict gives them to the transformer as PixArtAlphaPipeline does.
+    pytest.importorskip("transformers")
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline
+
+    from tests.tiny_models import tiny_pixart, tiny_t5
+    from tools.encode_prompts import main as encode_prompts
+
+    encoder, tokenizer = tiny_t5()
+    fp = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=kl_vae(4), transformer=tiny_pixart(),
+                             scheduler=DDIMScheduler(num_train_timesteps=100))
+    folder = tmp_path / "pixart"
+    fp.save_pretrained(folder)
+    quantized = rtn_pixart_export(folder, tmp_path / "q")
+    pipe = quantized_pipeline(quantized)
+    assert type(pipe) is PixArtAlphaPipeline and pipe.transformer is not fp.transformer
+    prompts = ["a red car", "a photo of a cat", "dog"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts))
+    masked, unmasked = tmp_path / "masked.pt", tmp_path / "unmasked.pt"
+    encode_prompts([str(folder), str(tmp_path / "prompts.txt"), "--out", str(masked), "--device", "cpu"])
+    written = torch.load(masked, weights_only=True)
+    assert 0 < int(written["cond_mask"].sum()) < written["cond_mask"].numel()  # padded prompts: the mask matters
+    torch.save({"cond": written["cond"], "uncond": written["uncond"]}, unmasked)
+    with torch.no_grad():
+        images = pipe(prompt=prompts, negative_prompt="", guidance_scale=3.0, num_inference_steps=STEPS,
+                      generator=generators(SEEDS), output_type="np", use_resolution_binning=False).images
+    ours = predicted(folder, quantized, conditioning={"prompt_embeddings": str(masked), "guidance_scale": 3.0})
+    torch.testing.assert_close(ours, torch.from_numpy(images), rtol=0, atol=1e-5)
+    blind = predicted(folder, quantized, conditioning={"prompt_embeddings": str(unmasked), "guidance_scale": 3.0})
+    assert (blind - torch.from_numpy(images)).abs().max() > 1e-3
+
+
+def rtn_pixart_export(folder: Path, out: Path) -> Path:
+    from tests.tiny_models import T5_TOKENS
+
+    transformer = load_unet(folder)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"sample": torch.randn(4, 4, 8, 8, generator=g), "timestep": torch.arange(4) * 25 + i,
+                "encoder_hidden_states": torch.randn(4, T5_TOKENS, TEXT_DIM, generator=g)} for i in range(4)]
+    model = rtn_quantize(transformer, QuantSpec(weight_bits=8, act_bits=8), batches, 100)
+    return export_quantized(model, out, scheduler_config=load_scheduler_config(folder), source_model=str(folder))

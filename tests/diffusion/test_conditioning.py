@@ -27,6 +27,29 @@ def test_prompts_cycle_and_the_file_is_checked(tmp_path):
         ConditioningSpec(prompt_embeddings=str(tmp_path / "nowhere.pt")).prompts()
 
 
+def test_prompt_attention_masks_follow_their_prompts(tmp_path):
+    path = tmp_path / "p.pt"
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    torch.save({"cond": torch.randn(3, 3, 4), "uncond": torch.zeros(3, 4), "cond_mask": mask,
+                "uncond_mask": torch.tensor([1, 0, 0])}, path)
+    cond = ConditioningSpec(prompt_embeddings=str(path), guidance_scale=3.0).for_samples(torch.tensor([4, 2]))
+    assert torch.equal(cond.kwargs()["encoder_attention_mask"], mask[[1, 2]])
+    assert cond.kwargs(uncond=True)["encoder_attention_mask"].tolist() == [[1, 0, 0]] * 2
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"cond_mask": torch.ones(3, 2)}, r"'cond_mask' has shape \(3, 2\), expected \(3, 3\)"),
+    ({"cond_mask": torch.ones(3, 3), "uncond_mask": torch.ones(2)}, r"'uncond_mask' has shape \(2,\), expected \(3,\)"),
+    ({"cond_mask": torch.ones(3, 3)}, r"holds \['cond_mask'\] with 'uncond'"),
+    ({"uncond_mask": torch.ones(3)}, r"holds \['uncond_mask'\]"),
+])
+def test_bad_prompt_masks_are_named(tmp_path, content, message):
+    path = tmp_path / "p.pt"
+    torch.save({"cond": torch.randn(3, 3, 4), "uncond": torch.zeros(3, 4), **content}, path)
+    with pytest.raises(ValueError, match=message):
+        ConditioningSpec(prompt_embeddings=str(path)).prompts()
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"class_labels": [1], "prompt_embeddings": "p.pt"}, "class_labels or prompt_embeddings, not both"),
     ({"class_labels": [1], "guidance_scale": 2.0}, "needs uncond_class_label"),
