@@ -194,6 +194,36 @@ def test_latent_dit_gives_a_dit_pipeline_whose_guided_images_equal_predict(tmp_p
     torch.testing.assert_close(ours, torch.from_numpy(images), rtol=0, atol=1e-5)
 
 
+def test_the_hubs_dit_layout_with_legacy_class_names_gives_its_dit_pipeline(tmp_path):
+    # facebook/DiT-XL-2-256: model_index.json and transformer/config.json still say Transformer2DModel.
+    import json
+
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    from accuquant_pl.diffusion import ConditioningSpec
+    from tests.tiny_models import tiny_dit
+
+    folder = tmp_path / "dit"
+    DiTPipeline(transformer=tiny_dit(channels=4, num_classes=1000, learned_sigma=True), vae=kl_vae(4),
+                scheduler=DDIMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    for path, key in ((folder / "model_index.json", "transformer"), (folder / "transformer" / "config.json", None)):
+        content = json.loads(path.read_text())
+        if key is None:
+            content["_class_name"] = "Transformer2DModel"
+        else:
+            content[key] = ["diffusers", "Transformer2DModel"]
+        path.write_text(json.dumps(content))
+    quantized = rtn_dit_export(folder, tmp_path / "q")
+    pipe = quantized_pipeline(quantized)
+    assert type(pipe) is DiTPipeline and type(pipe.transformer).__name__ == "DiTTransformer2DModel"
+    with torch.no_grad():
+        images = pipe(class_labels=[3, 7, 1], guidance_scale=2.0, generator=generators(SEEDS),
+                      num_inference_steps=STEPS, output_type="np").images
+    ours = predicted(folder, quantized, conditioning=ConditioningSpec(class_labels=[3, 7, 1], uncond_class_label=1000,
+                                                                      guidance_scale=2.0))
+    torch.testing.assert_close(ours, torch.from_numpy(images), rtol=0, atol=1e-5)
+
+
 def rtn_dit_export(folder: Path, out: Path) -> Path:
     transformer = load_unet(folder)
     g = torch.Generator().manual_seed(0)
