@@ -112,3 +112,9 @@ def test_a_pixart_transformer_calibrates_on_prompt_embeddings_and_samples(tmp_pa
                                conditioning=ConditioningSpec(prompt_embeddings=str(prompts), guidance_scale=3.0))
     images = sampler.predict_step(SEEDS, 0)
     assert images.shape == (3, 4, 8, 8) and torch.isfinite(images).all()  # latents: the folder has no vae/
+
+
+def test_a_unet_only_option_on_a_transformer_is_named_by_the_cli(tmp_path, dit_folder):
+    args = fit_args(tmp_path, dit_folder, "digits_w4a8_qdiff.yaml")
+    with pytest.raises(ValueError, match=r"quant.split_skip is a UNet option .*DiTTransformer2DModel has none"):
+        main([*args, "--model.init_args.quant.split_skip", "true"])
