@@ -61,6 +61,9 @@ def load_prompt_embeddings(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"prompt_embeddings {str(path)!r} must hold a 'cond' tensor (P, L, D) "
                          "and optionally an 'uncond' tensor (L, D)")
     cond = prompts["cond"]
+    for key, ndim in (("uncond", 3), ("uncond_mask", 2)):
+        if key in prompts and prompts[key].ndim == ndim and prompts[key].shape[0] == 1:
+            prompts[key] = prompts[key][0]  # the negative prompt as a batch of one, as encode_prompt returns it
     expected = {"uncond": cond.shape[1:], "cond_mask": cond.shape[:2], "uncond_mask": cond.shape[1:2]}
     for key, shape in expected.items():
         if key in prompts and tuple(prompts[key].shape) != tuple(shape):
