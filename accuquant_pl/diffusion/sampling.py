@@ -22,10 +22,12 @@ def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int],
-               dtype: torch.dtype = torch.float32) -> Tensor:
-    """Gaussian noise of shape ``(len(generators), *shape)``, row i drawn from ``generators[i]`` (which advance)."""
-    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in generators])
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int],
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, list[torch.Generator]]:
+    """:func:`initial_noise` and the seeds' generators after drawing it: passed to :func:`sample` as ``generator``,
+    they draw a stochastic sampler's step noise as a diffusers pipeline given the same generators does."""
+    generators = seed_generators(seeds)
+    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in generators]), generators
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -34,7 +36,7 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype
     A per-row generator makes sample i independent of batch size, rank and device, so FP and quantized
     samples pair up exactly and DDP shards reproduce a single-process run.
     """
-    return draw_noise(seed_generators(seeds), shape, dtype)
+    return seeded_noise(seeds, shape, dtype)[0]
 
 
 def _needs_encoder_states(unet: nn.Module | None) -> bool:
@@ -147,7 +149,7 @@ def sample(
     num_inference_steps: int,
     cond: Conditioning | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     keep_trajectory: bool = False,
     keep_model_outputs: bool = False,
     noise_seeds: Sequence[int] | None = None,

@@ -104,7 +104,7 @@ class SampleEvaluation(DiffusionSampler):
         # alike; a latent model's error curves stay in latent space, its samples are decoded before the metrics.
         fp_model, hp = self._fp_model(), self.hparams
         errors = paired_errors(fp_model, self.unet, self.scheduler, seeds.tolist(), hp.num_inference_steps,
-                               cond=self._seed_conditioning, decode=self.decode)
+                               cond=self._seed_conditioning, decode=self.decode, eta=hp.eta)
         n = len(seeds)
         self._per_step += torch.tensor(errors.per_step, dtype=torch.float64) * n
         self._accumulated += torch.tensor(errors.accumulated, dtype=torch.float64) * n
@@ -112,7 +112,7 @@ class SampleEvaluation(DiffusionSampler):
         self._fp.append(errors.fp_samples)
         other = (seeds + hp.noise_floor_seed_offset).tolist()
         self._fp_other.append(samples_from(fp_model, self.scheduler, other, hp.num_inference_steps,
-                                           cond=self._seed_conditioning, decode=self.decode))
+                                           cond=self._seed_conditioning, decode=self.decode, eta=hp.eta))
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self._step(batch)

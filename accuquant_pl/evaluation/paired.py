@@ -11,7 +11,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
 from accuquant_pl.diffusion.conditioning import Conditioning
-from accuquant_pl.diffusion.sampling import initial_noise, model_output, sample
+from accuquant_pl.diffusion.sampling import model_output, sample, seeded_noise
 
 ConditionFn = Callable[[list[int]], Conditioning | None]
 """The conditioning (class labels / prompt embeddings and guidance) of the samples of a list of seeds."""
@@ -44,10 +44,11 @@ class PairedErrors:
 @torch.no_grad()
 def paired_errors(fp_unet: nn.Module, q_unet: nn.Module, scheduler: SchedulerMixin, seeds: list[int],
                   num_inference_steps: int, cond: ConditionFn | None = None, batch_size: int = 64,
-                  decode: Decode | None = None) -> PairedErrors:
+                  decode: Decode | None = None, eta: float = 0.0) -> PairedErrors:
     """Run FP and quantized samplers from the noises (and ``cond(seeds)`` conditions) of ``seeds`` and compare
     them step by step. The error curves are in the sampler's space (latents for a latent model); the returned
-    samples are images, through ``decode`` when given."""
+    samples are images, through ``decode`` when given. A stochastic sampler (``eta`` > 0, DDPM) draws the same
+    step noise in both runs: each seed's generator, continued after the initial noise (as ``predict``)."""
     shape = (fp_unet.config.in_channels, fp_unet.config.sample_size, fp_unet.config.sample_size)
     sums_step = torch.zeros(num_inference_steps, dtype=torch.float64)
     sums_acc = torch.zeros(num_inference_steps, dtype=torch.float64)
@@ -55,10 +56,13 @@ def paired_errors(fp_unet: nn.Module, q_unet: nn.Module, scheduler: SchedulerMix
     finals: dict[str, list[Tensor]] = {"fp": [], "q": []}
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
-        noise = initial_noise(chunk, shape).to(device)
         c = cond(chunk) if cond is not None else None
-        fp = sample(fp_unet, scheduler, noise, num_inference_steps, c, keep_trajectory=True)
-        q = sample(q_unet, scheduler, noise, num_inference_steps, c, keep_trajectory=True)
+        noise, generators = seeded_noise(chunk, shape)
+        fp = sample(fp_unet, scheduler, noise.to(device), num_inference_steps, c, eta=eta, generator=generators,
+                    keep_trajectory=True)
+        noise, generators = seeded_noise(chunk, shape)
+        q = sample(q_unet, scheduler, noise.to(device), num_inference_steps, c, eta=eta, generator=generators,
+                   keep_trajectory=True)
         finals["fp"].append(_images(fp.states[-1], decode))
         finals["q"].append(_images(q.states[-1], decode))
         for k, t in enumerate(fp.timesteps):
@@ -79,14 +83,17 @@ def paired_errors(fp_unet: nn.Module, q_unet: nn.Module, scheduler: SchedulerMix
 
 
 def samples_from(unet: nn.Module, scheduler: SchedulerMixin, seeds: list[int], num_inference_steps: int,
-                 batch_size: int = 64, cond: ConditionFn | None = None, decode: Decode | None = None) -> Tensor:
-    """Final images (N, C, H, W) in [-1, 1] for ``seeds`` (with ``cond(seeds)``; decoded by ``decode``)."""
+                 batch_size: int = 64, cond: ConditionFn | None = None, decode: Decode | None = None,
+                 eta: float = 0.0) -> Tensor:
+    """Final images (N, C, H, W) in [-1, 1] for ``seeds`` (with ``cond(seeds)``; decoded by ``decode``); a
+    stochastic sampler's step noise from each seed's generator, as ``predict``."""
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     device = next(unet.parameters()).device
     out = []
     for s in range(0, len(seeds), batch_size):
         chunk = seeds[s : s + batch_size]
         c = cond(chunk) if cond is not None else None
-        out.append(_images(sample(unet, scheduler, initial_noise(chunk, shape).to(device), num_inference_steps, c),
-                           decode))
+        noise, generators = seeded_noise(chunk, shape)
+        out.append(_images(sample(unet, scheduler, noise.to(device), num_inference_steps, c, eta=eta,
+                                  generator=generators), decode))
     return torch.cat(out)

@@ -53,6 +53,15 @@ def test_fp_model_against_itself(tmp_path, tiny_model_dir):
     assert list((tmp_path / "fp" / "tb").rglob("events.out.tfevents.*"))
 
 
+def test_a_stochastic_sampler_evaluates_fp_against_itself_with_zero_error(tmp_path, tiny_model_dir):
+    # FP and "quantized" runs draw the same step noise (each seed's generator), not the global RNG's.
+    main(eval_args(tmp_path, tiny_model_dir, "ddpm", scheduler="ddpm"))
+    main(eval_args(tmp_path, tiny_model_dir, "eta1", scheduler="ddim", eta=1.0))
+    for name in ("ddpm", "eta1"):
+        m = read_metrics(tmp_path / name)
+        assert m["mse"] < 1e-12 and max(m["accumulated"]) < 1e-12, name  # other noise would give ~1e-1
+
+
 def test_calibration_checkpoint_evaluates_like_its_exported_model(tmp_path, tiny_model_dir):
     main([*tiny_args(tmp_path, tiny_model_dir, "digits_w4a8_qdiff.yaml", name="calib"), "--trainer.max_epochs", "2"])
     ckpt = tmp_path / "calib" / "checkpoints" / "last.ckpt"
