@@ -170,7 +170,8 @@ def tiny_dit(sample_size: int = 8, channels: int = 1, num_classes: int = 10, lea
 
 
 def tiny_pixart(channels: int = 4, seed: int = 0, size_conditions: bool = False) -> nn.Module:
-    """PixArtTransformer2DModel: 2 blocks, width 16 (24 with size conditions), cross-attention on TEXT_DIM prompt embeddings, learned sigma;
+    """PixArtTransformer2DModel: 2 blocks, width 16 (24 with size conditions), cross-attention on TEXT_DIM prompt
+    embeddings, learned sigma;
     ``size_conditions``: resolution and aspect-ratio micro-conditions, as the 1024-px PixArt-alpha has."""
     from diffusers import PixArtTransformer2DModel
 

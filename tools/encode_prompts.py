@@ -30,9 +30,9 @@ def _pipeline_class(folder: Path) -> str:
 
 @torch.no_grad()
 def encode(folder: Path, prompts: list[str], negative: str = "", device: str = "cpu",
-           batch_size: int = 64) -> dict[str, object]:
+           batch_size: int = 64, clean_caption: bool = True) -> dict[str, object]:
     if _pipeline_class(folder).startswith("PixArt"):
-        return _encode_pixart(folder, prompts, negative, device, batch_size)
+        return _encode_pixart(folder, prompts, negative, device, batch_size, clean_caption)
     from transformers import CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
@@ -48,19 +48,23 @@ def encode(folder: Path, prompts: list[str], negative: str = "", device: str = "
     return {"cond": cond, "uncond": embed([negative])[0], "prompts": prompts}
 
 
-def _encode_pixart(folder: Path, prompts: list[str], negative: str, device: str, batch_size: int) -> dict[str, object]:
+def _encode_pixart(folder: Path, prompts: list[str], negative: str, device: str, batch_size: int,
+                   clean_caption: bool) -> dict[str, object]:
     from diffusers import DiffusionPipeline
 
     # Only the tokenizer and the text encoder are needed: the transformer and the autoencoder are not loaded.
     pipe = DiffusionPipeline.from_pretrained(folder, transformer=None, vae=None).to(device)
-    conds, masks = [], []
-    for i in range(0, len(prompts), batch_size):
-        cond, mask, uncond, uncond_mask = pipe.encode_prompt(prompts[i : i + batch_size], True, negative_prompt=negative,
-                                                             device=torch.device(device))
-        conds.append(cond.float().cpu())
-        masks.append(mask.cpu())
-    return {"cond": torch.cat(conds), "cond_mask": torch.cat(masks), "uncond": uncond[0].float().cpu(),
-            "uncond_mask": uncond_mask[0].cpu(), "prompts": prompts}
+
+    def embed(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=torch.device(device),
+                                              clean_caption=clean_caption)
+        return cond.float().cpu(), mask.cpu()
+
+    parts = [embed(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    # The pipeline encodes the negative prompt exactly as a prompt (same padding, same caption cleaning).
+    uncond, uncond_mask = embed([negative])
+    return {"cond": torch.cat([c for c, _ in parts]), "cond_mask": torch.cat([m for _, m in parts]),
+            "uncond": uncond[0], "uncond_mask": uncond_mask[0], "prompts": prompts}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,11 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="output .pt file")
     ap.add_argument("--negative", default="", help="negative prompt for the unconditional branch (default: empty)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-clean-caption", dest="clean_caption", action="store_false",
+                    help="PixArt: encode the prompts as written (the pipeline's clean_caption=False; by default they "
+                         "are cleaned as PixArtAlphaPipeline does, when bs4 and ftfy are installed)")
     args = ap.parse_args(argv)
     prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     if not prompts:
         ap.error(f"{args.prompts} holds no prompt")
-    result = encode(args.folder, prompts, args.negative, args.device)
+    result = encode(args.folder, prompts, args.negative, args.device, clean_caption=args.clean_caption)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(result, args.out)
     print(f"wrote {len(prompts)} prompt embeddings {tuple(result['cond'].shape)} and the negative prompt's to {args.out}")

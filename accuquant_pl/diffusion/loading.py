@@ -35,8 +35,9 @@ LEGACY_NORM_TYPES: dict[str, str] = {
     "ada_norm_single": "PixArtTransformer2DModel",
 }
 """The Hub's DiT and PixArt-alpha checkpoints (facebook/DiT-XL-2-256, PixArt-alpha/PixArt-XL-2-*) predate the
-dedicated classes: their config says ``Transformer2DModel`` and its ``norm_type`` tells which model it is, as
-diffusers itself reads them."""
+dedicated classes: their config says ``Transformer2DModel`` and its ``norm_type`` tells which model it is, the
+same table diffusers' own loader applies (``_CLASS_REMAPPING_DICT`` in diffusers/models/model_loading_utils.py,
+private, hence restated here)."""
 DENOISER_SUBFOLDERS = ("unet", "transformer")
 UNet = UNet2DModel | UNet2DConditionModel
 Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | PixArtTransformer2DModel
@@ -88,7 +89,8 @@ def denoiser_class_name(config: dict[str, Any], where: str) -> str | None:
     norm_type = config.get("norm_type")
     if norm_type not in LEGACY_NORM_TYPES:
         raise ValueError(f"{where} describes a legacy {LEGACY_TRANSFORMER_CLASS} with norm_type {norm_type!r}; "
-                         f"supported: {sorted(LEGACY_NORM_TYPES)} (DiT, PixArt) or one of {sorted(SUPPORTED_DENOISERS)}")
+                         f"supported: {sorted(LEGACY_NORM_TYPES)} (DiT, PixArt) or one of "
+                         f"{sorted(SUPPORTED_DENOISERS)}")
     return LEGACY_NORM_TYPES[norm_type]
 
 

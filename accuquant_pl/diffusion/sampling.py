@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,7 @@ def network_inputs(unet: nn.Module | None, x: Tensor, t: Tensor | int, cond: Con
         inputs.update(cond.kwargs())
     if "encoder_hidden_states" not in inputs and _needs_encoder_states(unet):
         inputs["encoder_hidden_states"] = None
+    _check_prompt_masks(unet, inputs)
     if is_transformer(unet):
         # The transformers name their input hidden_states and embed one timestep per sample (1-D).
         inputs["hidden_states"] = inputs.pop("sample")
@@ -92,6 +94,22 @@ def size_conditions(latents: Tensor) -> dict[str, Tensor]:
     resolution = torch.tensor([height, width], dtype=latents.dtype, device=latents.device).repeat(n, 1)
     aspect_ratio = torch.tensor([height / width], dtype=latents.dtype, device=latents.device).repeat(n, 1)
     return {"resolution": resolution, "aspect_ratio": aspect_ratio}
+
+
+def _check_prompt_masks(unet: nn.Module | None, inputs: dict[str, Any]) -> None:
+    """Prompt attention masks are PixArt's: its pipelines mask the T5 padding, the Stable Diffusion pipelines give
+    the UNet none. A mismatch would calibrate the model on inputs its pipeline never gives it."""
+    if unet is None or inputs.get("encoder_hidden_states") is None:
+        return
+    masked = inputs.get("encoder_attention_mask") is not None
+    pixart = type(unet).__name__ == "PixArtTransformer2DModel"
+    if masked and not pixart:
+        raise ValueError(f"the prompt file's attention masks ('cond_mask', 'uncond_mask') are for PixArt; "
+                         f"{type(unet).__name__}'s pipeline does not mask its prompts: drop them from the file")
+    if pixart and not masked:
+        warnings.warn("PixArt prompts without attention masks: its pipelines mask the prompt padding out of "
+                      "cross-attention; write the prompt file with tools/encode_prompts.py (cond_mask, uncond_mask)",
+                      stacklevel=3)
 
 
 def is_transformer(unet: nn.Module | None) -> bool:

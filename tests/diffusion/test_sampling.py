@@ -67,3 +67,24 @@ def test_pixart_size_conditions_are_the_pipelines():
 
         assert torch.allclose(ours, guided(64, 64), atol=1e-6)
         assert not torch.allclose(ours, guided(128, 64), atol=1e-3)  # the conditions reach the output
+
+
+def test_prompt_masks_join_the_guided_batch_in_its_order_and_only_for_pixart():
+    import pytest
+
+    from accuquant_pl.diffusion.sampling import network_inputs
+    from tests.tiny_models import PROMPT_TOKENS, TEXT_DIM, text_conditional_unet, tiny_pixart
+
+    prompts = torch.randn(2, PROMPT_TOKENS, TEXT_DIM)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    uncond_mask = torch.tensor([[1, 0, 0, 0, 0]] * 2)
+    cond = Conditioning(encoder_hidden_states=prompts, uncond_encoder_hidden_states=torch.zeros_like(prompts),
+                        encoder_attention_mask=mask, uncond_encoder_attention_mask=uncond_mask, guidance_scale=2.0)
+    inputs = network_inputs(tiny_pixart(), torch.randn(2, 4, 8, 8), 10, cond)
+    assert torch.equal(inputs["encoder_attention_mask"], torch.cat([uncond_mask, mask]))
+    assert torch.equal(inputs["encoder_hidden_states"][2:], prompts)
+    with pytest.raises(ValueError, match="for PixArt; UNet2DConditionModel's pipeline does not mask"):
+        network_inputs(text_conditional_unet(), torch.randn(2, 1, 8, 8), 10, cond)
+    unmasked = Conditioning(encoder_hidden_states=prompts)
+    with pytest.warns(UserWarning, match="PixArt prompts without attention masks"):
+        network_inputs(tiny_pixart(), torch.randn(2, 4, 8, 8), 10, unmasked)
