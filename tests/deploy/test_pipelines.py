@@ -275,3 +275,39 @@ def rtn_pixart_export(folder: Path, out: Path) -> Path:
                 "encoder_hidden_states": torch.randn(4, T5_TOKENS, TEXT_DIM, generator=g)} for i in range(4)]
     model = rtn_quantize(transformer, QuantSpec(weight_bits=8, act_bits=8), batches, 100)
     return export_quantized(model, out, scheduler_config=load_scheduler_config(folder), source_model=str(folder))
+
+
+def test_a_1024px_pixart_gets_the_pipelines_size_conditions(tmp_path):
+    # sample_size 128 (PixArt-XL-2-1024): PixArtAlphaPipeline adds the image size and aspect ratio to the timestep
+    # embedding, from its VAE's 8x downsampling; predict's sampler must give the transformer the same.
+    pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from tests.tiny_models import TEXT_DIM, tiny_t5
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
+                                           num_layers=1, sample_size=128, patch_size=8, cross_attention_dim=24,
+                                           caption_channels=TEXT_DIM, norm_num_groups=1)
+    assert transformer.use_additional_conditions
+    vae = AutoencoderKL(block_out_channels=(4, 4, 4, 4), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=2,
+                        layers_per_block=1)  # 8 pixels per latent, as SD's; never run (latents compared)
+    encoder, tokenizer = tiny_t5()
+    folder = tmp_path / "pixart1024"
+    PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
+                        scheduler=DDIMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    pipe = PixArtAlphaPipeline.from_pretrained(folder)
+    cond, mask, uncond, uncond_mask = pipe.encode_prompt(["a red car"], True, negative_prompt="",
+                                                         device=torch.device("cpu"))
+    prompts = tmp_path / "p.pt"
+    torch.save({"cond": cond, "cond_mask": mask, "uncond": uncond[0], "uncond_mask": uncond_mask[0]}, prompts)
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=cond, prompt_attention_mask=mask, negative_prompt=None,
+                      negative_prompt_embeds=uncond, negative_prompt_attention_mask=uncond_mask, guidance_scale=2.0,
+                      num_inference_steps=3, generator=generators([4]), output_type="latent",
+                      use_resolution_binning=False).images
+        sampler = DiffusionSampler(pretrained=str(folder), num_inference_steps=3, decode=False,
+                                   conditioning={"prompt_embeddings": str(prompts), "guidance_scale": 2.0})
+        ours = sampler.generate(torch.tensor([4]))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
