@@ -57,9 +57,17 @@ def load_prompt_embeddings(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt_embeddings file {str(path)!r} does not exist")
     prompts = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(prompts, dict) or "cond" not in prompts or prompts["cond"].ndim != 3:
-        raise ValueError(f"prompt_embeddings {str(path)!r} must hold a 'cond' tensor (P, L, D) "
-                         "and optionally an 'uncond' tensor (L, D)")
+    if not isinstance(prompts, dict):
+        raise ValueError(f"prompt_embeddings {str(path)!r} holds a {type(prompts).__name__}, expected a dict with a "
+                         "'cond' tensor (P, L, D) and optionally an 'uncond' tensor (L, D)")
+    for key in ("cond", "uncond", "cond_mask", "uncond_mask"):
+        if key in prompts and not isinstance(prompts[key], torch.Tensor):
+            raise ValueError(f"prompt_embeddings {str(path)!r}: {key!r} is a {type(prompts[key]).__name__}, "
+                             "expected a tensor")
+    if "cond" not in prompts or prompts["cond"].ndim != 3:
+        found = f"shape {tuple(prompts['cond'].shape)}" if "cond" in prompts else f"keys {sorted(prompts)}"
+        raise ValueError(f"prompt_embeddings {str(path)!r} must hold a 'cond' tensor (P, L, D) and optionally an "
+                         f"'uncond' tensor (L, D); found {found}")
     cond = prompts["cond"]
     for key, ndim in (("uncond", 3), ("uncond_mask", 2)):
         if key in prompts and prompts[key].ndim == ndim and prompts[key].shape[0] == 1:

@@ -42,6 +42,8 @@ def test_prompt_attention_masks_follow_their_prompts(tmp_path):
     ({"cond_mask": torch.ones(3, 3), "uncond_mask": torch.ones(2)}, r"'uncond_mask' has shape \(2,\), expected \(3,\)"),
     ({"cond_mask": torch.ones(3, 3)}, r"holds \['cond_mask'\] with 'uncond'"),
     ({"uncond_mask": torch.ones(3)}, r"holds \['uncond_mask'\]"),
+    ({"cond_mask": [[1, 1, 0]] * 3, "uncond_mask": torch.ones(3)}, r"'cond_mask' is a list, expected a tensor"),
+    ({"cond": torch.randn(3, 4)}, r"'cond' tensor \(P, L, D\).*found shape \(3, 4\)"),
 ])
 def test_bad_prompt_masks_are_named(tmp_path, content, message):
     path = tmp_path / "p.pt"
