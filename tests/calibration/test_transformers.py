@@ -101,17 +101,25 @@ def test_a_pixart_transformer_calibrates_on_prompt_embeddings_and_samples(tmp_pa
     folder = save_transformer_folder(tmp_path / "pixart", tiny_pixart(size_conditions=size_conditions),
                                      scheduler="ddim")
     prompts = write_prompts(tmp_path / "prompts.pt", masks=size_conditions)  # and padded prompts with their masks
-    args = fit_args(tmp_path, folder, "digits_w4a8_accuquant.yaml",
-                    {"prompt_embeddings": str(prompts), "guidance_scale": 3.0}, final_stage=None)
+    final_stage = {"iterations": 2, "group_size": 2} if size_conditions else None
+    conditioning = {"prompt_embeddings": str(prompts), "guidance_scale": 3.0}
+    args = fit_args(tmp_path, folder, "digits_w4a8_accuquant.yaml", conditioning, final_stage=final_stage)
     cli = main([*args, "--data.init_args.group_size", "2"])
     module = cli.model
     assert module.unit_names[:3] == ["pos_embed", "adaln_single", "caption_projection"]
     assert len(module.done_units) == len(module.unit_names)
-    sampler = DiffusionSampler(pretrained=str(folder), quantized=str(tmp_path / "run" / "quantized"),
-                               num_inference_steps=STEPS,
-                               conditioning=ConditioningSpec(prompt_embeddings=str(prompts), guidance_scale=3.0))
+    quantized = str(tmp_path / "run" / "quantized")
+    sampler = DiffusionSampler(pretrained=str(folder), quantized=quantized, num_inference_steps=STEPS,
+                               conditioning=ConditioningSpec(**conditioning))
     images = sampler.predict_step(SEEDS, 0)
     assert images.shape == (3, 4, 8, 8) and torch.isfinite(images).all()  # latents: the folder has no vae/
+    # `test` samples the export with the same prompts (and masks) as predict
+    evaluation = SampleEvaluation(pretrained=str(folder), quantized=quantized, num_inference_steps=STEPS,
+                                  features="random-projection", real_dataset=None, stats_cache_dir=None,
+                                  output_dir=None, conditioning=ConditioningSpec(**conditioning))
+    evaluation._step(SEEDS)
+    torch.testing.assert_close(evaluation._q[0], images)
+    assert not torch.equal(evaluation._q[0], evaluation._fp[0])  # quantized, not the FP transformer
 
 
 def test_a_unet_only_option_on_a_transformer_is_named_by_the_cli(tmp_path, dit_folder):
