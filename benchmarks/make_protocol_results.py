@@ -178,7 +178,8 @@ def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage
              f"`python benchmarks/main_comparison.py{page.flag} --threads {rows[0]['threads']}` ({len(rows)} rows, one "
              f"sweep on one machine). Each row calibrates {page.teacher} with the shipped config "
              f"(`{page.configs}`{N2_NOTE if any(r['method'] == 'accuquant_block_n2' for r in rows) else ''}) at the "
-             f"given calibration seed (`seed_everything` and the trajectory seed) and evaluates its export on {protocol['samples']} held-out seeds in batches of "
+             "given calibration seed (`seed_everything` and the trajectory seed) and evaluates its export on "
+             f"{protocol['samples']} held-out seeds in batches of "
              f"{protocol['batch_size']}. FID / FID2FP32 / KID ({protocol['features']} features) on the same samples; "
              "FID of the FP samples against the real digits: "
              f"{rows[0]['fid_fp']:.2f}.", "",

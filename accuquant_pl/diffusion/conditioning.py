@@ -78,7 +78,8 @@ def load_prompt_embeddings(path: str | Path) -> dict[str, Tensor]:
             raise ValueError(f"prompt_embeddings {str(path)!r}: {key!r} has shape {tuple(prompts[key].shape)}, "
                              f"expected {tuple(shape)} for 'cond' of shape {tuple(cond.shape)}")
     masks = [key for key in ("cond_mask", "uncond_mask") if key in prompts]
-    if masks and masks != ["cond_mask", "uncond_mask"][: 1 + ("uncond" in prompts)]:
+    # Masks come as a pair with the embeddings they mask: cond_mask always, uncond_mask exactly with uncond.
+    if masks and ("cond_mask" not in prompts or ("uncond_mask" in prompts) != ("uncond" in prompts)):
         raise ValueError(f"prompt_embeddings {str(path)!r} holds {masks} with"
                          f"{'' if 'uncond' in prompts else 'out'} 'uncond': give 'cond_mask', and 'uncond_mask' "
                          "exactly when 'uncond' is given (the prompts' and the negative prompt's attention masks)")

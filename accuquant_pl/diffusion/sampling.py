@@ -147,6 +147,19 @@ def decode_latents(vae: nn.Module | None, latents: Tensor) -> Tensor:
     return vae.decode(z.to(param.device, param.dtype)).sample.to(latents.dtype)
 
 
+def sample_seeds(unet: nn.Module, scheduler: SchedulerMixin, seeds: Sequence[int], shape: Sequence[int],
+                 num_inference_steps: int, cond: Conditioning | None = None, eta: float = 0.0,
+                 device: torch.device | str = "cpu", keep_trajectory: bool = False) -> Tensor | Trajectory:
+    """One sample per seed, its noise all from seed s's CPU generator: the initial noise and then, continuing, a
+    stochastic sampler's step noise. That is what the DDPM / DDIM / Stable Diffusion / PixArt pipelines draw given
+    ``generator=[Generator().manual_seed(s), ...]``; no sample depends on its batch, rank or device, and two models
+    sampled from the same seeds meet the same noise. (Calibration trajectories use ``noise_seeds`` instead: the
+    rollout replays any step's noise from (seed, step) alone.)"""
+    noise, generators = seeded_noise(seeds, shape)
+    return sample(unet, scheduler, noise.to(device), num_inference_steps, cond, eta=eta, generator=generators,
+                  keep_trajectory=keep_trajectory)
+
+
 @dataclass
 class Trajectory:
     """States x_S..x_0 of one sampling run, with the timestep and the model output of every step."""

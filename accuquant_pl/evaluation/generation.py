@@ -13,7 +13,7 @@ from accuquant_pl.deploy.artifact import exported_scheduler_config, load_quantiz
 from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec
 from accuquant_pl.diffusion.hub import model_exists
 from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet, load_vae
-from accuquant_pl.diffusion.sampling import decode_latents, sample, seeded_noise
+from accuquant_pl.diffusion.sampling import decode_latents, sample_seeds
 from accuquant_pl.diffusion.schedulers import scheduler_from_config
 
 
@@ -77,12 +77,9 @@ class DiffusionSampler(L.LightningModule):
 
     def generate(self, seeds: Tensor) -> Tensor:
         """The sampler's final states for ``seeds`` (latents for a latent model; see :meth:`decode`)."""
-        # Seed s's generator draws its initial noise and then, continuing, a stochastic sampler's step noise, as
-        # the DDPM / DDIM / Stable Diffusion / PixArt pipelines given generator=[Generator().manual_seed(s), ...]
-        # do; no sample depends on its batch.
-        noise, generators = seeded_noise(seeds.tolist(), self.sample_shape)
-        return sample(self.unet, self.scheduler, noise.to(self.device), self.hparams.num_inference_steps,
-                      cond=self.conditioning(seeds), eta=self.hparams.eta, generator=generators)
+        return sample_seeds(self.unet, self.scheduler, seeds.tolist(), self.sample_shape,
+                            self.hparams.num_inference_steps, cond=self.conditioning(seeds), eta=self.hparams.eta,
+                            device=self.device)
 
     def decode(self, samples: Tensor) -> Tensor:
         """Images from the sampler's final states: the autoencoder's decoding for a latent model, else as is."""

@@ -11,7 +11,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
 from accuquant_pl.diffusion.conditioning import Conditioning
-from accuquant_pl.diffusion.sampling import model_output, sample, seeded_noise
+from accuquant_pl.diffusion.sampling import model_output, sample_seeds
 
 ConditionFn = Callable[[list[int]], Conditioning | None]
 """The conditioning (class labels / prompt embeddings and guidance) of the samples of a list of seeds."""
@@ -57,12 +57,8 @@ def paired_errors(fp_unet: nn.Module, q_unet: nn.Module, scheduler: SchedulerMix
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
         c = cond(chunk) if cond is not None else None
-        noise, generators = seeded_noise(chunk, shape)
-        fp = sample(fp_unet, scheduler, noise.to(device), num_inference_steps, c, eta=eta, generator=generators,
-                    keep_trajectory=True)
-        noise, generators = seeded_noise(chunk, shape)
-        q = sample(q_unet, scheduler, noise.to(device), num_inference_steps, c, eta=eta, generator=generators,
-                   keep_trajectory=True)
+        fp = sample_seeds(fp_unet, scheduler, chunk, shape, num_inference_steps, c, eta, device, keep_trajectory=True)
+        q = sample_seeds(q_unet, scheduler, chunk, shape, num_inference_steps, c, eta, device, keep_trajectory=True)
         finals["fp"].append(_images(fp.states[-1], decode))
         finals["q"].append(_images(q.states[-1], decode))
         for k, t in enumerate(fp.timesteps):
@@ -93,7 +89,5 @@ def samples_from(unet: nn.Module, scheduler: SchedulerMixin, seeds: list[int], n
     for s in range(0, len(seeds), batch_size):
         chunk = seeds[s : s + batch_size]
         c = cond(chunk) if cond is not None else None
-        noise, generators = seeded_noise(chunk, shape)
-        out.append(_images(sample(unet, scheduler, noise.to(device), num_inference_steps, c, eta=eta,
-                                  generator=generators), decode))
+        out.append(_images(sample_seeds(unet, scheduler, chunk, shape, num_inference_steps, c, eta, device), decode))
     return torch.cat(out)
