@@ -101,8 +101,8 @@ class TrajectoryDataModule(L.LightningDataModule):
             teacher: FP model folder or Hub id (``owner/name[@revision][:subfolder]``); None takes the
                 LightningModule's ``pretrained``.
             scheduler: diffusers sampler of the trajectories (and of the AccuQuant rollout): a name in
-                ``accuquant_pl.diffusion.SCHEDULERS`` (ddim, ddpm, dpmsolver++, unipc, pndm, euler,
-                euler-ancestral).
+                ``accuquant_pl.diffusion.scheduler_names()`` (ddim, ddpm, dpmsolver++, sde-dpmsolver++, unipc,
+                pndm, euler, euler-ancestral).
             num_inference_steps: sampling steps S of each trajectory.
             eta: DDIM eta (0 = deterministic). A stochastic sampler's step noise is drawn per (trajectory seed,
                 step), recorded with the cache and replayed by the AccuQuant rollout.

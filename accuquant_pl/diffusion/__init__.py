@@ -5,7 +5,7 @@ from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec, 
 from accuquant_pl.diffusion.loading import inspect_model_folder, load_scheduler_config, load_unet, load_vae
 from accuquant_pl.diffusion.pretraining import DiffusionPretraining, DiTPretraining
 from accuquant_pl.diffusion.sampling import initial_noise, model_output, network_inputs, sample
-from accuquant_pl.diffusion.schedulers import SCHEDULERS, scheduler_from_config
+from accuquant_pl.diffusion.schedulers import SCHEDULERS, scheduler_from_config, scheduler_names
 
 __all__ = [
     "SCHEDULERS",
@@ -23,4 +23,5 @@ __all__ = [
     "network_inputs",
     "sample",
     "scheduler_from_config",
+    "scheduler_names",
 ]

@@ -46,10 +46,26 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 }
 
 
+# Samplers that are one of SCHEDULERS with a config setting changed. A name, rather than a free dict of config
+# overrides, keeps every place that takes a scheduler (trajectories, predict, test, the cache key) in one string.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sde-dpmsolver++": ("dpmsolver++", {"algorithm_type": "sde-dpmsolver++"}),  # DPM-Solver++ that draws noise
+}
+
+
+def scheduler_names() -> list[str]:
+    """Every name :func:`scheduler_from_config` takes."""
+    return sorted([*SCHEDULERS, *VARIANTS])
+
+
 def scheduler_from_config(name: str, config: dict[str, Any], **overrides: Any) -> SchedulerMixin:
-    """Build the named diffusers scheduler from a (possibly different) scheduler's config."""
+    """Build the named diffusers scheduler (``SCHEDULERS`` or ``VARIANTS``) from a (possibly different)
+    scheduler's config."""
+    if name in VARIANTS:
+        base, settings = VARIANTS[name]
+        return scheduler_from_config(base, config, **{**settings, **overrides})
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {scheduler_names()}")
     return SCHEDULERS[name].from_config(config, **overrides)
 
 

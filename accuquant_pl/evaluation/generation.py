@@ -37,7 +37,8 @@ class DiffusionSampler(L.LightningModule):
                 (VQModel).
             quantized: a quantized model folder (``ExportQuantized`` output) to sample from instead of the FP UNet
                 (a latent model still decodes with ``pretrained``'s autoencoder).
-            scheduler: sampler: ddim, ddpm, dpmsolver++ or euler (built from the folder's scheduler config).
+            scheduler: sampler, a name in ``accuquant_pl.diffusion.scheduler_names()`` (built from the
+                folder's scheduler config).
             num_inference_steps: denoising steps.
             eta: DDIM eta (0 = deterministic).
             conditioning: conditional models: the class label or prompt of the sample of seed s, and the

@@ -28,20 +28,20 @@ from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.diffusion import schedulers as schedulers_module
 from accuquant_pl.diffusion.noise import is_stochastic, noise_is_replayable, step_generators, step_noise_seed
 from accuquant_pl.diffusion.sampling import initial_noise, model_output, sample
-from accuquant_pl.diffusion.schedulers import SCHEDULERS, SamplerSteps, history_steps
+from accuquant_pl.diffusion.schedulers import SamplerSteps, history_steps, scheduler_from_config
 from tests.calibration.gradients import flat_grad, theta, zero
 from tests.conftest import tiny_unet
 
 STEPS = 8
 SEEDS = [5, 6, 7]
 MODES = ("exact", "checkpointed", "approx", "stepwise")
-# name -> (scheduler name, config overrides, eta)
+# name -> (scheduler name as a config gives it, eta)
 CASES = {
-    "ddim-eta1": ("ddim", {}, 1.0),
-    "ddim-eta0.5": ("ddim", {}, 0.5),
-    "ddpm": ("ddpm", {}, 0.0),
-    "euler-ancestral": ("euler-ancestral", {}, 0.0),
-    "sde-dpmsolver++": ("dpmsolver++", {"algorithm_type": "sde-dpmsolver++"}, 0.0),
+    "ddim-eta1": ("ddim", 1.0),
+    "ddim-eta0.5": ("ddim", 0.5),
+    "ddpm": ("ddpm", 0.0),
+    "euler-ancestral": ("euler-ancestral", 0.0),
+    "sde-dpmsolver++": ("sde-dpmsolver++", 0.0),
 }
 
 
@@ -51,8 +51,7 @@ def _one_thread():
 
 
 def make_scheduler(case: str):
-    name, overrides, _ = CASES[case]
-    sched = SCHEDULERS[name].from_config(DDPMScheduler(num_train_timesteps=1000).config, **overrides)
+    sched = scheduler_from_config(CASES[case][0], DDPMScheduler(num_train_timesteps=1000).config)
     sched.set_timesteps(STEPS)
     return sched
 
@@ -63,14 +62,14 @@ def fp_teacher() -> nn.Module:
 
 def cache(case: str, teacher: nn.Module, seeds: list[int] = SEEDS) -> dict[str, Tensor]:
     """The trajectory cache's tensors, as TrajectoryDataModule stores them for a stochastic sampler."""
-    traj = sample(teacher, make_scheduler(case), initial_noise(seeds, (1, 8, 8)), STEPS, eta=CASES[case][2],
+    traj = sample(teacher, make_scheduler(case), initial_noise(seeds, (1, 8, 8)), STEPS, eta=CASES[case][1],
                   keep_trajectory=True, keep_model_outputs=True, noise_seeds=seeds)
     return {"states": traj.states.transpose(0, 1), "model_outputs": traj.model_outputs.transpose(0, 1),
             "timesteps": traj.timesteps, "noise_seeds": torch.tensor(seeds)}
 
 
 def groups_of(case: str, tensors: dict[str, Tensor], n: int) -> TrajectoryGroups:
-    return TrajectoryGroups(tensors, n, "all", history=history_steps(make_scheduler(case)), eta=CASES[case][2])
+    return TrajectoryGroups(tensors, n, "all", history=history_steps(make_scheduler(case)), eta=CASES[case][1])
 
 
 def batch_at(groups: TrajectoryGroups, start: int) -> dict:
@@ -83,7 +82,7 @@ def network_of(unet: nn.Module, steps: SamplerSteps):
 
 
 def test_the_samplers_draw_noise_and_every_draw_comes_from_the_given_generators():
-    for case, (_, _, eta) in CASES.items():
+    for case, (_, eta) in CASES.items():
         sched = make_scheduler(case)
         assert is_stochastic(sched, eta), case
         assert noise_is_replayable(sched, eta), case
@@ -121,7 +120,7 @@ def test_fp_rollout_reproduces_the_stochastic_trajectory_bit_for_bit(case, n):
         if k < STEPS - 1:  # the samplers add no noise at their last step (to t = 0)
             blind = {key: v for key, v in batch.items() if key not in ("noise_seed", "eta")}
             other = SamplerSteps(sched, k, n, steps_history(blind, "history_states"),
-                                 steps_history(blind, "history_outputs"), eta=CASES[case][2],
+                                 steps_history(blind, "history_outputs"), eta=CASES[case][1],
                                  noise_seeds=[s + 100 for s in SEEDS])
             missed, _ = simulate(network_of(teacher, other), other, batch["x"], n)
             assert (missed[-1] - batch["target"]).abs().max() > 1e-3, (case, k)
@@ -168,7 +167,7 @@ def hybrid_sampler_loss(case: str, teacher: nn.Module, student: nn.Module, tenso
     """The sampler itself with each trajectory's step noise: the FP teacher for ``start`` steps, then the student
     for n more (graph through the student's steps); the loss against the FP state after them."""
     sched = make_scheduler(case)
-    eta = CASES[case][2]
+    eta = CASES[case][1]
     x = tensors["states"][:, 0]
     for k in range(start + n):
         t = sched.timesteps[k]
@@ -250,7 +249,7 @@ def test_a_stochastic_sampler_without_the_trajectories_noise_is_refused():
 # ------------------------------------------------------------------------------------------------ data module
 
 
-@pytest.mark.parametrize("scheduler, eta", [("ddim", 1.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize("scheduler, eta", [("ddim", 1.0), ("ddpm", 0.0), ("sde-dpmsolver++", 0.0)])
 def test_data_module_records_the_trajectory_seeds_and_items_carry_them(tiny_model_dir, tmp_path, scheduler, eta):
     def module(**kw):
         return TrajectoryDataModule(teacher=str(tiny_model_dir), scheduler=scheduler, eta=eta, num_inference_steps=5,
@@ -309,3 +308,12 @@ def test_the_ldm_config_runs_the_lsun_protocol_tiny(tmp_path):
     assert torch.equal(load_quantized(quantized)(x, 10).sample, module.student(x, 10).sample)
     images = predict(tmp_path, folder, "q", quantized=str(quantized), eta="1.0")
     assert images.shape == (3, 3, 16, 16) and np.isfinite(images).all()
+
+
+def test_a_sampler_variant_is_a_name_everywhere_a_scheduler_is_taken():
+    config = DDPMScheduler(num_train_timesteps=1000).config
+    sde = scheduler_from_config("sde-dpmsolver++", config)
+    assert sde.config.algorithm_type == "sde-dpmsolver++"
+    assert scheduler_from_config("dpmsolver++", config).config.algorithm_type == "dpmsolver++"
+    with pytest.raises(ValueError, match=r"unknown scheduler 'sde-dpm'; choose one of .*'sde-dpmsolver\+\+'"):
+        scheduler_from_config("sde-dpm", config)
