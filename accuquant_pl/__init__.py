@@ -14,6 +14,7 @@ _moved.install()
 _LAZY = {
     "load_quantized": "accuquant_pl.deploy.artifact",
     "export_quantized": "accuquant_pl.deploy.artifact",
+    "exported_sampler": "accuquant_pl.deploy.artifact",
     "exported_scheduler_config": "accuquant_pl.deploy.artifact",
     "quantized_pipeline": "accuquant_pl.deploy.pipelines",
     "freeze": "accuquant_pl.deploy.model",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 
 from accuquant_pl.deploy.artifact import export_quantized
+from accuquant_pl.diffusion.hub import pinned
 from accuquant_pl.diffusion.loading import load_scheduler_config
 
 
@@ -26,5 +27,6 @@ class ExportQuantized(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             pretrained = pl_module.hparams.pretrained
+            settings = getattr(trainer.datamodule, "sampler_settings", None)  # a user's own data module may lack it
             export_quantized(pl_module.finalize(), self.dirpath, pl_module.spec, load_scheduler_config(pretrained),
-                             source_model=pretrained)
+                             source_model=pinned(pretrained), sampler=settings() if callable(settings) else None)

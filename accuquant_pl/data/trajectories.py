@@ -180,6 +180,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         """How many FP steps before a group start prime the sampler there (0 for one-step samplers like DDIM)."""
         return history_steps(self.make_scheduler())
 
+    def sampler_settings(self) -> dict[str, Any]:
+        """The sampler the trajectories follow, which the export records for ``quantized_pipeline``."""
+        hp = self.hparams
+        return {"scheduler": hp.scheduler, "num_inference_steps": hp.num_inference_steps, "eta": hp.eta}
+
     def cache_key(self) -> dict[str, Any]:
         hp = self.hparams
         folder = inspect_model_folder(self.model_path)

@@ -46,11 +46,14 @@ VERSION = 2  # 2: checksums.json covers every file (version 1 folders had only t
 
 
 def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | None = None,
-                     scheduler_config: dict[str, Any] | None = None, source_model: str | None = None) -> Path:
+                     scheduler_config: dict[str, Any] | None = None, source_model: str | None = None,
+                     sampler: dict[str, Any] | None = None) -> Path:
     """Freeze a calibrated model into packed integer weights and write ``folder`` (replaced atomically).
 
-    ``source_model``: the FP model folder or Hub id it was calibrated from, recorded in the map so that
-    ``quantized_pipeline`` finds the pipeline's other parts (autoencoder, text encoder) there.
+    ``source_model``: the FP model folder or Hub id it was calibrated from (``ExportQuantized`` pins an id to its
+    commit), recorded in the map so that ``quantized_pipeline`` finds the pipeline's other parts (autoencoder,
+    text encoder) there. ``sampler``: the calibration's sampler (``scheduler``, ``num_inference_steps``, ``eta``),
+    recorded so that ``quantized_pipeline`` samples with the sampler the model was calibrated for.
 
     Raises ``ValueError`` (and writes nothing) if an AdaRound quantizer is still soft, an activation quantizer
     is uncalibrated or quantization is switched off somewhere: the folder always holds a final model.
@@ -79,6 +82,7 @@ def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | Non
             "layers": layers,
             "attention_processors": processors,
             **({"source_model": str(source_model)} if source_model is not None else {}),
+            **({"sampler": dict(sampler)} if sampler is not None else {}),
         }
         atomic_write_text(tmp / MAP_NAME, json.dumps(qmap, indent=2) + "\n")
         atomic_write_text(tmp / UNET_CONFIG, model.to_json_string())
@@ -207,3 +211,9 @@ def exported_scheduler_config(folder: str | Path) -> dict[str, Any] | None:
 def exported_source_model(folder: str | Path) -> str | None:
     """The FP model (folder or Hub id) a quantized folder was calibrated from, when its export recorded it."""
     return _read_json(readable_directory(folder) / MAP_NAME).get("source_model")
+
+
+def exported_sampler(folder: str | Path) -> dict[str, Any] | None:
+    """The sampler a quantized folder was calibrated with (``scheduler``, ``num_inference_steps``, ``eta``), when
+    its export recorded it."""
+    return _read_json(readable_directory(folder) / MAP_NAME).get("sampler")

@@ -22,6 +22,7 @@ from torch import nn
 
 from accuquant_pl.deploy.artifact import (
     SCHEDULER_CONFIG,
+    exported_sampler,
     exported_scheduler_config,
     exported_source_model,
     load_quantized,
@@ -31,11 +32,17 @@ from accuquant_pl.diffusion.loading import load_vae
 from accuquant_pl.diffusion.schedulers import SCHEDULERS, scheduler_from_config
 
 
+CALIBRATED = "calibrated"
+
+
 def _scheduler(folder: str | Path, name: str | None) -> SchedulerMixin:
-    """The export's scheduler: its own class, or the named one (``SCHEDULERS``) built from its config."""
+    """The export's scheduler: its own class, the calibration's sampler, or the named one, built from its config."""
     config = exported_scheduler_config(folder)
     if config is None:
         raise FileNotFoundError(f"quantized model folder {str(folder)!r} has no {SCHEDULER_CONFIG}")
+    if name == CALIBRATED:
+        # Exports before the sampler was recorded: DDIM, the sampler every shipped config calibrates for.
+        name = (exported_sampler(folder) or {}).get("scheduler", "ddim")
     if name is not None:
         return scheduler_from_config(name, config)
     by_class = {cls.__name__: key for key, cls in SCHEDULERS.items()}
@@ -111,7 +118,7 @@ def _stable_diffusion(root: Path, unet: nn.Module, scheduler: SchedulerMixin) ->
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def quantized_pipeline(folder: str | Path, pretrained: str | Path | None = None, scheduler: str | None = "ddim",
+def quantized_pipeline(folder: str | Path, pretrained: str | Path | None = None, scheduler: str | None = CALIBRATED,
                        execution: str = "dequant") -> Any:
     """The diffusers pipeline of the quantized model in ``folder``, with the quantized denoiser and the export's
     scheduler swapped in.
@@ -126,8 +133,10 @@ def quantized_pipeline(folder: str | Path, pretrained: str | Path | None = None,
     Args:
         folder: an ``ExportQuantized`` folder.
         pretrained: the FP model folder or Hub id (default: the one recorded at export).
-        scheduler: a name in ``SCHEDULERS``, built from the export's scheduler config (default ``ddim``, the
-            sampler the shipped configs calibrate for); None keeps the config's own class.
+        scheduler: ``calibrated`` (default): the sampler the calibration's trajectories followed, as the export
+            recorded it (``exported_sampler(folder)``, whose ``num_inference_steps`` and ``eta`` are the call's
+            settings of the same protocol; ``ddim`` for an export that did not record it); a name in
+            ``scheduler_names()``; None keeps the class of the export's scheduler config. Built from that config.
         execution: ``dequant``, ``cached`` or ``int`` (see ``load_quantized``).
     """
     denoiser = load_quantized(folder, execution)

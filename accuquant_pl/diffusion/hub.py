@@ -70,7 +70,8 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir: str) -> Path:
     except LocalEntryNotFoundError as err:
         raise FileNotFoundError(
             f"model {str(ref)!r} is not in the Hugging Face cache and cannot be downloaded (offline or no "
-            f"network); download it once online, or pass a local diffusers folder") from err
+            f"network), and there is no local folder of that name; download it once online, or pass a local "
+            "diffusers folder") from err
     except (HfHubHTTPError, OSError) as err:
         raise FileNotFoundError(f"model {str(ref)!r}: the Hub download failed ({type(err).__name__}: "
                                 f"{str(err).splitlines()[0] if str(err) else ''})") from err
@@ -101,6 +102,15 @@ def resolved_revision(path: str | Path, cache_dir: str | None = None) -> str | N
     if ref is None:
         return None
     return _snapshot(ref.repo_id, ref.revision, _cache_dir(cache_dir)).name
+
+
+def pinned(path: str | Path, cache_dir: str | None = None) -> str:
+    """``path`` with a Hub id's revision replaced by the commit it resolves to (``owner/name@<commit>[:subfolder]``),
+    so that what was recorded keeps naming the same weights after the branch moves; a local path unchanged."""
+    ref = hub_reference(path)
+    if ref is None:
+        return str(path)
+    return str(HubReference(ref.repo_id, resolved_revision(path, cache_dir), ref.subfolder))
 
 
 def model_exists(path: str | Path) -> bool:

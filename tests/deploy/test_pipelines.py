@@ -126,7 +126,8 @@ def test_latent_unet_gives_an_ldm_pipeline_that_decodes_like_predict(tmp_path):
     assert_same_images(images, predicted(folder, quantized))
 
 
-def test_text_unet_gives_the_stable_diffusion_pipeline_of_its_folder(tmp_path):
+@pytest.mark.parametrize("layout", ["model_index", "component folders"])
+def test_text_unet_gives_the_stable_diffusion_pipeline_of_its_folder(tmp_path, layout):
     pytest.importorskip("transformers")
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -134,15 +135,19 @@ def test_text_unet_gives_the_stable_diffusion_pipeline_of_its_folder(tmp_path):
 
     parts = save_pipeline(tmp_path / "parts", text_conditional_unet(), kl_vae(4), "vae", scheduler="sd")
     encoder, tokenizer = save_text_encoder(parts)
-    fp = StableDiffusionPipeline(vae=kl_vae(4), text_encoder=encoder, tokenizer=tokenizer, unet=load_unet(parts),
-                                 scheduler=DDIMScheduler(num_train_timesteps=100, **SD_SCHEDULER),
-                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    folder = tmp_path / "sd"
-    fp.save_pretrained(folder)  # a pipeline folder with model_index.json
+    fp_unet = load_unet(parts)
+    if layout == "model_index":
+        fp = StableDiffusionPipeline(vae=kl_vae(4), text_encoder=encoder, tokenizer=tokenizer, unet=fp_unet,
+                                     scheduler=DDIMScheduler(num_train_timesteps=100, **SD_SCHEDULER),
+                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        folder = tmp_path / "sd"
+        fp.save_pretrained(folder)
+    else:  # unet/, vae/, text_encoder/, tokenizer/, scheduler/ without model_index.json: assembled part by part
+        folder = parts
     quantized = rtn_export(folder, tmp_path / "q")
     pipe = quantized_pipeline(quantized)
     assert type(pipe) is StableDiffusionPipeline
-    assert type(pipe.unet).__name__ == "UNet2DConditionModel" and pipe.unet is not fp.unet
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel" and pipe.unet is not fp_unet
     prompts = ["a photo of a cat", "red car", "a cat"]
     cond, uncond = pipe.encode_prompt(prompts, torch.device("cpu"), 1, True, negative_prompt=[""] * 3)
     torch.save({"cond": cond, "uncond": uncond[:1], "prompts": prompts}, tmp_path / "p.pt")

@@ -10,7 +10,8 @@ import torch
 from huggingface_hub import constants
 
 from accuquant_pl.data.trajectories import TrajectoryDataModule
-from accuquant_pl.diffusion.hub import hub_reference, resolve_model_path, resolved_revision
+from accuquant_pl.diffusion import hub
+from accuquant_pl.diffusion.hub import hub_reference, pinned, resolve_model_path, resolved_revision
 from accuquant_pl.diffusion.loading import inspect_model_folder, load_scheduler_config, load_unet
 from tests.conftest import tiny_unet
 from tests.tiny_models import save_pipeline
@@ -97,6 +98,23 @@ def test_a_calibration_runs_from_a_hub_id_offline(hub_cache, tmp_path):
     unet = load_quantized(tmp_path / "run" / "quantized")
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(unet(x, 10).sample, cli.model.student(x, 10).sample)
+
+
+def test_the_export_records_the_commit_it_was_calibrated_from(hub_cache, tmp_path):
+    from accuquant_pl.cli import main
+    from accuquant_pl.deploy.artifact import exported_source_model
+    from tests.calibration.test_calibration_cli import tiny_args
+
+    assert pinned("acme/tiny-ddpm@v1:unet") == f"acme/tiny-ddpm@{V1}:unet"
+    assert pinned(str(tmp_path)) == str(tmp_path)
+    main(tiny_args(tmp_path, "acme/tiny-ddpm", "digits_w8a8_rtn.yaml"))
+    recorded = exported_source_model(tmp_path / "run" / "quantized")
+    assert recorded == f"acme/tiny-ddpm@{MAIN}"
+    # the branch moves on the Hub: the export still names the weights it was calibrated from
+    (hub_cache / "models--acme--tiny-ddpm" / "refs" / "main").write_text(V1)
+    hub._snapshot.cache_clear()  # a new process would read the moved ref
+    assert resolve_model_path("acme/tiny-ddpm") == hub_cache / "models--acme--tiny-ddpm" / "snapshots" / V1
+    assert resolve_model_path(recorded) == hub_cache / "models--acme--tiny-ddpm" / "snapshots" / MAIN
 
 
 @pytest.mark.parametrize("error, spec, message", [
