@@ -31,7 +31,6 @@ from accuquant_pl.diffusion.hub import model_exists, resolve_model_path
 from accuquant_pl.diffusion.loading import load_vae
 from accuquant_pl.diffusion.schedulers import SCHEDULERS, scheduler_from_config
 
-
 CALIBRATED = "calibrated"
 
 
