@@ -93,10 +93,12 @@ def test_unknown_objective_is_named(tmp_path, tiny_model_dir, capsys):
 
 
 def test_a_stochastic_sampler_calibrates_with_mixed_start_batches(tmp_path, tiny_model_dir):
-    """DDIM eta = 1: the items carry their trajectory's noise seed through sub-batches of several starts."""
+    """DDIM eta = 1: the items carry their trajectory's noise seed through sub-batches of several starts, the
+    units and the whole-model final stage."""
     args = [*tiny_args(tmp_path, tiny_model_dir), "--data.init_args.eta", "1.0",
-            "--data.init_args.starts_per_batch", "2"]
+            "--data.init_args.starts_per_batch", "2", "--model.init_args.final_stage.iterations", "2"]
     cli = main(args)
+    assert cli.model.final_stage_done
     assert cli.datamodule.serves_step_noise
     batch = next(iter(cli.datamodule.train_dataloader()))
     for part in sub_batches(batch):
