@@ -4,8 +4,10 @@ AccuQuant with its final stage), exported, sampled by ``predict``, evaluated by 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +18,8 @@ from accuquant_pl.deploy import load_quantized
 from accuquant_pl.diffusion import ConditioningSpec
 from accuquant_pl.evaluation.generation import DiffusionSampler
 from accuquant_pl.evaluation.module import SampleEvaluation
-from tests.conftest import fit_with_final_fid, quick_fit_args
+from tests.conftest import REPO, fit_with_final_fid, quick_fit_args
+from tests.evaluation.test_module import eval_args
 from tests.tiny_models import save_transformer_folder, tiny_dit
 
 STEPS = 4
@@ -57,6 +60,21 @@ def test_a_dit_calibrates_exports_and_samples(tmp_path, dit_folder, config, mode
                                conditioning=ConditioningSpec(**CLASS))
     images = sampler.predict_step(SEEDS, 0)
     assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+    if "accuquant" not in config:
+        return
+    # the user's commands on the export: `main.py predict` writes the same images, `main.py test` scores them
+    out = tmp_path / "samples"
+    main(["predict", "--config", str(REPO / "configs" / "sample_digits.yaml"),
+          "--model.init_args.pretrained", str(dit_folder), "--model.init_args.quantized", str(quantized),
+          "--model.init_args.num_inference_steps", str(STEPS), "--model.init_args.conditioning", json.dumps(CLASS),
+          "--data.init_args.num_samples", "3", "--data.init_args.first_seed", "5",
+          "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(tmp_path)])
+    written = torch.from_numpy(np.load(out / "samples.npz")["images"])
+    torch.testing.assert_close(written, images, rtol=0, atol=1e-6)
+    main(eval_args(tmp_path, dit_folder, "test", quantized=str(quantized), conditioning=CLASS))
+    metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 12 and 0 < metrics["mse"] < float("inf") and metrics["fid2fp32"] > 0
 
 
 def test_dit_evaluation_and_fid_callback_sample_with_the_labels(tmp_path, dit_folder):
