@@ -102,7 +102,7 @@ class TrajectoryDataModule(L.LightningDataModule):
                 LightningModule's ``pretrained``.
             scheduler: diffusers sampler of the trajectories (and of the AccuQuant rollout): a name in
                 ``accuquant_pl.diffusion.scheduler_names()`` (ddim, ddpm, dpmsolver++, sde-dpmsolver++, unipc,
-                pndm, euler, euler-ancestral).
+                pndm, euler, euler-ancestral) or a scheduler class's import path (``diffusers.LCMScheduler``).
             num_inference_steps: sampling steps S of each trajectory.
             eta: DDIM eta (0 = deterministic). A stochastic sampler's step noise is drawn per (trajectory seed,
                 step), recorded with the cache and replayed by the AccuQuant rollout.

@@ -17,6 +17,7 @@ differentiate it.
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,15 +59,30 @@ def scheduler_names() -> list[str]:
     return sorted([*SCHEDULERS, *VARIANTS])
 
 
+def _scheduler_class(path: str) -> type[SchedulerMixin]:
+    """A scheduler class by import path (``diffusers.LCMScheduler``, ``my_package.MySampler``)."""
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"unknown scheduler {path!r}: cannot import it ({err})") from err
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"scheduler {path!r} is not a diffusers scheduler (a SchedulerMixin subclass)")
+    return cls
+
+
 def scheduler_from_config(name: str, config: dict[str, Any], **overrides: Any) -> SchedulerMixin:
-    """Build the named diffusers scheduler (``SCHEDULERS`` or ``VARIANTS``) from a (possibly different)
-    scheduler's config."""
+    """Build the named diffusers scheduler (``SCHEDULERS``, ``VARIANTS``, or any scheduler class by import path,
+    e.g. ``diffusers.LCMScheduler``) from a (possibly different) scheduler's config."""
     if name in VARIANTS:
         base, settings = VARIANTS[name]
         return scheduler_from_config(base, config, **{**settings, **overrides})
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {scheduler_names()}")
-    return SCHEDULERS[name].from_config(config, **overrides)
+    if name in SCHEDULERS:
+        return SCHEDULERS[name].from_config(config, **overrides)
+    if "." in name:
+        return _scheduler_class(name).from_config(config, **overrides)
+    raise ValueError(f"unknown scheduler {name!r}; choose one of {scheduler_names()} or a scheduler class's import "
+                     "path (diffusers.<Name>Scheduler)")
 
 
 # Schedulers whose step reads nothing from earlier steps except their position in the schedule.

@@ -42,6 +42,7 @@ CASES = {
     "ddpm": ("ddpm", 0.0),
     "euler-ancestral": ("euler-ancestral", 0.0),
     "sde-dpmsolver++": ("sde-dpmsolver++", 0.0),
+    "lcm (import path)": ("diffusers.LCMScheduler", 0.0),  # any scheduler class, by import path
 }
 
 
@@ -317,3 +318,7 @@ def test_a_sampler_variant_is_a_name_everywhere_a_scheduler_is_taken():
     assert scheduler_from_config("dpmsolver++", config).config.algorithm_type == "dpmsolver++"
     with pytest.raises(ValueError, match=r"unknown scheduler 'sde-dpm'; choose one of .*'sde-dpmsolver\+\+'"):
         scheduler_from_config("sde-dpm", config)
+    with pytest.raises(ValueError, match=r"unknown scheduler 'diffusers.NoSuchScheduler': cannot import it"):
+        scheduler_from_config("diffusers.NoSuchScheduler", config)
+    with pytest.raises(ValueError, match=r"'diffusers.UNet2DModel' is not a diffusers scheduler"):
+        scheduler_from_config("diffusers.UNet2DModel", config)
