@@ -114,8 +114,10 @@ def test_stochastic_samplers_draw_the_same_step_noise_as_predict(tmp_path, sched
     torch.testing.assert_close((alone + 1) / 2, ours[1:2].permute(0, 3, 1, 2), rtol=0, atol=1e-6)
 
 
-def test_latent_unet_gives_an_ldm_pipeline_that_decodes_like_predict(tmp_path):
-    folder = save_pipeline(tmp_path / "ldm", rgb_unet(channels=3), vq_vae(3), "vqvae", scheduler="ddim")
+@pytest.mark.parametrize("autoencoder", ["vqvae", "vae"])
+def test_latent_unet_gives_an_ldm_pipeline_that_decodes_like_predict(tmp_path, autoencoder):
+    vae = vq_vae(3) if autoencoder == "vqvae" else kl_vae(3)
+    folder = save_pipeline(tmp_path / "ldm", rgb_unet(channels=3), vae, autoencoder, scheduler="ddim")
     quantized = rtn_export(folder, tmp_path / "q")
     pipe = quantized_pipeline(quantized)  # the autoencoder from the FP folder the export recorded
     assert type(pipe) is LDMPipeline
