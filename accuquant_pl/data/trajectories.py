@@ -183,7 +183,9 @@ class TrajectoryDataModule(L.LightningDataModule):
     def sampler_settings(self) -> dict[str, Any]:
         """The sampler the trajectories follow, which the export records for ``quantized_pipeline``."""
         hp = self.hparams
-        return {"scheduler": hp.scheduler, "num_inference_steps": hp.num_inference_steps, "eta": hp.eta}
+        guidance = self.conditioning_spec.guidance_scale if self.conditioning_spec is not None else 1.0
+        return {"scheduler": hp.scheduler, "num_inference_steps": hp.num_inference_steps, "eta": hp.eta,
+                "guidance_scale": guidance}
 
     def cache_key(self) -> dict[str, Any]:
         hp = self.hparams

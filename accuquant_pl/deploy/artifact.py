@@ -6,7 +6,8 @@ Folder layout (everything a user needs; copy the folder, nothing else):
   per-channel ``weight_scale`` / ``weight_zero_point``, activation quantizer parameters, and the float tensors
   that stay float (biases, norms).
 * ``quantization_map.json``: per layer bits, range, storage, shape and config; attention processors; the
-  ``QuantSpec``; the SHA-256 of the safetensors file (a truncated or modified file is refused).
+  ``QuantSpec``; the SHA-256 of the safetensors file (a truncated or modified file is refused); the FP model it
+  was calibrated from (``source_model``) and the calibration's sampler (``sampler``), when the export knew them.
 * ``unet_config.json``: the diffusers UNet config. ``scheduler_config.json``: the scheduler it was trained with.
 * ``checksums.json``: the SHA-256 of every file above, written last. The folder is tamper-evident as a whole: a
   file that differs from its recorded checksum, or a map entry that is not what the map's own spec plans for
@@ -53,7 +54,8 @@ def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | Non
     ``source_model``: the FP model folder or Hub id it was calibrated from (``ExportQuantized`` pins an id to its
     commit), recorded in the map so that ``quantized_pipeline`` finds the pipeline's other parts (autoencoder,
     text encoder) there. ``sampler``: the calibration's sampler (``scheduler``, ``num_inference_steps``, ``eta``),
-    recorded so that ``quantized_pipeline`` samples with the sampler the model was calibrated for.
+    recorded so that ``quantized_pipeline`` samples with the sampler the model was calibrated for (and its
+    ``guidance_scale``).
 
     Raises ``ValueError`` (and writes nothing) if an AdaRound quantizer is still soft, an activation quantizer
     is uncalibrated or quantization is switched off somewhere: the folder always holds a final model.
@@ -214,6 +216,6 @@ def exported_source_model(folder: str | Path) -> str | None:
 
 
 def exported_sampler(folder: str | Path) -> dict[str, Any] | None:
-    """The sampler a quantized folder was calibrated with (``scheduler``, ``num_inference_steps``, ``eta``), when
-    its export recorded it."""
+    """The sampler a quantized folder was calibrated with (``scheduler``, ``num_inference_steps``, ``eta``,
+    ``guidance_scale``), when its export recorded it."""
     return _read_json(readable_directory(folder) / MAP_NAME).get("sampler")

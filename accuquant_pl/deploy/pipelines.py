@@ -3,9 +3,12 @@ model's pipeline, with the scheduler saved in the export."""
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import (
     DDIMPipeline,
     DDIMScheduler,
@@ -60,6 +63,17 @@ def _source(folder: str | Path, pretrained: str | Path | None) -> Path | None:
     return resolve_model_path(source)
 
 
+# A pixel UNet's pipeline follows the scheduler (DDIMPipeline replaces any scheduler by DDIM, so a folder saved
+# as one would drop a calibrated DDPM), not the class its folder was saved as.
+PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+
+
+def _index_class(root: Path) -> str | None:
+    """The pipeline class a folder's ``model_index.json`` names; None without one."""
+    index = root / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+
+
 def _denoiser_key(denoiser: nn.Module) -> str:
     return "unet" if isinstance(denoiser, (UNet2DModel, UNet2DConditionModel)) else "transformer"
 
@@ -77,7 +91,7 @@ def _from_model_index(root: Path, denoiser: nn.Module, scheduler: SchedulerMixin
 
 
 def _assembled(root: Path | None, denoiser: nn.Module, scheduler: SchedulerMixin) -> Any:
-    """A pipeline assembled from the parts of a folder without ``model_index.json`` (component folders only)."""
+    """A pipeline assembled from the parts of a folder (component folders, or a pixel UNet's pipeline folder)."""
     if isinstance(denoiser, UNet2DConditionModel):
         if root is None or not (root / "text_encoder").is_dir() or not (root / "tokenizer").is_dir():
             raise TypeError("a UNet2DConditionModel samples through a text-to-image pipeline: pass pretrained= the FP "
@@ -101,7 +115,21 @@ def _assembled(root: Path | None, denoiser: nn.Module, scheduler: SchedulerMixin
         return LDMPipeline(vqvae=vae, unet=denoiser, scheduler=scheduler)
     if isinstance(scheduler, DDIMScheduler):
         return DDIMPipeline(unet=denoiser, scheduler=scheduler)
-    return DDPMPipeline(unet=denoiser, scheduler=scheduler)  # its loop steps any scheduler (no eta)
+    _check_unscaled_loop(scheduler)
+    return DDPMPipeline(unet=denoiser, scheduler=scheduler)
+
+
+def _check_unscaled_loop(scheduler: SchedulerMixin) -> None:
+    """DDPMPipeline's loop neither scales the initial noise by ``init_noise_sigma`` nor calls
+    ``scale_model_input``: it steps DDPM, DPM-Solver, UniPC, PNDM, LCM correctly, but a sigma-space sampler (Euler)
+    would sample wrong images without an error."""
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(10)
+    x = torch.ones(1, 1, 2, 2)
+    if float(probe.init_noise_sigma) != 1.0 or not torch.equal(probe.scale_model_input(x, probe.timesteps[0]), x):
+        raise TypeError(f"{type(scheduler).__name__} scales the model input, which DDPMPipeline (the pixel UNet's "
+                        "pipeline for samplers other than DDIM) does not do; pass quantized_pipeline(folder, "
+                        "scheduler='ddim') or sample with `predict`, which scales for every sampler")
 
 
 def _stable_diffusion(root: Path, unet: nn.Module, scheduler: SchedulerMixin) -> Any:
@@ -125,7 +153,8 @@ def quantized_pipeline(folder: str | Path, pretrained: str | Path | None = None,
     The other parts come from the FP model it was calibrated from (``pretrained``, else the folder or Hub id the
     export recorded): a pipeline folder with ``model_index.json`` gives its own pipeline class
     (``DiffusionPipeline.from_pretrained``: LDMPipeline, StableDiffusionPipeline, DiTPipeline, PixArt, ...);
-    component folders give ``DDIMPipeline`` / ``DDPMPipeline`` for a pixel UNet, ``LDMPipeline`` for a UNet with
+    component folders (and a pixel UNet's DDPM/DDIM pipeline folder) give ``DDIMPipeline`` for DDIM /
+    ``DDPMPipeline`` for other samplers for a pixel UNet, ``LDMPipeline`` for a UNet with
     ``vae/`` or ``vqvae/``, ``StableDiffusionPipeline`` for a text UNet with ``text_encoder/`` and ``tokenizer/``,
     ``DiTPipeline`` for a DiT with ``vae/``.
 
@@ -133,15 +162,17 @@ def quantized_pipeline(folder: str | Path, pretrained: str | Path | None = None,
         folder: an ``ExportQuantized`` folder.
         pretrained: the FP model folder or Hub id (default: the one recorded at export).
         scheduler: ``calibrated`` (default): the sampler the calibration's trajectories followed, as the export
-            recorded it (``exported_sampler(folder)``, whose ``num_inference_steps`` and ``eta`` are the call's
-            settings of the same protocol; ``ddim`` for an export that did not record it); a name in
-            ``scheduler_names()``; None keeps the class of the export's scheduler config. Built from that config.
+            recorded it (``exported_sampler(folder)`` also gives its ``num_inference_steps``, ``eta`` and
+            ``guidance_scale``, to pass to the pipelines that take them; ``ddim`` for an export that did not
+            record it); a name in ``scheduler_names()`` or a scheduler class's import path; None keeps the class
+            of the export's scheduler config. Built from that config. A pixel UNet's pipeline for a sampler other
+            than DDIM is ``DDPMPipeline``, whose loop cannot drive a sampler that scales its input (Euler): refused.
         execution: ``dequant``, ``cached`` or ``int`` (see ``load_quantized``).
     """
     denoiser = load_quantized(folder, execution)
     sched = _scheduler(folder, scheduler)
     root = _source(folder, pretrained)
-    if root is not None and (root / "model_index.json").is_file():
+    if root is not None and _index_class(root) not in (None, *PIXEL_PIPELINES):
         pipe = _from_model_index(root, denoiser, sched)
     else:
         pipe = _assembled(root, denoiser, sched)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,13 +60,17 @@ def scheduler_names() -> list[str]:
     return sorted([*SCHEDULERS, *VARIANTS])
 
 
+IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
 def _scheduler_class(path: str) -> type[SchedulerMixin]:
     """A scheduler class by import path (``diffusers.LCMScheduler``, ``my_package.MySampler``)."""
     module_name, _, class_name = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"unknown scheduler {path!r}: cannot import it ({err})") from err
+        raise ValueError(f"unknown scheduler {path!r}: cannot import it ({err}); the names are "
+                         f"{scheduler_names()}") from err
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ValueError(f"scheduler {path!r} is not a diffusers scheduler (a SchedulerMixin subclass)")
     return cls
@@ -79,7 +84,7 @@ def scheduler_from_config(name: str, config: dict[str, Any], **overrides: Any) -
         return scheduler_from_config(base, config, **{**settings, **overrides})
     if name in SCHEDULERS:
         return SCHEDULERS[name].from_config(config, **overrides)
-    if "." in name:
+    if IMPORT_PATH.match(name):
         return _scheduler_class(name).from_config(config, **overrides)
     raise ValueError(f"unknown scheduler {name!r}; choose one of {scheduler_names()} or a scheduler class's import "
                      "path (diffusers.<Name>Scheduler)")

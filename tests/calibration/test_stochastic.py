@@ -322,3 +322,6 @@ def test_a_sampler_variant_is_a_name_everywhere_a_scheduler_is_taken():
         scheduler_from_config("diffusers.NoSuchScheduler", config)
     with pytest.raises(ValueError, match=r"'diffusers.UNet2DModel' is not a diffusers scheduler"):
         scheduler_from_config("diffusers.UNet2DModel", config)
+    for bad in (".LCMScheduler", "diffusers..LCMScheduler", "euler ancestral"):
+        with pytest.raises(ValueError, match=f"unknown scheduler {bad!r}; choose one of"):
+            scheduler_from_config(bad, config)
