@@ -28,5 +28,6 @@ class ExportQuantized(L.Callback):
         if trainer.is_global_zero:
             pretrained = pl_module.hparams.pretrained
             settings = getattr(trainer.datamodule, "sampler_settings", None)  # a user's own data module may lack it
+            source = getattr(pl_module, "source_model", None) or pinned(pretrained)  # the commit its weights came from
             export_quantized(pl_module.finalize(), self.dirpath, pl_module.spec, load_scheduler_config(pretrained),
-                             source_model=pinned(pretrained), sampler=settings() if callable(settings) else None)
+                             source_model=source, sampler=settings() if callable(settings) else None)

@@ -139,3 +139,20 @@ def test_online_failures_name_the_id_in_one_line(tmp_path, monkeypatch, error, s
     with pytest.raises(FileNotFoundError, match=message) as err:
         resolve_model_path(spec, cache_dir=str(tmp_path / "hub"))
     assert "\n" not in str(err.value)
+
+
+def test_a_resume_after_the_hub_branch_moved_is_refused_naming_both_commits(hub_cache, tmp_path):
+    from accuquant_pl.cli import main
+    from accuquant_pl.deploy.artifact import exported_source_model
+    from tests.calibration.test_calibration_cli import tiny_args
+
+    args = tiny_args(tmp_path, "acme/tiny-ddpm", "digits_w8a8_qdiff.yaml")
+    main(args)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    (hub_cache / "models--acme--tiny-ddpm" / "refs" / "main").write_text(V1)
+    hub._snapshot.cache_clear()  # a new process would read the moved ref
+    with pytest.raises(ValueError, match=f"calibrated from 'acme/tiny-ddpm@{MAIN}', but 'acme/tiny-ddpm' now "
+                                         f"resolves to 'acme/tiny-ddpm@{V1}'"):
+        main([*args, "--ckpt_path", str(checkpoint)])
+    # the export names the weights the units were calibrated on, not where the branch points now
+    assert exported_source_model(tmp_path / "run" / "quantized") == f"acme/tiny-ddpm@{MAIN}"
