@@ -32,11 +32,12 @@ from accuquant_pl.calibration.progress import (
     progress_section,
     restore_hardened_units,
     resume_epoch_position,
+    saved_progress,
 )
 from accuquant_pl.calibration.rng import set_rng_state
 from accuquant_pl.data.plan import EpochPlan
 from accuquant_pl.data.samplers import sub_batches
-from accuquant_pl.diffusion.hub import hub_reference, pinned
+from accuquant_pl.diffusion.hub import pinned
 from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
 from accuquant_pl.diffusion.sampling import network_inputs
 from accuquant_pl.quant import (
@@ -59,10 +60,9 @@ from accuquant_pl.quant.timesteps import check_groups_hold_timesteps, grouped_qu
 class BlockReconstruction(L.LightningModule):
     """Calibrates a quantized copy of an FP diffusers UNet unit by unit (BRECQ / Q-Diffusion / AccuQuant).
 
-    ``setup`` quantizes the student and initialises its activation quantizers from the trajectory cache;
-    every training epoch optimises one reconstruction unit (units before it quantized and frozen, units
-    after it FP by default) and hardens its rounding at the end. ``objective='rtn'`` runs no epochs:
-    round-to-nearest weights with calibrated activation ranges.
+    ``setup`` quantizes the student and initialises its activation quantizers from the trajectory cache; each
+    training epoch optimises one reconstruction unit (units before it quantized and frozen, units after it FP by
+    default) and hardens its rounding. ``objective='rtn'`` runs no epochs: round-to-nearest, calibrated ranges.
     """
 
     CHECKPOINT_SECTION = "accuquant"
@@ -126,8 +126,7 @@ class BlockReconstruction(L.LightningModule):
         """What a fit builds and a checkpoint restores: models, units done, the epoch's optimiser and position."""
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None  # FP block-output targets; not part of the checkpoint
-        # ``pretrained`` as loaded, a Hub id pinned to the commit it resolved to (recorded by checkpoints and exports)
-        self.source_model: str | None = None
+        self.source_model: str | None = None  # ``pretrained`` as loaded, a Hub id pinned to its commit
         self.unit_names: list[str] = []
         self.done_units: list[str] = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -381,17 +380,12 @@ class BlockReconstruction(L.LightningModule):
             # state is Lightning's own checkpoint["optimizer_states"] (the epoch's Adam is the strategy's).
             mid_epoch = {"epoch": e, "iteration": self._iteration,
                          "lr_schedule": self._lr_schedule.state_dict() if self._lr_schedule is not None else None}
-        checkpoint[self.CHECKPOINT_SECTION] = {
-            **progress_section(self.done_units, self.final_stage_done, str(self.trainer.precision), mid_epoch),
-            "source_model": self.source_model}
+        checkpoint[self.CHECKPOINT_SECTION] = progress_section(self.done_units, self.final_stage_done,
+                                                               str(self.trainer.precision), mid_epoch, self.source_model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        state = checkpoint.get(self.CHECKPOINT_SECTION)
-        if state is None:
-            raise ValueError(f"checkpoint has no {self.CHECKPOINT_SECTION!r} section: it was not written by "
-                             "BlockReconstruction")
-        self._check_same_commit(state.get("source_model"))  # older checkpoints did not record it
+        state = saved_progress(checkpoint, self.CHECKPOINT_SECTION, self.hparams.pretrained, self.source_model)
         restore_hardened_units(self.student, state["done_units"], self.unit_names)
         self.done_units = list(state["done_units"])
         self.final_stage_done = bool(state.get("final_stage_done", False))  # older checkpoints have no stage
@@ -400,16 +394,6 @@ class BlockReconstruction(L.LightningModule):
             set_rng_state(state["rng"])
         else:
             self._resume_rng = state["rng"]
-
-    def _check_same_commit(self, recorded: str | None) -> None:
-        """A Hub id names a branch that may have moved since the checkpoint: the units done so far were calibrated
-        on the weights of the commit it recorded, the rest would be on other weights."""
-        if recorded is None or hub_reference(self.hparams.pretrained) is None or recorded == self.source_model:
-            return
-        raise ValueError(f"the checkpoint was calibrated from {recorded!r}, but {self.hparams.pretrained!r} now "
-                         f"resolves to {self.source_model!r} (the Hub branch moved), and a run does not continue on "
-                         f"other weights; start it again without --ckpt_path, the id pinned: "
-                         f"--model.init_args.pretrained {recorded} (the old weights) or {self.source_model} (the new)")
 
     def configure_optimizers(self) -> None:
         # One optimiser per epoch, built and registered with the strategy when the epoch begins (_begin_epoch).
