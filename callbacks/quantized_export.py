@@ -5,7 +5,6 @@ from __future__ import annotations
 import lightning as L
 
 from accuquant_pl.deploy.artifact import export_quantized
-from accuquant_pl.diffusion.hub import pinned
 from accuquant_pl.diffusion.loading import load_scheduler_config
 
 
@@ -28,6 +27,6 @@ class ExportQuantized(L.Callback):
         if trainer.is_global_zero:
             pretrained = pl_module.hparams.pretrained
             settings = getattr(trainer.datamodule, "sampler_settings", None)  # a user's own data module may lack it
-            source = getattr(pl_module, "source_model", None) or pinned(pretrained)  # the commit its weights came from
+            # source_model: pretrained as the module loaded it, a Hub id pinned to the commit its weights came from
             export_quantized(pl_module.finalize(), self.dirpath, pl_module.spec, load_scheduler_config(pretrained),
-                             source_model=source, sampler=settings() if callable(settings) else None)
+                             source_model=pl_module.source_model, sampler=settings() if callable(settings) else None)

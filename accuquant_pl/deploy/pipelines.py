@@ -3,12 +3,10 @@ model's pipeline, with the scheduler saved in the export."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import (
     DDIMPipeline,
     DDIMScheduler,
@@ -32,7 +30,7 @@ from accuquant_pl.deploy.artifact import (
 )
 from accuquant_pl.diffusion.hub import model_exists, resolve_model_path
 from accuquant_pl.diffusion.loading import load_vae
-from accuquant_pl.diffusion.schedulers import SCHEDULERS, scheduler_from_config
+from accuquant_pl.diffusion.schedulers import SCHEDULERS, scales_model_input, scheduler_from_config
 
 CALIBRATED = "calibrated"
 
@@ -115,21 +113,11 @@ def _assembled(root: Path | None, denoiser: nn.Module, scheduler: SchedulerMixin
         return LDMPipeline(vqvae=vae, unet=denoiser, scheduler=scheduler)
     if isinstance(scheduler, DDIMScheduler):
         return DDIMPipeline(unet=denoiser, scheduler=scheduler)
-    _check_unscaled_loop(scheduler)
-    return DDPMPipeline(unet=denoiser, scheduler=scheduler)
-
-
-def _check_unscaled_loop(scheduler: SchedulerMixin) -> None:
-    """DDPMPipeline's loop neither scales the initial noise by ``init_noise_sigma`` nor calls
-    ``scale_model_input``: it steps DDPM, DPM-Solver, UniPC, PNDM, LCM correctly, but a sigma-space sampler (Euler)
-    would sample wrong images without an error."""
-    probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(10)
-    x = torch.ones(1, 1, 2, 2)
-    if float(probe.init_noise_sigma) != 1.0 or not torch.equal(probe.scale_model_input(x, probe.timesteps[0]), x):
+    if scales_model_input(scheduler):  # DDPMPipeline's loop would sample wrong images without an error
         raise TypeError(f"{type(scheduler).__name__} scales the model input, which DDPMPipeline (the pixel UNet's "
                         "pipeline for samplers other than DDIM) does not do; pass quantized_pipeline(folder, "
                         "scheduler='ddim') or sample with `predict`, which scales for every sampler")
+    return DDPMPipeline(unet=denoiser, scheduler=scheduler)
 
 
 def _stable_diffusion(root: Path, unet: nn.Module, scheduler: SchedulerMixin) -> Any:

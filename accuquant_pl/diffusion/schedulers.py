@@ -133,6 +133,16 @@ def scaled_model_input(scheduler: SchedulerMixin, index: int, x: Tensor) -> Tens
     return _position(copy.deepcopy(scheduler), index).scale_model_input(x, scheduler.timesteps[index])
 
 
+def scales_model_input(scheduler: SchedulerMixin) -> bool:
+    """Whether sampling with ``scheduler`` scales the initial noise (``init_noise_sigma``) or the network input
+    (``scale_model_input``): Euler-type samplers do, DDPM, DDIM, DPM-Solver, UniPC, PNDM and LCM do not. A loop that
+    does neither (DDPMPipeline's) samples the latter correctly and the former wrong. ``scheduler`` is not modified."""
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(10)
+    x = torch.ones(1, 1, 2, 2)
+    return float(probe.init_noise_sigma) != 1.0 or not torch.equal(scaled_model_input(probe, 0, x), x)
+
+
 def _kwargs_at(scheduler: SchedulerMixin, index: int, eta: float, noise_seeds: Sequence[int] | None) -> dict:
     """``step`` arguments of schedule step ``index``: eta, and the generators of the trajectories' noise there
     (``noise.step_generators``) when the trajectories were sampled with a stochastic sampler."""
