@@ -17,6 +17,8 @@ _LAZY = {
     "exported_sampler": "accuquant_pl.deploy.artifact",
     "exported_scheduler_config": "accuquant_pl.deploy.artifact",
     "quantized_pipeline": "accuquant_pl.deploy.pipelines",
+    "export_onnx": "accuquant_pl.deploy.onnx_export",
+    "OnnxDenoiser": "accuquant_pl.deploy.onnx_runtime",
     "freeze": "accuquant_pl.deploy.model",
     "set_execution": "accuquant_pl.deploy.model",
 }

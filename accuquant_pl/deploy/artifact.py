@@ -42,6 +42,7 @@ MAP_NAME = "quantization_map.json"
 UNET_CONFIG = "unet_config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 CHECKSUMS = "checksums.json"
+ONNX_META = "onnx_export.json"  # an ONNX export folder's record (deploy.onnx_export)
 FORMAT = "accuquant-pl/packed-quantized-model"
 VERSION = 2  # 2: checksums.json covers every file (version 1 folders had only the weights' checksum)
 
@@ -95,14 +96,15 @@ def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | Non
     return folder
 
 
-def verify_checksums(folder: Path) -> None:
-    """Raise ``ValueError`` naming the file unless every file recorded in ``checksums.json`` is there unchanged
-    and the map, weights and UNet config are among them."""
+def verify_checksums(folder: Path, fmt: str = FORMAT, required: tuple[str, ...] = (MAP_NAME, WEIGHTS_NAME,
+                                                                                 UNET_CONFIG)) -> None:
+    """Raise ``ValueError`` naming the file unless every file recorded in ``checksums.json`` (of a folder of format
+    ``fmt``) is there unchanged and the ``required`` files are among them."""
     record = _read_json(folder / CHECKSUMS)
     files = record.get("sha256")
-    if record.get("format") != FORMAT or not isinstance(files, dict):
+    if record.get("format") != fmt or not isinstance(files, dict):
         raise ValueError(f"{folder / CHECKSUMS} is not a checksum list of this format; the folder is damaged")
-    unrecorded = [name for name in (MAP_NAME, WEIGHTS_NAME, UNET_CONFIG) if name not in files]
+    unrecorded = [name for name in required if name not in files]
     unrecorded += sorted(p.name for p in folder.iterdir() if p.name not in files and p.name != CHECKSUMS)
     if unrecorded:
         raise ValueError(f"{folder / CHECKSUMS} records no checksum of {unrecorded}: the folder was changed after "
@@ -113,7 +115,7 @@ def verify_checksums(folder: Path) -> None:
             raise FileNotFoundError(f"quantized model folder {str(folder)!r} has no {name}")
         if sha256_file(path) != digest:
             raise ValueError(f"{path} does not match the SHA-256 recorded in {CHECKSUMS}: the file was "
-                             "truncated or modified after export; re-export the model")
+                             "truncated or modified after export; export it again")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -210,12 +212,19 @@ def exported_scheduler_config(folder: str | Path) -> dict[str, Any] | None:
     return _read_json(path) if path.is_file() else None
 
 
+def _record(folder: str | Path) -> dict[str, Any]:
+    """The folder's record of its calibration: the quantization map, or an ONNX export's metadata (which copies
+    the map's ``source_model`` and ``sampler``)."""
+    folder = readable_directory(folder)
+    return _read_json(folder / ONNX_META if (folder / ONNX_META).is_file() else folder / MAP_NAME)
+
+
 def exported_source_model(folder: str | Path) -> str | None:
-    """The FP model (folder or Hub id) a quantized folder was calibrated from, when its export recorded it."""
-    return _read_json(readable_directory(folder) / MAP_NAME).get("source_model")
+    """The FP model (folder or Hub id) a quantized (or ONNX) folder was calibrated from, when its export recorded it."""
+    return _record(folder).get("source_model")
 
 
 def exported_sampler(folder: str | Path) -> dict[str, Any] | None:
-    """The sampler a quantized folder was calibrated with (``scheduler``, ``num_inference_steps``, ``eta``,
-    ``guidance_scale``), when its export recorded it."""
-    return _read_json(readable_directory(folder) / MAP_NAME).get("sampler")
+    """The sampler a quantized (or ONNX) folder was calibrated with (``scheduler``, ``num_inference_steps``,
+    ``eta``, ``guidance_scale``), when its export recorded it."""
+    return _record(folder).get("sampler")

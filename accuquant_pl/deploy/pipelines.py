@@ -26,10 +26,11 @@ from accuquant_pl.deploy.artifact import (
     exported_sampler,
     exported_scheduler_config,
     exported_source_model,
-    load_quantized,
 )
+from accuquant_pl.deploy.onnx_runtime import load_exported
 from accuquant_pl.diffusion.hub import model_exists, resolve_model_path
 from accuquant_pl.diffusion.loading import load_vae
+from accuquant_pl.diffusion.sampling import denoiser_class
 from accuquant_pl.diffusion.schedulers import SCHEDULERS, scales_model_input, scheduler_from_config
 
 CALIBRATED = "calibrated"
@@ -73,7 +74,7 @@ def _index_class(root: Path) -> str | None:
 
 
 def _denoiser_key(denoiser: nn.Module) -> str:
-    return "unet" if isinstance(denoiser, (UNet2DModel, UNet2DConditionModel)) else "transformer"
+    return "unet" if denoiser_class(denoiser) in (UNet2DModel.__name__, UNet2DConditionModel.__name__) else "transformer"
 
 
 def _from_model_index(root: Path, denoiser: nn.Module, scheduler: SchedulerMixin) -> Any:
@@ -90,20 +91,20 @@ def _from_model_index(root: Path, denoiser: nn.Module, scheduler: SchedulerMixin
 
 def _assembled(root: Path | None, denoiser: nn.Module, scheduler: SchedulerMixin) -> Any:
     """A pipeline assembled from the parts of a folder (component folders, or a pixel UNet's pipeline folder)."""
-    if isinstance(denoiser, UNet2DConditionModel):
+    if denoiser_class(denoiser) == UNet2DConditionModel.__name__:
         if root is None or not (root / "text_encoder").is_dir() or not (root / "tokenizer").is_dir():
             raise TypeError("a UNet2DConditionModel samples through a text-to-image pipeline: pass pretrained= the FP "
                             "folder with vae/, text_encoder/ and tokenizer/ (or use `predict` with prompt "
                             "embeddings)")
         return _stable_diffusion(root, denoiser, scheduler)
-    if isinstance(denoiser, DiTTransformer2DModel):
+    if denoiser_class(denoiser) == DiTTransformer2DModel.__name__:
         vae = load_vae(root) if root is not None else None
         if vae is None:
             raise TypeError("DiTPipeline needs the latent model's autoencoder: pass pretrained= the FP folder with "
                             "vae/ (a pixel-space DiT has no diffusers pipeline: sample it with `predict`)")
         return DiTPipeline(transformer=denoiser, vae=vae, scheduler=scheduler)
-    if not isinstance(denoiser, UNet2DModel):
-        raise TypeError(f"no diffusers pipeline for a quantized {type(denoiser).__name__} without the FP pipeline "
+    if denoiser_class(denoiser) != UNet2DModel.__name__:
+        raise TypeError(f"no diffusers pipeline for a quantized {denoiser_class(denoiser)} without the FP pipeline "
                         "folder's model_index.json; pass pretrained=")
     if denoiser.config.num_class_embeds is not None or denoiser.config.class_embed_type is not None:
         raise TypeError("a class-conditional UNet2DModel has no diffusers pipeline; sample it with `predict` "
@@ -134,7 +135,8 @@ def _stable_diffusion(root: Path, unet: nn.Module, scheduler: SchedulerMixin) ->
 
 
 def quantized_pipeline(folder: str | Path, pretrained: str | Path | None = None, scheduler: str | None = CALIBRATED,
-                       execution: str = "dequant") -> Any:
+                       execution: str = "dequant", onnx_threads: int | None = None,
+                       onnx_providers: list[str] | None = None) -> Any:
     """The diffusers pipeline of the quantized model in ``folder``, with the quantized denoiser and the export's
     scheduler swapped in.
 
@@ -147,7 +149,8 @@ def quantized_pipeline(folder: str | Path, pretrained: str | Path | None = None,
     ``DiTPipeline`` for a DiT with ``vae/``.
 
     Args:
-        folder: an ``ExportQuantized`` folder.
+        folder: an ``ExportQuantized`` folder, or its ONNX export (``export_onnx``): the pipeline's denoiser is then
+            an :class:`~accuquant_pl.deploy.onnx_runtime.OnnxDenoiser` (ONNX Runtime).
         pretrained: the FP model folder or Hub id (default: the one recorded at export).
         scheduler: ``calibrated`` (default): the sampler the calibration's trajectories followed, as the export
             recorded it (``exported_sampler(folder)`` also gives its ``num_inference_steps``, ``eta`` and
@@ -155,9 +158,10 @@ def quantized_pipeline(folder: str | Path, pretrained: str | Path | None = None,
             record it); a name in ``scheduler_names()`` or a scheduler class's import path; None keeps the class
             of the export's scheduler config. Built from that config. A pixel UNet's pipeline for a sampler other
             than DDIM is ``DDPMPipeline``, whose loop cannot drive a sampler that scales its input (Euler): refused.
-        execution: ``dequant``, ``cached`` or ``int`` (see ``load_quantized``).
+        execution: ``dequant``, ``cached`` or ``int`` (see ``load_quantized``; a PyTorch folder).
+        onnx_threads, onnx_providers: ONNX Runtime's intra-op threads and execution providers (an ONNX folder).
     """
-    denoiser = load_quantized(folder, execution)
+    denoiser = load_exported(folder, execution, onnx_threads, onnx_providers)
     sched = _scheduler(folder, scheduler)
     root = _source(folder, pretrained)
     if root is not None and _index_class(root) not in (None, *PIXEL_PIPELINES):

@@ -102,20 +102,26 @@ def _check_prompt_masks(unet: nn.Module | None, inputs: dict[str, Any]) -> None:
     if unet is None or inputs.get("encoder_hidden_states") is None:
         return
     masked = inputs.get("encoder_attention_mask") is not None
-    pixart = type(unet).__name__ == "PixArtTransformer2DModel"
+    pixart = denoiser_class(unet) == "PixArtTransformer2DModel"
     if masked and not pixart:
         raise ValueError(f"the prompt file's attention masks ('cond_mask', 'uncond_mask') are for PixArt; "
-                         f"{type(unet).__name__}'s pipeline does not mask its prompts: drop them from the file")
+                         f"{denoiser_class(unet)}'s pipeline does not mask its prompts: drop them from the file")
     if pixart and not masked:
         warnings.warn("PixArt prompts without attention masks: its pipelines mask the prompt padding out of "
                       "cross-attention; write the prompt file with tools/encode_prompts.py (cond_mask, uncond_mask)",
                       stacklevel=3)
 
 
+def denoiser_class(unet: nn.Module) -> str:
+    """The diffusers class name of a denoiser, or of the one it stands in for (an ONNX Runtime denoiser names it
+    in ``denoiser_class``)."""
+    return getattr(unet, "denoiser_class", type(unet).__name__)
+
+
 def is_transformer(unet: nn.Module | None) -> bool:
     """Whether ``unet`` is a transformer denoiser (DiT, PixArt): input ``hidden_states``, per-sample timesteps and,
     with a learned variance, twice the input's channels out."""
-    return unet is not None and type(unet).__name__ in SUPPORTED_TRANSFORMERS
+    return unet is not None and denoiser_class(unet) in SUPPORTED_TRANSFORMERS
 
 
 def model_output(unet: nn.Module, x: Tensor, t: Tensor | int, cond: Conditioning | None = None) -> Tensor:

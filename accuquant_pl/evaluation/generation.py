@@ -9,7 +9,8 @@ from __future__ import annotations
 import lightning as L
 from torch import Tensor
 
-from accuquant_pl.deploy.artifact import exported_scheduler_config, load_quantized
+from accuquant_pl.deploy.artifact import exported_scheduler_config
+from accuquant_pl.deploy.onnx_runtime import load_exported
 from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec
 from accuquant_pl.diffusion.hub import model_exists
 from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet, load_vae
@@ -29,6 +30,7 @@ class DiffusionSampler(L.LightningModule):
         eta: float = 0.0,
         conditioning: ConditioningSpec | None = None,
         decode: bool = True,
+        onnx_threads: int | None = None,
     ) -> None:
         """
         Args:
@@ -36,7 +38,8 @@ class DiffusionSampler(L.LightningModule):
                 with scheduler_config.json). A latent model's folder also holds vae/ (AutoencoderKL) or vqvae/
                 (VQModel).
             quantized: a quantized model folder (``ExportQuantized`` output) to sample from instead of the FP UNet
-                (a latent model still decodes with ``pretrained``'s autoencoder).
+                (a latent model still decodes with ``pretrained``'s autoencoder), or its ONNX export
+                (``accuquant_pl.export_onnx``), which then runs in ONNX Runtime.
             scheduler: sampler, a name in ``accuquant_pl.diffusion.scheduler_names()`` (built from the
                 folder's scheduler config).
             num_inference_steps: denoising steps.
@@ -44,6 +47,7 @@ class DiffusionSampler(L.LightningModule):
             conditioning: conditional models: the class label or prompt of the sample of seed s, and the
                 guidance (:class:`~accuquant_pl.diffusion.ConditioningSpec`; None: unconditional).
             decode: decode a latent model's samples to images with its autoencoder (False: return latents).
+            onnx_threads: ONNX Runtime's intra-op threads for an ONNX ``quantized`` folder (None: its default).
         """
         super().__init__()
         if num_inference_steps < 1:
@@ -55,7 +59,8 @@ class DiffusionSampler(L.LightningModule):
             self.conditioning_spec.prompts()  # a missing or malformed prompt file fails here, not mid-sampling
         scheduler_config = None
         if quantized is not None:
-            self.unet, scheduler_config = load_quantized(quantized), exported_scheduler_config(quantized)
+            self.unet = load_exported(quantized, onnx_threads=onnx_threads)
+            scheduler_config = exported_scheduler_config(quantized)
         else:
             self.unet = load_unet(pretrained)
         self.scheduler = scheduler_from_config(scheduler, scheduler_config or load_scheduler_config(pretrained))

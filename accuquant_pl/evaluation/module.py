@@ -50,11 +50,13 @@ class SampleEvaluation(DiffusionSampler):
         output_dir: str | None = "outputs/evaluation",
         digit_labels: bool = False,
         error_threshold: float = 0.01,
+        onnx_threads: int | None = None,
     ) -> None:
         """
         Args:
             pretrained: the FP diffusers model folder (the teacher the samples are paired with).
-            quantized: a quantized model folder to evaluate; without it (and without --ckpt_path) the FP model.
+            quantized: a quantized model folder (or its ONNX export, run in ONNX Runtime) to evaluate; without it
+                (and without --ckpt_path) the FP model.
             scheduler: sampler: ddim, ddpm, dpmsolver++ or euler.
             num_inference_steps: denoising steps.
             eta: DDIM eta (0 = deterministic).
@@ -70,8 +72,10 @@ class SampleEvaluation(DiffusionSampler):
             digit_labels: also report the share of samples whose digit (the shipped digit classifier's reading)
                 differs from their FP sample's (digits models only).
             error_threshold: per-sample final MSE above which a sample counts as departed from its FP sample.
+            onnx_threads: ONNX Runtime's intra-op threads when ``quantized`` is an ONNX export folder.
         """
-        super().__init__(pretrained, quantized, scheduler, num_inference_steps, eta, conditioning, decode=True)
+        super().__init__(pretrained, quantized, scheduler, num_inference_steps, eta, conditioning, decode=True,
+                         onnx_threads=onnx_threads)
         self.teacher = load_unet(pretrained) if quantized is not None else None
         self.meter: SampleQualityMeter | None = None
         self._classifier: DigitClassifier | None = None

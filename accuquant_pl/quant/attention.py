@@ -71,6 +71,10 @@ class QuantAttnProcessor(QuantStateMixin, nn.Module):
             scores = scores.float()
         return self._q(self.probs_quantizer, scores.softmax(dim=-1).to(dtype))
 
+    def attend(self, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``probs @ value`` with quantized value (``probs`` come quantized from :meth:`attention_probs`)."""
+        return torch.bmm(probs, self._q(self.value_quantizer, value))
+
     def forward(self, attn: Attention, hidden_states: torch.Tensor,
                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,7 +99,7 @@ class QuantAttnProcessor(QuantStateMixin, nn.Module):
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
         probs = self.attention_probs(attn, query, key, attention_mask)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, self._q(self.value_quantizer, value)))
+        hidden_states = attn.batch_to_head_dim(self.attend(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
