@@ -18,7 +18,7 @@ their export form (:mod:`.onnx_layers`) and traces it with the TorchScript ONNX 
 from __future__ import annotations
 
 import json
-import shutil
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -183,6 +183,40 @@ def _rename_inputs(graph: Any, renamed: dict[str, str]) -> None:
                 _rename_inputs(attr.g, renamed)
 
 
+def trace(graph: OnnxGraph, inputs: list[GraphInput], path: Path, example_batch: int = 2,
+          example_tokens: int = 8, opset: int = OPSET) -> Any:
+    """Trace ``graph`` (positional ``inputs``) with the TorchScript ONNX exporter into ``path``; returns the loaded
+    model proto (batch and prompt length dynamic, ``out_sample`` the output)."""
+    onnx = require("onnx")
+    sizes = {"batch": example_batch, "tokens": example_tokens}
+    examples = tuple(i.example(sizes) for i in inputs)
+    dynamic = {i.name: {a: d for a, d in enumerate(i.shape) if isinstance(d, str)} for i in inputs}
+    with warnings.catch_warnings(), torch.no_grad():
+        # The tracer warns about every Python-side shape read; the resolution is fixed by design.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph.eval(), examples, str(path), input_names=[i.name for i in inputs],
+                          output_names=["out_sample"], dynamic_axes={**dynamic, "out_sample": {0: "batch"}},
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+    return onnx.load(str(path))
+
+
+def write_onnx_folder(out: str | Path, proto: Any, meta: dict[str, Any], configs: dict[str, str]) -> Path:
+    """Write an ONNX export folder atomically: ``model.onnx`` (checked by ``onnx.checker``), ``onnx_export.json``
+    (``meta`` with this format's name and version), the ``configs`` files (name -> text) and ``checksums.json``."""
+    onnx = require("onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    with atomic_directory(Path(out)) as tmp:
+        with atomic_path(tmp / ONNX_NAME) as path:
+            onnx.save(proto, str(path))
+        meta = {"format": ONNX_FORMAT, "version": ONNX_VERSION, "opset": OPSET, **meta}  # meta may name its opset
+        atomic_write_text(tmp / ONNX_META, json.dumps(meta, indent=2) + "\n")
+        for name, text in configs.items():
+            atomic_write_text(tmp / name, text)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        atomic_write_text(tmp / CHECKSUMS, json.dumps({"format": ONNX_FORMAT, "sha256": files}, indent=2) + "\n")
+    return Path(out)
+
+
 def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul", int4: bool = True,
                 example_batch: int = 2, example_tokens: int = 8) -> Path:
     """Write the ONNX export of the quantized model folder ``folder`` to the folder ``out`` (replaced atomically).
@@ -200,7 +234,7 @@ def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul"
     denoiser the graph cannot express, and whatever ``load_quantized`` raises for a damaged folder; nothing is
     written then.
     """
-    onnx = require("onnx")
+    require("onnx")
     if conv_layout not in CONV_LAYOUTS:
         raise ValueError(f"conv_layout {conv_layout!r} is not one of {CONV_LAYOUTS}")
     source = readable_directory(folder)
@@ -209,44 +243,47 @@ def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul"
     inputs, sample_key, fixed = graph_inputs(model)
     cls_name = type(model).__name__
     group = to_export_form(model, list(spec.act_timestep_boundaries or []), conv_layout)
-    graph = OnnxGraph(model, group, [i.name for i in inputs], sample_key, fixed).eval()
-    sizes = {"batch": example_batch, "tokens": example_tokens}
-    examples = tuple(i.example(sizes) for i in inputs)
-    dynamic = {i.name: {a: d for a, d in enumerate(i.shape) if isinstance(d, str)} for i in inputs}
+    graph = OnnxGraph(model, group, [i.name for i in inputs], sample_key, fixed)
     qmap = json.loads((source / MAP_NAME).read_text())
-    with atomic_directory(Path(out)) as tmp:
-        with atomic_path(tmp / ONNX_NAME) as path, warnings.catch_warnings(), torch.no_grad():
-            # The tracer warns about every Python-side shape read; the resolution is fixed by design.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(graph, examples, str(path), input_names=[i.name for i in inputs],
-                              output_names=["out_sample"], dynamic_axes={**dynamic, "out_sample": {0: "batch"}},
-                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
-            proto = onnx.load(str(path))
-            _compact_names(proto, group.quantized)
-            packed = _pack_int4(proto, _int4_initializers(graph)) if int4 else 0
-            onnx.checker.check_model(proto, full_check=True)
-            onnx.save(proto, str(path))
-        meta = {
-            "format": ONNX_FORMAT,
-            "version": ONNX_VERSION,
-            "model_class": cls_name,
-            "opset": OPSET,
-            "inputs": [i.to_dict() for i in inputs],
-            "sample_key": sample_key,
-            "timestep_boundaries": list(group.boundaries),
-            "conv_layout": conv_layout,
-            "int4_initializers": packed,
-            "spec": qmap.get("spec"),
-            "source": {"folder": str(source), "checksums_sha256": sha256_file(source / CHECKSUMS)},
-            **{k: qmap[k] for k in ("source_model", "sampler") if k in qmap},
-        }
-        atomic_write_text(tmp / ONNX_META, json.dumps(meta, indent=2) + "\n")
-        for name in (UNET_CONFIG, SCHEDULER_CONFIG):
-            if (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        atomic_write_text(tmp / CHECKSUMS, json.dumps({"format": ONNX_FORMAT, "sha256": files}, indent=2) + "\n")
-    return Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = trace(graph, inputs, Path(tmp) / ONNX_NAME, example_batch, example_tokens)
+    _compact_names(proto, group.quantized)
+    packed = _pack_int4(proto, _int4_initializers(graph)) if int4 else 0
+    meta = {
+        "model_class": cls_name,
+        "inputs": [i.to_dict() for i in inputs],
+        "sample_key": sample_key,
+        "timestep_boundaries": list(group.boundaries),
+        "conv_layout": conv_layout,
+        "int4_initializers": packed,
+        "spec": qmap.get("spec"),
+        "source": {"folder": str(source), "checksums_sha256": sha256_file(source / CHECKSUMS)},
+        **{k: qmap[k] for k in ("source_model", "sampler") if k in qmap},
+    }
+    configs = {name: (source / name).read_text() for name in (UNET_CONFIG, SCHEDULER_CONFIG)
+               if (source / name).is_file()}
+    return write_onnx_folder(out, proto, meta, configs)
+
+
+def export_float_onnx(pretrained: str | Path, out: str | Path, opset: int = 17) -> Path:
+    """The FP model of a diffusers folder (or Hub id) as an ONNX export folder of the same form (inputs,
+    metadata): the float baseline that :class:`~accuquant_pl.deploy.onnx_runtime.OnnxDenoiser` runs alike. Opset 17
+    by default: what a user exports a float model with, and what ONNX Runtime's own ``quantize_static`` takes (at
+    opset 21 its QDQ output for these graphs does not load: an int8 ``output_dtype`` with a uint8 zero point)."""
+    from accuquant_pl.deploy.onnx_layers import TimestepGroup
+    from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
+
+    model = load_unet(pretrained).eval()
+    inputs, sample_key, fixed = graph_inputs(model)
+    graph = OnnxGraph(model, TimestepGroup([]), [i.name for i in inputs], sample_key, fixed)
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = trace(graph, inputs, Path(tmp) / ONNX_NAME, opset=opset)
+    meta = {"model_class": type(model).__name__, "opset": opset, "inputs": [i.to_dict() for i in inputs], "sample_key": sample_key,
+            "timestep_boundaries": [], "conv_layout": None, "int4_initializers": 0, "spec": None,
+            "source": {"folder": str(pretrained)}}
+    configs = {UNET_CONFIG: model.to_json_string(),
+               SCHEDULER_CONFIG: json.dumps(load_scheduler_config(pretrained), indent=2, default=list)}
+    return write_onnx_folder(out, proto, meta, configs)
 
 
 def is_onnx_folder(folder: str | Path) -> bool:

@@ -74,11 +74,19 @@ class OnnxDenoiser(nn.Module):
         threads: ONNX Runtime intra-op threads (None: the runtime's default, one per core).
         providers: execution providers, e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` (default CPU).
             The CUDA and TensorRT providers take the same QDQ graph (see docs/EXPORT.md).
+        fixed_shapes: one session per input shape (batch, prompt length), each with those sizes fixed, so that
+            ONNX Runtime folds the graph's shape arithmetic away (measured: a third less time per forward at batch
+            1 on the digits UNet, no change at 16 and 64). Each session holds its own copy of the prepared weights:
+            ``False`` keeps one session for every shape. At most ``MAX_SESSIONS`` shapes are kept.
     """
 
-    def __init__(self, folder: str | Path, threads: int | None = None, providers: list[str] | None = None) -> None:
+    MAX_SESSIONS = 4
+
+    def __init__(self, folder: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 fixed_shapes: bool = True) -> None:
         super().__init__()
-        ort, onnx = require("onnxruntime"), require("onnx")
+        require("onnxruntime")
+        onnx = require("onnx")
         folder = readable_directory(folder)
         self.meta = read_onnx_folder(folder)
         self.folder = folder
@@ -91,14 +99,31 @@ class OnnxDenoiser(nn.Module):
                              persistent=False)
         if threads is not None and threads < 1:
             raise ValueError(f"threads={threads} must be >= 1 (or None for the runtime's default)")
+        self.threads, self.providers, self.fixed_shapes = threads, providers or ["CPUExecutionProvider"], fixed_shapes
         proto = onnx.load(str(folder / ONNX_NAME))
         widen_int4(proto)
+        self._model_bytes = proto.SerializeToString()
+        self._sessions: dict[tuple[int, ...], Any] = {}
+        self.session = self._session(())  # the dynamic-shape session: checks the graph loads, serves any shape
+
+    def _session(self, sizes: tuple[tuple[str, int], ...]) -> Any:
+        """The session whose named dynamic dimensions are fixed to ``sizes`` (``()``: all dynamic)."""
+        if sizes in self._sessions:
+            return self._sessions[sizes]
+        ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(proto.SerializeToString(), options,
-                                            providers=providers or ["CPUExecutionProvider"])
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        for name, size in sizes:
+            options.add_free_dimension_override_by_name(name, size)
+        session = ort.InferenceSession(self._model_bytes, options, providers=self.providers)
+        if sizes:
+            fixed = [k for k in self._sessions if k]
+            if len(fixed) >= self.MAX_SESSIONS:
+                del self._sessions[fixed[0]]
+        self._sessions[sizes] = session
+        return session
 
     @property
     def device(self) -> torch.device:
@@ -112,7 +137,14 @@ class OnnxDenoiser(nn.Module):
         return tuple(self.inputs[0].shape[1:])
 
     def _run(self, x: torch.Tensor, t: torch.Tensor, given: dict[str, Any]) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, graph_feeds(self.inputs, x, t, given))[0])
+        feeds = graph_feeds(self.inputs, x, t, given)
+        sizes: tuple[tuple[str, int], ...] = ()
+        if self.fixed_shapes:
+            named = {}
+            for spec in self.inputs:
+                named.update({d: feeds[spec.name].shape[a] for a, d in enumerate(spec.shape) if isinstance(d, str)})
+            sizes = tuple(sorted(named.items()))
+        return torch.from_numpy(self._session(sizes).run(None, feeds)[0])
 
     def forward(self, sample: torch.Tensor | None = None, timestep: torch.Tensor | float | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,

@@ -84,7 +84,7 @@ def samples_from(unet: nn.Module, scheduler: SchedulerMixin, seeds: list[int], n
     """Final images (N, C, H, W) in [-1, 1] for ``seeds`` (with ``cond(seeds)``; decoded by ``decode``); a
     stochastic sampler's step noise from each seed's generator, as ``predict``."""
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    device = next(unet.parameters()).device
+    device = unet.device  # diffusers models and the ONNX Runtime denoiser (which has no parameters) say where they run
     out = []
     for s in range(0, len(seeds), batch_size):
         chunk = seeds[s : s + batch_size]
