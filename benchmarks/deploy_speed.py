@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -103,7 +102,8 @@ def time_row(row: dict[str, Any], batches: list[int], threads: list[int], repeat
     """Timings of one row (run in a subprocess): seconds of DDIM sampling per (threads, batch), and peak memory."""
     from accuquant_pl.evaluation.paired import samples_from
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: imports are not the row's memory
+    base_rss = _status_kb("VmRSS") * 1024
     scheduler, cond = _scheduler(row["teacher"]), _conditioning(TEACHERS[row["teacher"]]["conditional"])
     seconds: dict[str, float] = {}
     for n in threads:
@@ -120,8 +120,14 @@ def time_row(row: dict[str, Any], batches: list[int], threads: list[int], repeat
                 best = min(best, time.perf_counter() - start)
             seconds[f"{n}x{b}"] = best
         del model
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_kb("VmHWM") * 1024
     return {"seconds": seconds, "peak_memory_mb": (peak - base_rss) / MB}
+
+
+def _status_kb(field: str) -> int:
+    """A ``/proc/self/status`` memory figure in kB (Linux)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
 
 
 def ort_profile(path: str, teacher: str, batch: int = 16) -> dict[str, float]:
@@ -204,6 +210,32 @@ def calibration_inputs(teacher: str, samples: int = 64) -> list[dict[str, torch.
     return out
 
 
+def level_report(row: dict[str, Any], calibration: list[dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    """Per-forward level agreement of an ORT row of ours with its PyTorch export, on FP trajectory states: for each
+    timestep group, up to 16 states of that group with their own timesteps (one forward each)."""
+    from accuquant_pl.deploy.onnx_export import read_onnx_folder
+    from accuquant_pl.deploy.onnx_levels import first_divergence, level_agreement
+
+    boundaries = torch.tensor(read_onnx_folder(row["path"])["timestep_boundaries"])
+    states = {k: torch.cat([b[k] for b in calibration]) for k in calibration[0]}
+    groups = torch.bucketize(states["timestep"], boundaries, right=True)
+    out = []
+    for g in groups.unique().tolist():
+        pick = (groups == g).nonzero().reshape(-1)[:16]
+        inputs = {k: v[pick] for k, v in states.items()}
+        if TEACHERS[row["teacher"]]["conditional"]:
+            inputs["hidden_states"] = inputs.pop("sample")
+        report = level_agreement(row["export"], row["path"], inputs)
+        first = first_divergence(report)
+        elements = sum(r.elements for r in report.values())
+        out.append({"group": g, "samples": int(pick.numel()), "quantizers": len(report),
+                    "max_level_difference": max(r.max_difference for r in report.values()),
+                    "differing_share": sum(r.differing for r in report.values()) / elements,
+                    "first_divergence": None if first is None else {"quantizer": first[0], **vars(first[1])},
+                    "per_quantizer_max": {k: r.max_difference for k, r in report.items()}})
+    return out
+
+
 def rows_of(teacher: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every row of one teacher, exporting what is missing (ONNX folders under --work)."""
     from accuquant_pl.deploy.onnx_export import export_float_onnx, export_onnx
@@ -214,7 +246,8 @@ def rows_of(teacher: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         if not folder.is_dir():
             raise SystemExit(f"{folder} is missing: python main.py fit --config configs/{info['prefix']}{bits}_accuquant.yaml")
     fp_onnx = export_float_onnx(info["folder"], work / f"{teacher}_fp32")
-    int8 = ort_int8(fp_onnx, work, teacher, calibration_inputs(teacher))
+    calibration = calibration_inputs(teacher)
+    int8 = ort_int8(fp_onnx, work, teacher, calibration)
     ours = {bits: export_onnx(folder, work / f"{teacher}_{bits}") for bits, folder in exports.items()}
     fp_file = next(info["folder"].glob("*/diffusion_pytorch_model.safetensors"))
     rows = [
@@ -226,7 +259,9 @@ def rows_of(teacher: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     for bits in ("w8a8", "w4a8"):
         rows.append({"name": f"ours {bits.upper()} ONNX Runtime", "runtime": "onnxruntime", "path": str(ours[bits]),
-                     "file": str(ours[bits] / ONNX_NAME), "bits": bits, "reference": f"ours {bits.upper()} PyTorch dequant"})
+                     "file": str(ours[bits] / ONNX_NAME), "bits": bits, "export": str(exports[bits]),
+                     "reference": f"ours {bits.upper()} PyTorch dequant"})
+        rows[-1]["levels"] = level_report({**rows[-1], "teacher": teacher}, calibration)
         for execution in ("dequant", "int"):
             rows.append({"name": f"ours {bits.upper()} PyTorch {execution}", "runtime": "pytorch",
                          "execution": execution, "path": str(exports[bits]), "file": str(exports[bits] / WEIGHTS_NAME),
@@ -275,7 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for teacher in args.teachers.split(","):
         rows = rows_of(teacher, args)
         for row in rows:
-            done = subprocess.run([sys.executable, __file__, "--row", json.dumps(row), "--batches", args.batches,
+            timing_row = {k: v for k, v in row.items() if k != "levels"}
+            done = subprocess.run([sys.executable, __file__, "--row", json.dumps(timing_row), "--batches", args.batches,
                                    "--threads", args.threads, "--repeats", str(args.repeats), "--steps", str(args.steps)],
                                   capture_output=True, text=True, cwd=REPO)
             if done.returncode:
