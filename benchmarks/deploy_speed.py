@@ -368,6 +368,28 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SHORT_ROWS = ("FP32 PyTorch", "FP32 ONNX Runtime", "ORT quantize_static int8 (peer)", "ours W8A8 ONNX Runtime",
+              "ours W4A8 ONNX Runtime")
+
+
+def short_markdown(result: dict[str, Any], threads: int = 1) -> str:
+    """The README's table: one thread, speed-up against FP32 PyTorch per batch, file size, quality."""
+    lines = []
+    for teacher, rows in result["teachers"].items():
+        keys = [k for k in rows[0]["seconds"] if k.startswith(f"{threads}x")]
+        lines += [f"\n{teacher} teacher, DDIM-{result['steps']}, {threads} thread(s): speed-up over FP32 PyTorch\n",
+                  "| | " + " | ".join(f"batch {k.split('x')[1]}" for k in keys)
+                  + " | file / FP32 ONNX | mean final MSE vs FP | digit changed |",
+                  "|---|" + "---|" * len(keys) + "---|---|---|"]
+        for r in (r for r in rows if r["name"] in SHORT_ROWS):
+            q = r.get("quality", {})
+            lines.append(f"| {r['name']} | " + " | ".join(f"{r['speedup_vs_fp32_pytorch'][k]:.2f}x" for k in keys)
+                         + f" | {r['file_vs_fp32_onnx']:.3f} | {q.get('mean', float('nan')):.2e} | "
+                         + (f"{100 * q['label_change_share']:.1f} % |" if q.get("label_change_share") is not None
+                            else "- |"))
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
     if args.row is not None:
@@ -377,7 +399,8 @@ def main() -> None:
         print(json.dumps(out))
         return
     if args.markdown:
-        print(markdown(json.loads(Path(args.out).read_text())))
+        result = json.loads(Path(args.out).read_text())
+        print(markdown(result), "\n", short_markdown(result))
         return
     print(markdown(run(args)))
 

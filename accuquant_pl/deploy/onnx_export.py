@@ -218,7 +218,7 @@ def write_onnx_folder(out: str | Path, proto: Any, meta: dict[str, Any], configs
 
 
 def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul", int4: bool = True,
-                example_batch: int = 2, example_tokens: int = 8) -> Path:
+                timestep_group: int | None = None, example_batch: int = 2, example_tokens: int = 8) -> Path:
     """Write the ONNX export of the quantized model folder ``folder`` to the folder ``out`` (replaced atomically).
 
     Args:
@@ -227,6 +227,8 @@ def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul"
         conv_layout: ``matmul`` (patches times the weight matrix: int8 GEMMs in ONNX Runtime on CPU) or ``conv``
             (``DequantizeLinear -> Conv``, the form TensorRT builds int8 convolutions from).
         int4: store 2-4-bit weights as ONNX INT4 (two per byte); False keeps them in int8.
+        timestep_group: export only this timestep group's activation ranges, as constants (None: every group, the
+            forward's chosen from its timestep). TensorRT needs constant scales: one graph per group.
         example_batch, example_tokens: sizes of the tracing inputs (the graph's batch and prompt length are
             dynamic).
 
@@ -242,7 +244,7 @@ def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul"
     spec = getattr(model, SPEC_ATTR)
     inputs, sample_key, fixed = graph_inputs(model)
     cls_name = type(model).__name__
-    group = to_export_form(model, list(spec.act_timestep_boundaries or []), conv_layout)
+    group = to_export_form(model, list(spec.act_timestep_boundaries or []), conv_layout, timestep_group)
     graph = OnnxGraph(model, group, [i.name for i in inputs], sample_key, fixed)
     qmap = json.loads((source / MAP_NAME).read_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,6 +256,7 @@ def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul"
         "inputs": [i.to_dict() for i in inputs],
         "sample_key": sample_key,
         "timestep_boundaries": list(group.boundaries),
+        "timestep_group": timestep_group,
         "conv_layout": conv_layout,
         "int4_initializers": packed,
         "spec": qmap.get("spec"),
@@ -309,7 +312,7 @@ def read_onnx_folder(folder: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``accuquant-export-onnx QUANTIZED_FOLDER OUT [--conv-layout conv] [--int8-weights]``"""
+    """``accuquant-export-onnx QUANTIZED_FOLDER OUT [--conv-layout conv] [--int8-weights] [--timestep-group G]``"""
     import argparse
 
     parser = argparse.ArgumentParser(prog="accuquant-export-onnx", description=export_onnx.__doc__.split("\n")[0])
@@ -318,8 +321,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conv-layout", choices=CONV_LAYOUTS, default="matmul",
                         help="matmul: int8 GEMMs in ONNX Runtime on CPU; conv: DequantizeLinear -> Conv (TensorRT)")
     parser.add_argument("--int8-weights", action="store_true", help="keep 2-4-bit weights in int8 instead of INT4")
+    parser.add_argument("--timestep-group", type=int, default=None,
+                        help="only this timestep group's activation ranges, as constants (one graph per group for "
+                             "TensorRT)")
     args = parser.parse_args(argv)
-    out = export_onnx(args.folder, args.out, conv_layout=args.conv_layout, int4=not args.int8_weights)
+    out = export_onnx(args.folder, args.out, conv_layout=args.conv_layout, int4=not args.int8_weights,
+                      timestep_group=args.timestep_group)
     print(f"wrote {out / ONNX_NAME} ({(out / ONNX_NAME).stat().st_size / 1e6:.3f} MB)")
 
 

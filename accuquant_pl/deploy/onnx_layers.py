@@ -44,15 +44,22 @@ CONV_LAYOUTS = ("matmul", "conv")
 
 class TimestepGroup:
     """The timestep group of the forward being traced, shared by the activation quantizers of one graph: set by
-    :class:`OnnxGraph` from its timestep input (a traced tensor), read by each :class:`OnnxActQuant`."""
+    :class:`OnnxGraph` from its timestep input (a traced tensor), read by each :class:`OnnxActQuant`. With ``fixed``
+    the graph holds that group's ranges as constants (what TensorRT needs: it takes no per-forward scales)."""
 
-    def __init__(self, boundaries: list[float]) -> None:
+    def __init__(self, boundaries: list[float], fixed: int | None = None) -> None:
         self.boundaries = [float(b) for b in boundaries]
+        if fixed is not None and not 0 <= fixed <= len(self.boundaries):
+            raise ValueError(f"timestep_group={fixed} is not one of the model's {len(self.boundaries) + 1} timestep "
+                             f"groups (0..{len(self.boundaries)})")
+        self.fixed = fixed
         self.index: torch.Tensor | None = None
         self.quantized: list[str] = []
         """Names of the quantizers in the order the forward quantized (the graph's QuantizeLinear order)."""
 
-    def current(self) -> torch.Tensor:
+    def current(self) -> torch.Tensor | int:
+        if self.fixed is not None:
+            return self.fixed
         if self.index is None:
             raise RuntimeError("an export-form quantizer with timestep groups ran outside OnnxGraph's forward")
         return self.index
@@ -286,11 +293,12 @@ class OnnxAttnProcessor(QuantAttnProcessor):
         return torch.bmm(probs, _qdq(self.value_quantizer.module, value))
 
 
-def to_export_form(model: nn.Module, boundaries: list[float], conv_layout: str = "matmul") -> TimestepGroup:
+def to_export_form(model: nn.Module, boundaries: list[float], conv_layout: str = "matmul",
+                   timestep_group: int | None = None) -> TimestepGroup:
     """Swap, in place, every deployed layer and quantizing attention processor of a loaded export for its export
-    form; returns the :class:`TimestepGroup` its quantizers read. ``NotImplementedError`` names a layer the ONNX
-    graph cannot express."""
-    group = TimestepGroup(boundaries)
+    form; returns the :class:`TimestepGroup` its quantizers read (``timestep_group``: that group's ranges only, as
+    constants). ``NotImplementedError`` names a layer the ONNX graph cannot express."""
+    group = TimestepGroup(boundaries, timestep_group)
     for name, module in list(model.named_modules()):
         if isinstance(module, Attention) and isinstance(module.processor, QuantAttnProcessor):
             module.set_processor(OnnxAttnProcessor.from_processor(module.processor, group))
@@ -319,7 +327,8 @@ class OnnxGraph(nn.Module):
         t = timestep.reshape(-1)
         self.group.quantized.clear()
         # One group per forward (the pipelines give one timestep per step): the first sample's, as #{b <= t}.
-        self.group.index = (t[:1] >= self.boundaries).sum() if self.group.boundaries else None
+        dynamic = self.group.boundaries and self.group.fixed is None
+        self.group.index = (t[:1] >= self.boundaries).sum() if dynamic else None
         try:
             kwargs = dict(zip(self.input_names[2:], conditioning, strict=True))
             return self.model(**{self.sample_key: sample}, timestep=t, **kwargs, **self.fixed, return_dict=False)[0]

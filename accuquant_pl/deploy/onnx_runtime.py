@@ -103,7 +103,7 @@ class OnnxDenoiser(nn.Module):
         proto = onnx.load(str(folder / ONNX_NAME))
         widen_int4(proto)
         self._model_bytes = proto.SerializeToString()
-        self._sessions: dict[tuple[int, ...], Any] = {}
+        self._sessions: dict[tuple[tuple[str, int], ...], Any] = {}
         self.session = self._session(())  # the dynamic-shape session: checks the graph loads, serves any shape
 
     def _session(self, sizes: tuple[tuple[str, int], ...]) -> Any:
@@ -171,6 +171,11 @@ class OnnxDenoiser(nn.Module):
         if t.numel() != x.shape[0]:
             raise ValueError(f"{t.numel()} timesteps for a batch of {x.shape[0]} samples")
         groups = torch.bucketize(t, self.boundaries, right=True)
+        fixed = self.meta.get("timestep_group")
+        if fixed is not None and bool((groups != fixed).any()):
+            raise ValueError(f"this graph holds the activation ranges of timestep group {fixed} only "
+                             f"(boundaries {self.meta['timestep_boundaries']}); timesteps {sorted(set(t.tolist()))[:8]} "
+                             "fall outside it: use the graph exported for their group")
         if bool((groups == groups[0]).all()):
             out = self._run(x, t, given)
         else:  # one timestep group per graph run: each group's rows on their own

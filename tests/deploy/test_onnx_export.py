@@ -278,3 +278,19 @@ def test_a_layer_the_graph_cannot_express_is_named():
         OnnxConv2d("blocks.0", layer, TimestepGroup([]), "matmul")
     with pytest.raises(ValueError, match="conv_layout 'nchw'"):
         export_onnx("unused", "unused", conv_layout="nchw")
+
+
+def test_a_graph_of_one_timestep_group_holds_constant_ranges(exports, tmp_path):
+    folder, onnx_folder = exports["unet_w8a8"]
+    one = export_onnx(folder, tmp_path / "g2", conv_layout="conv", timestep_group=2)
+    proto = onnx.load(str(one / ONNX_NAME))
+    assert "Gather" not in {n.op_type for n in proto.graph.node if n.output[0] in
+                            {i for q in proto.graph.node if q.op_type == "QuantizeLinear" for i in q.input[1:]}}
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # timestep 620 lies in group 2 (500 <= t < 750): same graph maths as the dynamic one
+        torch.testing.assert_close(OnnxDenoiser(one, 1)(x, 620).sample, OnnxDenoiser(onnx_folder, 1)(x, 620).sample,
+                                   rtol=0, atol=1e-4)
+        with pytest.raises(ValueError, match="timestep group 2 only"):
+            OnnxDenoiser(one, 1)(x, 100)
+    with pytest.raises(ValueError, match="timestep_group=4 is not one of the model's 4 timestep groups"):
+        export_onnx(folder, tmp_path / "g4", timestep_group=4)
