@@ -4,6 +4,7 @@ an integer kernel, stands in for the denoiser in pipelines and `predict`, and re
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,10 +222,7 @@ def test_the_command_writes_the_folder(exports, tmp_path):
 
 def test_a_damaged_export_folder_writes_nothing(exports, tmp_path):
     folder, _ = exports["unet_w4a8"]
-    damaged = tmp_path / "damaged"
-    damaged.mkdir()
-    for f in folder.iterdir():
-        (damaged / f.name).write_bytes(f.read_bytes())
+    damaged = shutil.copytree(folder, tmp_path / "damaged")
     with open(damaged / "quantized.safetensors", "r+b") as fh:
         fh.seek(-8, 2)
         fh.write(b"\x00" * 8)
@@ -235,10 +233,7 @@ def test_a_damaged_export_folder_writes_nothing(exports, tmp_path):
 
 def test_an_edited_graph_is_refused(exports, tmp_path):
     _, onnx_folder = exports["unet_w8a8"]
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in onnx_folder.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = shutil.copytree(onnx_folder, tmp_path / "copy")
     proto = onnx.load(str(copy / ONNX_NAME))
     scale = next(i for i in proto.graph.initializer if i.name.endswith("weight_scale"))
     scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 2, scale.name))
