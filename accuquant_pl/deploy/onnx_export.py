@@ -38,6 +38,7 @@ from accuquant_pl.deploy.artifact import (
     verify_checksums,
 )
 from accuquant_pl.deploy.onnx_layers import CONV_LAYOUTS, OnnxConv2d, OnnxGraph, OnnxLinear, to_export_form
+from accuquant_pl.diffusion.loading import SUPPORTED_TRANSFORMERS
 from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, readable_directory, sha256_file
 from accuquant_pl.quant.convert import SPEC_ATTR
 
@@ -46,7 +47,6 @@ ONNX_FORMAT = "accuquant-pl/onnx-qdq"
 ONNX_VERSION = 1
 OPSET = 21  # INT4 initializers and per-axis DequantizeLinear of every integer type
 INSTALL_HINT = "pip install 'accuquant-pl[onnx]'"
-TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 
 
 def require(module: str) -> Any:
@@ -111,7 +111,7 @@ def graph_inputs(model: nn.Module) -> tuple[list[GraphInput], str, dict[str, Any
             fixed["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
     else:
         raise NotImplementedError(f"the ONNX export does not know the inputs of a {name}")
-    return inputs, ("hidden_states" if name in TRANSFORMERS else "sample"), fixed
+    return inputs, ("hidden_states" if name in SUPPORTED_TRANSFORMERS else "sample"), fixed
 
 
 def _int4_initializers(graph: OnnxGraph) -> dict[str, int]:

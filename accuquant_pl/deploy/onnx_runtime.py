@@ -26,12 +26,12 @@ from torch import nn
 from accuquant_pl.deploy.artifact import UNET_CONFIG, load_quantized
 from accuquant_pl.deploy.onnx_export import (
     ONNX_NAME,
-    TRANSFORMERS,
     GraphInput,
     is_onnx_folder,
     read_onnx_folder,
     require,
 )
+from accuquant_pl.diffusion.loading import SUPPORTED_TRANSFORMERS
 from accuquant_pl.io import readable_directory
 
 
@@ -187,7 +187,7 @@ class OnnxDenoiser(nn.Module):
                 out = part.new_empty(x.shape[0], *part.shape[1:]) if out is None else out
                 out[rows] = part
         out = out.to(x.device)
-        cls = Transformer2DModelOutput if self.denoiser_class in TRANSFORMERS else UNet2DOutput
+        cls = Transformer2DModelOutput if self.denoiser_class in SUPPORTED_TRANSFORMERS else UNet2DOutput
         return cls(sample=out) if return_dict else (out,)
 
     def extra_repr(self) -> str:
