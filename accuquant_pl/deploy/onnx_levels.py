@@ -22,6 +22,7 @@ import torch
 from accuquant_pl.deploy.artifact import load_quantized
 from accuquant_pl.deploy.onnx_export import ONNX_NAME, GraphInput, read_onnx_folder, require
 from accuquant_pl.deploy.onnx_runtime import graph_feeds, widen_int4
+from accuquant_pl.quant.affine import MIN_SCALE
 from accuquant_pl.quant.quantizers import ActivationQuantizer
 
 
@@ -46,7 +47,7 @@ def torch_levels(folder: str | Path, inputs: dict[str, torch.Tensor]) -> dict[st
 
     def record(module: ActivationQuantizer, args: tuple) -> None:
         x = args[0]
-        scale, zero_point = module.qparams_for(x, module.scale.detach().clamp_min(1e-8))
+        scale, zero_point = module.qparams_for(x, module.scale.detach().clamp_min(MIN_SCALE))  # as its forward
         q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, module.quant_min, module.quant_max)
         levels.setdefault(module.name, []).append(q.to(torch.int32))
 
