@@ -15,6 +15,7 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     LDMPipeline,
+    ModelMixin,
     SchedulerMixin,
     UNet2DConditionModel,
     UNet2DModel,
@@ -81,12 +82,19 @@ def _from_model_index(root: Path, denoiser: nn.Module, scheduler: SchedulerMixin
     """The FP pipeline folder's own pipeline class (``model_index.json``), its denoiser and scheduler replaced."""
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in (
         (root / "model_index.json").read_text()) else {}
+    key = _denoiser_key(denoiser)
+    # from_pretrained takes only diffusers models as components: an ONNX Runtime denoiser is registered after a
+    # load that skips the FP denoiser (None), so no FP weights are read for it.
+    runtime = not isinstance(denoiser, ModelMixin)
     try:
-        return DiffusionPipeline.from_pretrained(root, **{_denoiser_key(denoiser): denoiser}, scheduler=scheduler,
+        pipe = DiffusionPipeline.from_pretrained(root, **{key: None if runtime else denoiser}, scheduler=scheduler,
                                                  **extra)
     except ImportError as err:
         raise ImportError(f"the pipeline of {str(root)!r} needs a package that is not installed ({err}); "
                           "pip install 'accuquant-pl[pipelines]'") from err
+    if runtime:
+        pipe.register_modules(**{key: denoiser})
+    return pipe
 
 
 def _assembled(root: Path | None, denoiser: nn.Module, scheduler: SchedulerMixin) -> Any:

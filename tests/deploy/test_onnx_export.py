@@ -289,3 +289,24 @@ def test_a_graph_of_one_timestep_group_holds_constant_ranges(exports, tmp_path):
             OnnxDenoiser(one, 1)(x, 100)
     with pytest.raises(ValueError, match="timestep_group=4 is not one of the model's 4 timestep groups"):
         export_onnx(folder, tmp_path / "g4", timestep_group=4)
+
+
+def test_a_latent_pipeline_folder_runs_its_own_pipeline_on_the_onnx_denoiser(tmp_path):
+    from diffusers import LDMPipeline
+
+    from tests.deploy.test_pipelines import SEEDS, STEPS, generators, predicted, rtn_export
+    from tests.tiny_models import rgb_unet, save_pipeline, vq_vae
+
+    folder = save_pipeline(tmp_path / "ldm", rgb_unet(channels=3), vq_vae(3), "vqvae", scheduler="ddim")
+    onnx_folder = export_onnx(rtn_export(folder, tmp_path / "q"), tmp_path / "onnx")
+    # The Hub layout: diffusers' from_pretrained takes no non-diffusers component, so the FP UNet is skipped and
+    # the ONNX Runtime denoiser registered in its place.
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "VQModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"]}))
+    pipe = quantized_pipeline(onnx_folder, onnx_threads=1)
+    assert type(pipe) is LDMPipeline and type(pipe.unet) is OnnxDenoiser
+    with torch.no_grad():
+        images = pipe(batch_size=len(SEEDS), generator=generators(SEEDS), num_inference_steps=STEPS, eta=0.0,
+                      output_type="np").images
+    torch.testing.assert_close(torch.from_numpy(images), predicted(folder, onnx_folder), rtol=0, atol=1e-6)
