@@ -83,8 +83,9 @@ def _from_model_index(root: Path, denoiser: nn.Module, scheduler: SchedulerMixin
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in (
         (root / "model_index.json").read_text()) else {}
     key = _denoiser_key(denoiser)
-    # from_pretrained takes only diffusers models as components: an ONNX Runtime denoiser is registered after a
-    # load that skips the FP denoiser (None), so no FP weights are read for it.
+    # from_pretrained takes only diffusers models as components: for an ONNX Runtime denoiser it loads the other
+    # parts (the FP denoiser skipped: None, no FP weights read), then the pipeline is built again with the denoiser,
+    # since pipelines derive settings from it in __init__ (Stable Diffusion's sample-size check).
     runtime = not isinstance(denoiser, ModelMixin)
     try:
         pipe = DiffusionPipeline.from_pretrained(root, **{key: None if runtime else denoiser}, scheduler=scheduler,
@@ -93,7 +94,8 @@ def _from_model_index(root: Path, denoiser: nn.Module, scheduler: SchedulerMixin
         raise ImportError(f"the pipeline of {str(root)!r} needs a package that is not installed ({err}); "
                           "pip install 'accuquant-pl[pipelines]'") from err
     if runtime:
-        pipe.register_modules(**{key: denoiser})
+        settings = {k: v for k, v in extra.items() if k not in pipe.components}
+        pipe = type(pipe)(**{**pipe.components, key: denoiser, **settings})
     return pipe
 
 

@@ -310,3 +310,47 @@ def test_a_latent_pipeline_folder_runs_its_own_pipeline_on_the_onnx_denoiser(tmp
         images = pipe(batch_size=len(SEEDS), generator=generators(SEEDS), num_inference_steps=STEPS, eta=0.0,
                       output_type="np").images
     torch.testing.assert_close(torch.from_numpy(images), predicted(folder, onnx_folder), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["model_index", "component folders"])
+def test_stable_diffusion_pipeline_runs_the_onnx_text_unet_with_guidance(tmp_path, layout):
+    pytest.importorskip("transformers")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from accuquant_pl.diffusion.loading import load_unet
+    from tests.deploy.test_pipelines import (
+        SEEDS,
+        STEPS,
+        assert_same_images,
+        generators,
+        predicted,
+        rtn_export,
+    )
+    from tests.tiny_models import (
+        SD_SCHEDULER,
+        kl_vae,
+        save_pipeline,
+        save_text_encoder,
+        text_conditional_unet,
+    )
+
+    parts = save_pipeline(tmp_path / "parts", text_conditional_unet(), kl_vae(4), "vae", scheduler="sd")
+    encoder, tokenizer = save_text_encoder(parts)
+    folder = parts
+    if layout == "model_index":
+        folder = tmp_path / "sd"
+        StableDiffusionPipeline(vae=kl_vae(4), text_encoder=encoder, tokenizer=tokenizer, unet=load_unet(parts),
+                                scheduler=DDIMScheduler(num_train_timesteps=100, **SD_SCHEDULER), safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    onnx_folder = export_onnx(rtn_export(folder, tmp_path / "q"), tmp_path / "onnx")
+    pipe = quantized_pipeline(onnx_folder, onnx_threads=1)
+    assert type(pipe) is StableDiffusionPipeline and type(pipe.unet) is OnnxDenoiser
+    prompts = ["a photo of a cat", "red car", "a cat"]
+    cond, uncond = pipe.encode_prompt(prompts, torch.device("cpu"), 1, True, negative_prompt=[""] * 3)
+    torch.save({"cond": cond, "uncond": uncond[:1], "prompts": prompts}, tmp_path / "p.pt")
+    with torch.no_grad():  # guidance: the pipeline doubles the batch ([uncond, cond]) into the graph's dynamic batch
+        images = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=3.0,
+                      num_inference_steps=STEPS, eta=0.0, generator=generators(SEEDS), output_type="np").images
+    ours = predicted(folder, onnx_folder, conditioning={"prompt_embeddings": str(tmp_path / "p.pt"),
+                                                        "guidance_scale": 3.0})
+    assert_same_images(images, ours)
