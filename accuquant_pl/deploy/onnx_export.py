@@ -76,6 +76,11 @@ class GraphInput:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphInput:
+        """Inverse of :meth:`to_dict` (an entry of ``onnx_export.json``'s ``inputs``)."""
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
 
 def graph_inputs(model: nn.Module) -> tuple[list[GraphInput], str, dict[str, Any]]:
     """The graph inputs of a denoiser (after ``sample`` and ``timestep``: what its pipeline gives it), the name its

@@ -21,6 +21,7 @@ import torch
 
 from accuquant_pl.deploy.artifact import load_quantized
 from accuquant_pl.deploy.onnx_export import ONNX_NAME, GraphInput, read_onnx_folder, require
+from accuquant_pl.deploy.onnx_ops import Quantize
 from accuquant_pl.deploy.onnx_runtime import graph_feeds, widen_int4
 from accuquant_pl.quant.affine import MIN_SCALE
 from accuquant_pl.quant.quantizers import ActivationQuantizer
@@ -48,7 +49,8 @@ def torch_levels(folder: str | Path, inputs: dict[str, torch.Tensor]) -> dict[st
     def record(module: ActivationQuantizer, args: tuple) -> None:
         x = args[0]
         scale, zero_point = module.qparams_for(x, module.scale.detach().clamp_min(MIN_SCALE))  # as its forward
-        q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, module.quant_min, module.quant_max)
+        # qparams_for shapes them to broadcast against x, so no axis is passed.
+        q = Quantize.apply(x, scale, zero_point, module.quant_min, module.quant_max, None)
         levels.setdefault(module.name, []).append(q.to(torch.int32))
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules()
@@ -63,9 +65,9 @@ def torch_levels(folder: str | Path, inputs: dict[str, torch.Tensor]) -> dict[st
 
 
 def runtime_levels(onnx_folder: str | Path, feeds: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
-    """Levels of every ``QuantizeLinear`` of the ONNX export in ONNX Runtime, by quantizer name."""
+    """Levels of every ``QuantizeLinear`` of the ONNX export in ONNX Runtime, by quantizer name (the folder was
+    checked by :func:`~accuquant_pl.deploy.onnx_export.read_onnx_folder`)."""
     onnx, ort = require("onnx"), require("onnxruntime")
-    read_onnx_folder(onnx_folder)
     proto = onnx.load(str(Path(onnx_folder) / ONNX_NAME))
     widen_int4(proto)
     consumers: dict[str, list[Any]] = {}
@@ -113,7 +115,7 @@ def level_agreement(quantized_folder: str | Path, onnx_folder: str | Path,
     meta = read_onnx_folder(onnx_folder)
     reference = torch_levels(quantized_folder, inputs)
     given = {("sample" if k == "hidden_states" else k): v for k, v in inputs.items()}
-    specs = [GraphInput(i["name"], i["dtype"], tuple(i["shape"])) for i in meta["inputs"]]
+    specs = [GraphInput.from_dict(i) for i in meta["inputs"]]
     runtime = runtime_levels(onnx_folder, graph_feeds(specs, given.pop("sample"), given.pop("timestep"), given))
     if set(runtime) != set(reference):
         raise RuntimeError(f"quantizers differ: only in the graph {sorted(set(runtime) - set(reference))[:5]}, "

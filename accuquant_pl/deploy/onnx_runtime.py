@@ -92,7 +92,7 @@ class OnnxDenoiser(nn.Module):
         self.folder = folder
         self.denoiser_class: str = self.meta["model_class"]
         self.config = FrozenDict(json.loads((folder / UNET_CONFIG).read_text()))
-        self.inputs = [GraphInput(i["name"], i["dtype"], tuple(i["shape"])) for i in self.meta["inputs"]]
+        self.inputs = [GraphInput.from_dict(i) for i in self.meta["inputs"]]
         self.names = [i.name for i in self.inputs]
         self.use_additional_conditions = "resolution" in self.names
         self.register_buffer("boundaries", torch.tensor(self.meta["timestep_boundaries"], dtype=torch.float32),
