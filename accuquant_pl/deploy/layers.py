@@ -237,11 +237,16 @@ class DeployedLayer(nn.Module):
         self.execution = mode
         return mode
 
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight levels (weight shape) and zero points in int8: asymmetric 8-bit ones shifted by 128 together,
+        so ``(q - zero_point)`` is unchanged (the int GEMMs here and the ONNX export's initializers)."""
+        shift = int8_shift(quant_range(self.fmt.bits, self.fmt.symmetric)[1])
+        return to_int8(self.levels(), shift), to_int8(self.weight_zero_point.to(torch.int16), shift)
+
     def _int_plan(self) -> _IntPlan:
         n = self.fmt.shape[0]
-        shift = int8_shift(quant_range(self.fmt.bits, self.fmt.symmetric)[1])
-        w8 = to_int8(self.levels(), shift)
-        zw = (self.weight_zero_point.to(torch.int32) - shift).reshape(-1).expand(n).contiguous()
+        w8, zw8 = self.int8_weight()
+        zw = zw8.to(torch.int32).reshape(-1).expand(n).contiguous()
         sw = self.weight_scale.float().reshape(-1).expand(n).contiguous()
         segments = []
         for c0, c1, q in self._segments():

@@ -30,12 +30,11 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from torch.nn import functional as F
 
-from accuquant_pl.quant.affine import MIN_SCALE, quant_range
+from accuquant_pl.quant.affine import MIN_SCALE
 from accuquant_pl.quant.attention import QuantAttnProcessor
 from accuquant_pl.quant.convert import set_submodule
 from accuquant_pl.quant.quantizers import ActivationQuantizer
 
-from .int_matmul import int8_shift, to_int8
 from .layers import DeployedConv2d, DeployedLayer, DeployedLinear
 from .onnx_ops import Dequantize, Quantize, ZeroPointPixel, container_dtype
 
@@ -119,9 +118,8 @@ def _qdq(quantizer: OnnxActQuant | None, x: torch.Tensor) -> torch.Tensor:
 
 def _int_weight(layer: DeployedLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(levels, scale, zero_point)`` of a deployed layer's weight in int8 (levels in the weight's shape)."""
-    shift = int8_shift(quant_range(layer.fmt.bits, layer.fmt.symmetric)[1])
-    return (to_int8(layer.levels(), shift), layer.weight_scale.detach().float(),
-            to_int8(layer.weight_zero_point.to(torch.int16), shift))
+    levels, zero_point = layer.int8_weight()
+    return levels, layer.weight_scale.detach().float(), zero_point
 
 
 class _OnnxLayer(nn.Module):
