@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from accuquant_pl import _moved
-
 __version__ = "0.1.0"
-_moved.install()
 
 # Public entry points for deployed models, imported on first use: ``import accuquant_pl`` stays light
 # (no diffusers / safetensors import) for code that only needs a submodule.
@@ -19,7 +16,7 @@ _LAZY = {
     "quantized_pipeline": "accuquant_pl.deploy.pipelines",
     "export_onnx": "accuquant_pl.deploy.onnx_export",
     "OnnxDenoiser": "accuquant_pl.deploy.onnx_runtime",
-    "freeze": "accuquant_pl.deploy.model",
+    "freeze": "accuquant_pl.deploy.freeze",
     "set_execution": "accuquant_pl.deploy.model",
 }
 

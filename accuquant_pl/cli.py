@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from accuquant_pl.calibration.resume import (
+from accuquant_pl.calibration.checkpoint import (
     CheckpointError,
     checkpoint_data_config,
     is_file_path,

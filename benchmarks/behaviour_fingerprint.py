@@ -6,8 +6,8 @@ each export in batches of 64 and records the mean final MSE against the FP sampl
 SHA-256 of the samples' bytes. ``--check`` compares a new fingerprint with a recorded one and exits 1 on any
 difference, naming the run: the refactor reproduces the calibration bit for bit or it changed behaviour.
 
-    python benchmarks/behaviour_fingerprint.py --threads 2 --out docs/results/behaviour_fingerprint.json
-    python benchmarks/behaviour_fingerprint.py --threads 2 --out /tmp/after.json \
+    python -m benchmarks.behaviour_fingerprint --threads 2 --out docs/results/behaviour_fingerprint.json
+    python -m benchmarks.behaviour_fingerprint --threads 2 --out /tmp/after.json \
         --check docs/results/behaviour_fingerprint.json
 """
 
@@ -16,19 +16,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import torch
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from accuquant_pl.deploy import load_quantized  # noqa: E402
-from benchmarks.protocol import setup_protocol  # noqa: E402
+from accuquant_pl.deploy import load_quantized
+from benchmarks.common import REPO, add_threads_argument, set_threads
+from benchmarks.launch import run_fit
+from benchmarks.protocol import setup_protocol
 
 RUNS = {
     "rtn_w4a8": ("configs/digits_w4a8_rtn.yaml", {}),
@@ -40,26 +33,14 @@ SAMPLES = 256
 
 
 def calibrate(config: str, model_overrides: dict, root: Path, threads: int) -> Path:
-    """``main.py fit`` of ``config`` (seed 0) into ``root``; returns the export folder."""
-    root.mkdir(parents=True, exist_ok=True)
-    override = {
-        "seed_everything": 0,
-        "trainer": {"default_root_dir": str(root), "enable_progress_bar": False, "logger": False,
-                    "callbacks": [{"class_path": "callbacks.ExportQuantized",
-                                   "init_args": {"dirpath": str(root / "quantized")}}]},
-        "model": {"init_args": model_overrides},
-        "data": {"init_args": {"seed": 0, "cache_dir": str(REPO / ".cache" / "trajectories")}},
-    }
-    (root / "override.yaml").write_text(yaml.safe_dump(override))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, str(REPO / "main.py"), "fit", "--config", str(REPO / config),
-                    "--config", str(root / "override.yaml")], cwd=REPO, env=env, check=True)
-    return root / "quantized"
+    """``main.py fit`` of ``config`` (seed 0) into ``root``, not resumable (no checkpoint callback); returns the
+    export folder."""
+    return run_fit(REPO / config, root, seed=0, threads=threads, model=model_overrides)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads_argument(p, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--work-dir", default=str(REPO / ".cache" / "behaviour_fingerprint"))
     p.add_argument("--check", default=None, help="a recorded fingerprint this one must equal")
@@ -68,7 +49,7 @@ def main() -> None:
     rows = {"threads": args.threads, "fp_sha256": hashlib.sha256(protocol.reference.numpy().tobytes()).hexdigest()}
     for name, (config, overrides) in RUNS.items():
         folder = calibrate(config, overrides, Path(args.work_dir) / name, args.threads)
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         samples = protocol.samples(load_quantized(folder))
         mse = (samples - protocol.reference).pow(2).flatten(1).mean(1).mean().item()
         rows[name] = {"mean_mse": repr(mse), "samples_sha256": hashlib.sha256(samples.numpy().tobytes()).hexdigest()}

@@ -7,7 +7,7 @@ temporary folder, no logger, no FID or export callbacks, and prints:
 * every checkpoint's save time (state dump + atomic write) and size;
 * the most a kill can lose: the longest stretch of training between two checkpoints (or from the start).
 
-    OMP_NUM_THREADS=1 python benchmarks/checkpoint_overhead.py [--config configs/digits_w4a8_accuquant.yaml]
+    OMP_NUM_THREADS=1 python -m benchmarks.checkpoint_overhead [--config configs/digits_w4a8_accuquant.yaml]
         [--every-n-seconds 60] [-- extra fit arguments]
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +22,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from accuquant_pl.cli import main  # noqa: E402
-from callbacks.calibration_checkpoint import CalibrationCheckpoint  # noqa: E402
+from accuquant_pl.cli import main
+from benchmarks.common import REPO
+from callbacks.checkpoint import CalibrationCheckpoint
 
 
 class TimedCheckpoint(CalibrationCheckpoint):

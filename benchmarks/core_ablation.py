@@ -8,7 +8,7 @@ trajectories, no optimisation) at W8A8, W4A8 and W4A4, evaluated on the robust p
 (the shipped classifier's reading) changes. Rows are written to the JSON after each one, and a rerun skips the
 rows the JSON already holds, so an interrupted sweep continues.
 
-    OMP_NUM_THREADS=1 python benchmarks/core_ablation.py [--bits w8a8,w4a8,w4a4] [--rows default,...]
+    OMP_NUM_THREADS=1 python -m benchmarks.core_ablation [--bits w8a8,w4a8,w4a4] [--rows default,...]
 """
 
 from __future__ import annotations
@@ -16,22 +16,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from accuquant_pl.evaluation.digit_classifier import DigitClassifier  # noqa: E402
-from accuquant_pl.io import atomic_write_json  # noqa: E402
-from accuquant_pl.metrics.sample_errors import (  # noqa: E402
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier
+from accuquant_pl.io import atomic_write_json
+from accuquant_pl.metrics.sample_errors import (
     PROTOCOL_BATCH_SIZE,
     PROTOCOL_FIRST_SEED,
 )
-from accuquant_pl.quant import QuantSpec, rtn_quantize  # noqa: E402
-from benchmarks.protocol import FP_CACHE, TRAJECTORY_CACHE, setup_protocol  # noqa: E402
+from accuquant_pl.quant import QuantSpec, rtn_quantize
+from benchmarks.common import REPO, add_threads_argument
+from benchmarks.protocol import FP_CACHE, TRAJECTORY_CACHE, setup_protocol
 
 FIRST_LAST = ("conv_in", "conv_out")
 
@@ -71,8 +68,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "core_ablation.json"))
     p.add_argument("--cache-dir", default=TRAJECTORY_CACHE)
     p.add_argument("--fp-samples", default=FP_CACHE)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (recorded: float reduction order, hence a few samples, can depend on it)")
+    add_threads_argument(p)
     return p.parse_args()
 
 

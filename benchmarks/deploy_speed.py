@@ -18,8 +18,8 @@ the digit-change share, and for ours in ONNX Runtime the paired ratio of its mea
 An integer-kernel profile of each ORT row (share of kernel time per operator at batch 16, one thread) says which
 operators still run in float.
 
-    python benchmarks/deploy_speed.py                        # both teachers, batches 1/16/64, threads 1/2
-    python benchmarks/deploy_speed.py --teachers unet --batches 16 --threads 1 --eval-samples 128   # quick look
+    python -m benchmarks.deploy_speed                        # both teachers, batches 1/16/64, threads 1/2
+    python -m benchmarks.deploy_speed --teachers unet --batches 16 --threads 1 --eval-samples 128   # quick look
 
 The AccuQuant exports come from the shipped configs (``python main.py fit --config configs/digits_w8a8_accuquant.yaml``
 and ``digits_w4a8_accuquant``, ``digits_dit_w8a8_accuquant``, ``digits_dit_w4a8_accuquant``) in ``outputs/``.
@@ -38,11 +38,9 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from accuquant_pl.deploy.artifact import WEIGHTS_NAME  # noqa: E402
-from accuquant_pl.deploy.onnx_export import ONNX_NAME  # noqa: E402
+from accuquant_pl.deploy.artifact import WEIGHTS_NAME
+from accuquant_pl.deploy.onnx_export import ONNX_NAME
+from benchmarks.common import REPO, proc_status_kb
 
 TEACHERS = {
     "unet": {"folder": REPO / "models" / "digits-ddpm", "prefix": "digits_", "conditional": False},
@@ -74,12 +72,12 @@ def load_row_model(row: dict[str, Any], threads: int) -> torch.nn.Module:
     """The denoiser a row samples with (``threads``: ORT's intra-op threads; torch's are set by the caller)."""
     from accuquant_pl.deploy import load_quantized
     from accuquant_pl.deploy.onnx_runtime import OnnxDenoiser
-    from accuquant_pl.diffusion.loading import load_unet
+    from accuquant_pl.diffusion.loading import load_denoiser
 
     if row["runtime"] == "onnxruntime":
         return OnnxDenoiser(row["path"], threads=threads)
     if row["execution"] == "float":
-        return load_unet(row["path"]).eval()
+        return load_denoiser(row["path"]).eval()
     return load_quantized(row["path"], execution=row["execution"])
 
 
@@ -103,7 +101,7 @@ def time_row(row: dict[str, Any], batches: list[int], threads: list[int], repeat
     from accuquant_pl.evaluation.paired import samples_from
 
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: imports are not the row's memory
-    base_rss = _status_kb("VmRSS") * 1024
+    base_rss = proc_status_kb("VmRSS") * 1024
     scheduler, cond = _scheduler(row["teacher"]), _conditioning(TEACHERS[row["teacher"]]["conditional"])
     seconds: dict[str, float] = {}
     for n in threads:
@@ -120,14 +118,8 @@ def time_row(row: dict[str, Any], batches: list[int], threads: list[int], repeat
                 best = min(best, time.perf_counter() - start)
             seconds[f"{n}x{b}"] = best
         del model
-    peak = _status_kb("VmHWM") * 1024
+    peak = proc_status_kb("VmHWM") * 1024
     return {"seconds": seconds, "peak_memory_mb": (peak - base_rss) / MB}
-
-
-def _status_kb(field: str) -> int:
-    """A ``/proc/self/status`` memory figure in kB (Linux)."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-    return int(line.split()[1])
 
 
 def ort_profile(path: str, teacher: str, batch: int = 16) -> dict[str, float]:
@@ -196,7 +188,7 @@ def calibration_inputs(teacher: str, samples: int = 64) -> list[dict[str, torch.
     from benchmarks.protocol import TRAJECTORY_CACHE
 
     conditional = TEACHERS[teacher]["conditional"]
-    data = TrajectoryDataModule(teacher=str(TEACHERS[teacher]["folder"]), num_inference_steps=50, num_trajectories=64,
+    data = TrajectoryDataModule(pretrained=str(TEACHERS[teacher]["folder"]), num_inference_steps=50, num_trajectories=64,
                                 batch_size=16, cache_dir=TRAJECTORY_CACHE,
                                 conditioning=ConditioningSpec(class_labels=list(range(10))) if conditional else None)
     data.prepare_data()
@@ -311,8 +303,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = rows_of(teacher, args)
         for row in rows:
             timing_row = {k: v for k, v in row.items() if k != "levels"}
-            done = subprocess.run([sys.executable, __file__, "--row", json.dumps(timing_row), "--batches", args.batches,
-                                   "--threads", args.threads, "--repeats", str(args.repeats), "--steps", str(args.steps)],
+            done = subprocess.run([sys.executable, "-m", "benchmarks.deploy_speed", "--row", json.dumps(timing_row),
+                                   "--batches", args.batches, "--threads", args.threads, "--repeats", str(args.repeats),
+                                   "--steps", str(args.steps)],
                                   capture_output=True, text=True, cwd=REPO)
             if done.returncode:
                 raise SystemExit(f"row {row['name']!r} failed:\n{done.stderr[-3000:]}")

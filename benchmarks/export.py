@@ -4,8 +4,8 @@ Quantizes the shipped digits teacher W8A8 and W4A8 with round-to-nearest (activa
 trajectories), exports each as a deployable folder, loads it back in every execution mode and samples the same
 noise with DDIM. Figures are printed, never asserted.
 
-    OMP_NUM_THREADS=1 python benchmarks/export.py
-    OMP_NUM_THREADS=1 python benchmarks/export.py --bits w4a8 --batch-size 64 --repeats 5
+    OMP_NUM_THREADS=1 python -m benchmarks.export
+    OMP_NUM_THREADS=1 python -m benchmarks.export --bits w4a8 --batch-size 64 --repeats 5
 
 Columns: file = ``quantized.safetensors`` (FP: the diffusers ``diffusion_pytorch_model.safetensors``);
 weights in memory = bytes of every parameter and buffer plus what the execution mode derives (the float cache,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from accuquant_pl.deploy import set_execution, weight_bytes  # noqa: E402
-from accuquant_pl.deploy.artifact import WEIGHTS_NAME, export_quantized, load_quantized  # noqa: E402
-from accuquant_pl.diffusion import load_scheduler_config, load_unet, scheduler_from_config  # noqa: E402
-from accuquant_pl.diffusion.sampling import initial_noise, sample  # noqa: E402
-from accuquant_pl.quant import QuantSpec, rtn_quantize  # noqa: E402
+from accuquant_pl.deploy import set_execution, weight_bytes
+from accuquant_pl.deploy.artifact import WEIGHTS_NAME, export_quantized, load_quantized
+from accuquant_pl.diffusion import load_denoiser, load_scheduler_config, scheduler_from_config
+from accuquant_pl.diffusion.sampling import initial_noise, sample
+from accuquant_pl.quant import QuantSpec, rtn_quantize
+from benchmarks.common import REPO, add_threads_argument, set_threads
 
 MB = 1e6
 
@@ -47,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--repeats", type=int, default=3, help="timed sampling runs per row (best is reported)")
     p.add_argument("--calibration-seeds", type=int, default=16, help="FP trajectories for activation ranges")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    add_threads_argument(p)
     return p.parse_args()
 
 
@@ -76,9 +73,9 @@ def time_sampling(unet: nn.Module, scheduler: object, noise: torch.Tensor, steps
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     teacher = Path(args.teacher)
-    fp = load_unet(teacher)
+    fp = load_denoiser(teacher)
     scheduler_config = load_scheduler_config(teacher)
     scheduler = scheduler_from_config("ddim", scheduler_config)
     shape = (fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)

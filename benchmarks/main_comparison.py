@@ -16,7 +16,7 @@ Methods:
 Rows are written to the JSON after each one and a rerun skips them; a calibration killed half-way resumes from
 its last checkpoint. Only rows of one sweep on one machine are comparable (docs/results.md says why).
 
-    python benchmarks/main_comparison.py --threads 2 [--bits w4a8] [--methods ...] [--seeds 0,1,2,3]
+    python -m benchmarks.main_comparison --threads 2 [--bits w4a8] [--methods ...] [--seeds 0,1,2,3]
 """
 
 from __future__ import annotations
@@ -25,30 +25,26 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from accuquant_pl.deploy import load_quantized  # noqa: E402
-from accuquant_pl.diffusion.conditioning import ConditioningSpec  # noqa: E402
-from accuquant_pl.evaluation.digit_classifier import DigitClassifier  # noqa: E402
-from accuquant_pl.evaluation.paired import paired_errors, samples_from  # noqa: E402
-from accuquant_pl.evaluation.quality import SampleQualityMeter  # noqa: E402
-from accuquant_pl.io import atomic_write_json, atomic_write_text  # noqa: E402
-from accuquant_pl.metrics.sample_errors import (  # noqa: E402
+from accuquant_pl.deploy import load_quantized
+from accuquant_pl.diffusion.conditioning import ConditioningSpec
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier
+from accuquant_pl.evaluation.paired import paired_errors, samples_from
+from accuquant_pl.evaluation.quality import SampleQualityMeter
+from accuquant_pl.io import atomic_write_json
+from accuquant_pl.metrics.sample_errors import (
     PROTOCOL_BATCH_SIZE,
     PROTOCOL_FIRST_SEED,
 )
-from benchmarks.protocol import Protocol, setup_protocol  # noqa: E402
+from benchmarks.common import REPO, add_threads_argument, set_threads
+from benchmarks.launch import run_fit
+from benchmarks.protocol import Protocol, setup_protocol
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("rtn", {}),
@@ -90,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2,3", help="calibration seeds (seed_everything and trajectory seed)")
     p.add_argument("--eval-samples", type=int, default=1024)
     p.add_argument("--features", default="inception", help="FID features: inception or random-projection (tests)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of calibration and evaluation (recorded)")
+    add_threads_argument(p)
     p.add_argument("--out", default=None, help="default: docs/results/main_comparison[_dit].json")
     p.add_argument("--work-dir", default=None, help="calibration runs, exports and samples "
                                                     "(default: .cache/main_comparison[_dit])")
@@ -99,48 +95,28 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_config(args: argparse.Namespace, bits: str, method: str, seed: int, root: Path) -> list[str]:
-    """``main.py fit`` arguments of one row (its override file is written under ``root``)."""
-    suffix, overrides = METHODS[method]
-    teacher = TEACHERS[args.teacher]
-    config = REPO / "configs" / f"{teacher.config_prefix}{bits}_{suffix}.yaml"
+def config_of(args: argparse.Namespace, bits: str, method: str) -> Path:
+    """The shipped config a row calibrates with."""
+    config = REPO / "configs" / f"{TEACHERS[args.teacher].config_prefix}{bits}_{METHODS[method][0]}.yaml"
     if not config.is_file():
         raise SystemExit(f"no config {config.relative_to(REPO)} for bits {bits!r}")
-    override = {
-        "seed_everything": seed,
-        "trainer": {
-            "default_root_dir": str(root), "enable_progress_bar": False, "logger": False,
-            "callbacks": [
-                {"class_path": "callbacks.CalibrationCheckpoint",
-                 "init_args": {"dirpath": str(root / "checkpoints"), "every_n_seconds": 60}},
-                {"class_path": "callbacks.ExportQuantized",
-                 "init_args": {"dirpath": str(root / "quantized")}},
-            ],
-        },
-        "model": {"init_args": {**overrides.get("model", {}),
-                                **({"pretrained": args.teacher_path} if args.teacher_path else {})}},
-        "data": {"init_args": {"seed": seed, "cache_dir": str(REPO / ".cache" / "trajectories"),
-                               **overrides.get("data", {})}},
-    }
-    atomic_write_text(root / "override.yaml", yaml.safe_dump(override))
-    argv = ["fit", "--config", str(config), "--config", str(root / "override.yaml")]
-    if args.config_overrides:
-        argv += ["--config", args.config_overrides]
-    last = root / "checkpoints" / "last.ckpt"
-    return argv + (["--ckpt_path", str(last)] if last.is_file() else [])
+    return config
 
 
 def calibrate(args: argparse.Namespace, bits: str, method: str, seed: int) -> tuple[Path, float]:
-    """Run (or resume) the row's calibration; returns the export folder and the seconds it took this time."""
+    """Run (or resume, from its last checkpoint) the row's calibration (``launch.run_fit``, resumable); returns the
+    export folder and the seconds it took this time."""
     root = Path(args.work_dir) / f"{bits}_{method}_seed{seed}"
     folder, timing = root / "quantized", root / "calibration_seconds.json"
     if (folder / "checksums.json").is_file() and timing.is_file():
         return folder, json.loads(timing.read_text())["seconds"]
-    root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    overrides = METHODS[method][1]
+    config = config_of(args, bits, method)
     start, load_before = time.time(), os.getloadavg()[0]
-    subprocess.run([sys.executable, str(REPO / "main.py"), *run_config(args, bits, method, seed, root)],
-                   cwd=REPO, env=env, check=True)
+    run_fit(config, root, seed, args.threads,
+            model={**overrides.get("model", {}), **({"pretrained": args.teacher_path} if args.teacher_path else {})},
+            data=overrides.get("data", {}), extra_configs=[args.config_overrides] if args.config_overrides else [],
+            resumable=True)
     # A resumed calibration reports the time of its last part only (the checkpoint does not record the rest).
     seconds = time.time() - start
     # The 1-minute load average before and after: a time taken while other jobs shared the cores says so.
@@ -185,7 +161,7 @@ def main() -> None:
     args.bits = args.bits or teacher.bits
     args.out = args.out or str(REPO / "docs" / "results" / f"main_comparison{teacher.suffix}.json")
     args.work_dir = args.work_dir or str(REPO / ".cache" / f"main_comparison{teacher.suffix}")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -210,7 +186,7 @@ def main() -> None:
                     continue
                 folder, seconds = calibrate(args, bits, method, seed)
                 load = json.loads((folder.parent / "calibration_seconds.json").read_text()).get("load_average")
-                torch.set_num_threads(args.threads)
+                set_threads(args.threads)
                 figures = evaluate(folder, protocol, meter, classifier)
                 rows.append({"bits": bits, "method": method, "seed": seed, "threads": args.threads, "cpu": cpu_model(),
                              "calibration_seconds": seconds, "load_average": load, **figures})

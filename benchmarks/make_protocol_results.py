@@ -1,30 +1,29 @@
-"""Writes the robust-protocol section of docs/results.md from docs/results/main_comparison.json (and
-main_comparison_dit.json, the DiT teacher's), core_ablation.json and peers.json.
+"""Writes docs/results.md, the whole page, from docs/results/main_comparison.json (and main_comparison_dit.json, the
+DiT teacher's), core_ablation.json and peers.json; and the README's main-comparison and peer tables (each between
+its own marker comments) from the same JSON.
 
-Cheap (no sampling, no FID): it only formats the rows those benchmarks wrote (and plots the error curves). The section sits between two
-marker comments, which ``make_results.py`` keeps when it regenerates the rest of the page.
+Cheap (no sampling, no FID): it only formats the rows those benchmarks wrote (and plots the error curves). It is
+the one writer of docs/results.md; the earlier 128-seed tables are archived, as they were, in
+docs/results_128_seeds.md.
 
-    python benchmarks/make_protocol_results.py
+    python -m benchmarks.make_protocol_results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from accuquant_pl.evaluation.plots import plot_error_curves  # noqa: E402
-from accuquant_pl.io import atomic_write_text  # noqa: E402
-from accuquant_pl.metrics.sample_errors import paired_comparison  # noqa: E402
-from benchmarks.core_ablation import BASE_ROW, CORE_CHOICES  # noqa: E402
+from accuquant_pl.evaluation.plots import plot_error_curves
+from accuquant_pl.io import atomic_write_text
+from accuquant_pl.metrics.sample_errors import paired_comparison
+from benchmarks.common import REPO
+from benchmarks.core_ablation import BASE_ROW, CORE_CHOICES
 
 START, END = "<!-- robust-protocol:start -->", "<!-- robust-protocol:end -->"
 
@@ -49,7 +48,7 @@ def core_ablation_lines(data: dict[str, Any]) -> list[str]:
     protocol = data["protocol"]
     defaults = {r["bits"]: r for r in rows if r["row"] == BASE_ROW}
     lines = ["### Core ablation: round-to-nearest, one quantization-core choice per row", "",
-             f"`python benchmarks/core_ablation.py --threads {rows[0]['threads']}` ({len(rows)} rows). "
+             f"`python -m benchmarks.core_ablation --threads {rows[0]['threads']}` ({len(rows)} rows). "
              f"{data['settings']['eval_samples']} held-out seeds from {protocol['first_seed']}, sampled in batches "
              f"of {protocol['batch_size']}; activation ranges from {data['settings']['num_trajectories']} FP "
              "calibration trajectories; no optimisation. Each row departs in the named choice only from the base: the "
@@ -88,7 +87,7 @@ PEERS_NOTE = ("Quantized operations counted on each model: conv / linear weights
 
 def peers_lines(data: dict[str, Any]) -> list[str]:
     lines = ["### Peers: optimum-quanto against our round-to-nearest", "",
-             f"`python benchmarks/peers.py --threads {data['settings']['threads']}`. {PEERS_NOTE} The core "
+             f"`python -m benchmarks.peers --threads {data['settings']['threads']}`. {PEERS_NOTE} The core "
              "ablation's 'first/last layers at the base bits' row is our figure with them at the base bits too.", "",
              *_peers_table(data)]
     return [*lines, ""]
@@ -99,8 +98,8 @@ PEERS_README_START, PEERS_README_END = "<!-- peers:start -->", "<!-- peers:end -
 
 def readme_peers_lines(data: dict[str, Any]) -> list[str]:
     """The README's peer table: the page's, between its own markers."""
-    return [PEERS_README_START, "", f"`python benchmarks/peers.py --threads {data['settings']['threads']}`, then "
-            f"`python benchmarks/make_protocol_results.py`: the robust protocol above, round-to-nearest, activation "
+    return [PEERS_README_START, "", f"`python -m benchmarks.peers --threads {data['settings']['threads']}`, then "
+            f"`python -m benchmarks.make_protocol_results`: the robust protocol above, round-to-nearest, activation "
             f"ranges from {data['settings']['act_calibration_samples']} inputs of the same FP trajectories. "
             f"{PEERS_NOTE}", "", *_peers_table(data), "", PEERS_README_END]
 
@@ -175,7 +174,7 @@ def main_comparison_lines(data: dict[str, Any], results: Path, page: TeacherPage
     against the per-step baseline of the same seed, and the error-accumulation plot of each bit width (seed 0)."""
     rows, protocol = data["rows"], data["protocol"]
     lines = [f"### {page.title}", "",
-             f"`python benchmarks/main_comparison.py{page.flag} --threads {rows[0]['threads']}` ({len(rows)} rows, one "
+             f"`python -m benchmarks.main_comparison{page.flag} --threads {rows[0]['threads']}` ({len(rows)} rows, one "
              f"sweep on one machine). Each row calibrates {page.teacher} with the shipped config "
              f"(`{page.configs}`{N2_NOTE if any(r['method'] == 'accuquant_block_n2' for r in rows) else ''}) at the "
              "given calibration seed (`seed_everything` and the trajectory seed) and evaluates its export on "
@@ -261,8 +260,8 @@ def readme_lines(data: dict[str, Any], pooled: dict[tuple[str, str], tuple[list[
     paired ratio against the per-step baseline (``seed_pooled(data["rows"])``)."""
     rows, protocol = data["rows"], data["protocol"]
     lines = [README_START, "",
-             f"`python benchmarks/main_comparison.py --threads {rows[0]['threads']}`, then "
-             "`python benchmarks/make_protocol_results.py`: the shipped digits teacher, each config as shipped, "
+             f"`python -m benchmarks.main_comparison --threads {rows[0]['threads']}`, then "
+             "`python -m benchmarks.make_protocol_results`: the shipped digits teacher, each config as shipped, "
              f"calibration seeds as listed, {protocol['samples']} held-out evaluation seeds in batches of "
              f"{protocol['batch_size']}, DDIM 50; final-sample MSE against the FP sample of the same noise, mean ± std "
              "over calibration seeds; FID of the FP samples themselves "
@@ -360,6 +359,20 @@ def protocol_section(results: Path, main: dict[str, Any] | None = None,
     return [START, *intro, *body, END]
 
 
+PAGE_HEAD = [
+    "# Results on the shipped digits teacher", "",
+    "Generated by `python -m benchmarks.make_protocol_results` from the JSON rows in docs/results/ that the "
+    "robust-protocol benchmarks write (`bash benchmarks/run_all.sh` runs them all; benchmarks/README.md says what "
+    "each measures). The tables measured before the robust protocol (128 evaluation seeds, one calibration seed) "
+    "are archived in [results_128_seeds.md](results_128_seeds.md).", ""]
+"""The page's title and introduction, above the robust-protocol section."""
+
+
+def write_page(page: Path, section: list[str]) -> None:
+    """Write the whole results page: ``PAGE_HEAD`` and the robust-protocol section (``protocol_section``)."""
+    atomic_write_text(page, "\n".join([*PAGE_HEAD, *section]) + "\n")
+
+
 def write_section(page: Path, section: list[str]) -> None:
     """Replace the text between the section's first and last line (its markers), or append the section."""
     text = page.read_text() if page.is_file() else ""
@@ -374,22 +387,27 @@ def write_section(page: Path, section: list[str]) -> None:
     atomic_write_text(page, text)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(REPO / "docs" / "results"))
-    parser.add_argument("--page", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument("--page", default=str(REPO / "docs" / "results.md"), help="written whole")
     parser.add_argument("--readme", default=str(REPO / "README.md"),
                         help="its main-comparison table (between its markers) is rewritten from main_comparison.json")
-    args = parser.parse_args()
-    main = _rows_of(Path(args.results) / "main_comparison.json")
-    pooled = seed_pooled(main["rows"]) if main is not None else None  # the bootstrap runs once for page and README
-    lines = protocol_section(Path(args.results), main, pooled)
+    args = parser.parse_args(argv)
+    comparison = _rows_of(Path(args.results) / "main_comparison.json")
+    # the bootstrap runs once for page and README
+    pooled = seed_pooled(comparison["rows"]) if comparison is not None else None
+    lines = protocol_section(Path(args.results), comparison, pooled)
     if not lines:
         raise SystemExit("no rows in docs/results/core_ablation.json or peers.json yet")
-    write_section(Path(args.page), lines)
+    write_page(Path(args.page), lines)
     print("\n".join(lines))
-    if main is not None:
-        write_section(Path(args.readme), readme_lines(main, pooled))
+    if comparison is not None:
+        write_section(Path(args.readme), readme_lines(comparison, pooled))
     peers = _rows_of(Path(args.results) / "peers.json")
     if peers is not None:
         write_section(Path(args.readme), readme_peers_lines(peers))
+
+
+if __name__ == "__main__":
+    main()

@@ -29,21 +29,15 @@ Columns:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import sys
 import time
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from accuquant_pl.calibration.memory import LiveTensorBytes, SavedTensorBytes  # noqa: E402
-from accuquant_pl.calibration.rollout import GRADIENT_MODES, rollout  # noqa: E402
-from accuquant_pl.quant import (  # noqa: E402
+from accuquant_pl.calibration.rollout import GRADIENT_MODES, rollout
+from accuquant_pl.quant import (
     QuantSpec,
     calibrate_activations,
     quant_state,
@@ -51,31 +45,12 @@ from accuquant_pl.quant import (  # noqa: E402
     reconstruction_units,
     unit_parameters,
 )
+from benchmarks.common import REPO, cifar_unet, proc_status_kb, reset_rss_peak
+from benchmarks.memory import LiveTensorBytes, SavedTensorBytes
 
-REPO = Path(__file__).resolve().parents[1]
 DIGITS_DIR = REPO / "models" / "digits-ddpm"
-CIFAR_PARAMS = 35_746_307  # google/ddpm-cifar10-32
 NUM_INFERENCE_STEPS, START = 50, 10
 MB = 2**20
-
-
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_rss_peak() -> bool:
-    with contextlib.suppress(OSError):  # hand freed heap memory back so the next peak is measured from scratch
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -83,9 +58,9 @@ def _reset_rss_peak() -> bool:
 
 def digits_unet() -> tuple[nn.Module, str]:
     if (DIGITS_DIR / "unet").is_dir():
-        from accuquant_pl.diffusion import load_unet
+        from accuquant_pl.diffusion import load_denoiser
 
-        return load_unet(DIGITS_DIR), "models/digits-ddpm"
+        return load_denoiser(DIGITS_DIR), "models/digits-ddpm"
     torch.manual_seed(0)
     return UNet2DModel(
         sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
@@ -93,19 +68,6 @@ def digits_unet() -> tuple[nn.Module, str]:
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1, attention_head_dim=32, norm_num_groups=8,
     ), "digits architecture, random weights"
-
-
-def cifar_unet() -> tuple[nn.Module, str]:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    )
-    count = sum(p.numel() for p in unet.parameters())
-    if count != CIFAR_PARAMS:
-        raise RuntimeError(f"CIFAR-10 DDPM architecture has {count} parameters, expected {CIFAR_PARAMS}")
-    return unet, "google/ddpm-cifar10-32 architecture, random weights"
 
 
 MODELS = {"digits": digits_unet, "cifar": cifar_unet}
@@ -189,15 +151,15 @@ def bench_model(name: str, group_sizes: list[int], modes: list[str], batch: int,
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
                 else:
-                    rss_ok = _reset_rss_peak()
-                    base = _proc_status_kb("VmRSS") * 1024
+                    rss_ok = reset_rss_peak()
+                    base = proc_status_kb("VmRSS") * 1024
                 start = time.perf_counter()
                 one_iter(mode, n)
                 times.append(time.perf_counter() - start)
                 if device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated() - base
                 else:
-                    peak = _proc_status_kb("VmHWM") * 1024 - base if rss_ok else float("nan")
+                    peak = proc_status_kb("VmHWM") * 1024 - base if rss_ok else float("nan")
                 peak_mem = max(peak_mem, peak)
             row = {"model": name, "mode": mode, "n": n, "saved": saved.peak / MB, "live": live.peak / MB,
                    "mem": peak_mem / MB, "s_iter": sum(times) / len(times)}

@@ -8,7 +8,7 @@ Conv2d / Linear layers, inputs of Conv2d / Linear layers, module outputs, attent
 come twice: our default operation set, and quanto's (conv inputs and the attention matmuls left in float), so
 that the comparison is fair both ways. Settings a peer cannot run say why in one line.
 
-    OMP_NUM_THREADS=1 python benchmarks/peers.py [--bits w8a8,w8a16,w4a8,w4a16] [--smoke]
+    OMP_NUM_THREADS=1 python -m benchmarks.peers [--bits w8a8,w8a16,w4a8,w4a16] [--smoke]
 
 ``--smoke`` runs every row on a tiny random UNet with 2 trajectories, 2 steps and 4 seeds (seconds; the test
 suite runs it when optimum-quanto is installed).
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,18 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from accuquant_pl.evaluation.digit_classifier import DigitClassifier  # noqa: E402
-from accuquant_pl.io import atomic_write_json  # noqa: E402
-from accuquant_pl.metrics.sample_errors import (  # noqa: E402
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier
+from accuquant_pl.io import atomic_write_json
+from accuquant_pl.metrics.sample_errors import (
     PROTOCOL_NUM_SAMPLES,
     sample_error_stats,
 )
-from accuquant_pl.quant import QuantAttnProcessor, QuantSpec, quantized_layers, rtn_quantize  # noqa: E402
-from accuquant_pl.quant.quantizers import ActivationQuantizer  # noqa: E402
-from benchmarks.protocol import FP_CACHE, setup_protocol  # noqa: E402
+from accuquant_pl.quant import QuantAttnProcessor, QuantSpec, quantized_layers, rtn_quantize
+from accuquant_pl.quant.quantizers import ActivationQuantizer
+from benchmarks.common import REPO, add_threads_argument
+from benchmarks.protocol import FP_CACHE, setup_protocol
 
 CONV_PATTERNS = ("*conv*",)  # every Conv2d of a diffusers UNet has 'conv' in its name; no Linear does
 
@@ -101,7 +98,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-trajectories", type=int, default=64)
     p.add_argument("--act-calibration-samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=PROTOCOL_NUM_SAMPLES)
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_argument(p)
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "peers.json"))
     p.add_argument("--cache-dir", default=str(REPO / ".cache" / "trajectories"))
     p.add_argument("--smoke", action="store_true", help="tiny random UNet, seconds (used by the test suite)")

@@ -1,5 +1,6 @@
-"""Set-up shared by the robust-protocol benchmarks (core_ablation, peers, main_comparison): the teacher, its
-DDIM scheduler, the held-out seeds, the FP reference samples (cached) and the activation-calibration inputs."""
+"""Set-up shared by the robust-protocol benchmarks (core_ablation, peers, main_comparison, behaviour_fingerprint):
+the teacher, its DDIM scheduler, the held-out seeds, the FP reference samples (cached) and the
+activation-calibration inputs."""
 
 from __future__ import annotations
 
@@ -10,23 +11,23 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
-from accuquant_pl.diffusion.conditioning import ConditioningSpec  # noqa: E402
-from accuquant_pl.diffusion.loading import load_unet  # noqa: E402
-from accuquant_pl.evaluation.paired import samples_from  # noqa: E402
-from accuquant_pl.io import atomic_torch_save  # noqa: E402
-from accuquant_pl.metrics.sample_errors import (  # noqa: E402
+from accuquant_pl.data.trajectories import TrajectoryDataModule
+from accuquant_pl.diffusion.conditioning import ConditioningSpec
+from accuquant_pl.diffusion.loading import load_denoiser
+from accuquant_pl.evaluation.paired import samples_from
+from accuquant_pl.io import atomic_torch_save
+from accuquant_pl.metrics.sample_errors import (
     PROTOCOL_BATCH_SIZE,
     PROTOCOL_FIRST_SEED,
     SampleErrorStats,
     per_sample_mse,
     sample_error_stats,
 )
+from benchmarks import common
+from benchmarks.common import REPO, set_threads
 
 DEFAULT_TEACHER = str(REPO / "models" / "digits-ddpm")
-TRAJECTORY_CACHE = str(REPO / ".cache" / "trajectories")
+TRAJECTORY_CACHE = str(common.TRAJECTORY_CACHE)
 FP_CACHE = str(REPO / ".cache" / "protocol" / "fp_samples.pt")
 
 
@@ -85,9 +86,9 @@ def setup_protocol(teacher_path: str = DEFAULT_TEACHER, eval_samples: int = 1024
                    fp_cache: str | None = FP_CACHE, conditioning: ConditioningSpec | None = None) -> Protocol:
     """Load the teacher, its FP calibration trajectories and the FP reference samples (with ``threads`` torch threads);
     a conditional teacher samples seed i with ``conditioning``'s rule (``ConditioningSpec.for_samples``)."""
-    torch.set_num_threads(threads)
-    teacher = load_unet(teacher_path).eval()
-    data = TrajectoryDataModule(teacher=teacher_path, num_inference_steps=steps, num_trajectories=num_trajectories,
+    set_threads(threads)
+    teacher = load_denoiser(teacher_path).eval()
+    data = TrajectoryDataModule(pretrained=teacher_path, num_inference_steps=steps, num_trajectories=num_trajectories,
                                 batch_size=min(16, num_trajectories), cache_dir=cache_dir, conditioning=conditioning)
     data.prepare_data()
     data.setup("fit")

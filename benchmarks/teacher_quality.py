@@ -1,7 +1,7 @@
 """Sample-quality figures of the shipped FP teacher (for its model card): a digit classifier's view.
 
-    python benchmarks/teacher_quality.py [--samples 512]
-    python benchmarks/teacher_quality.py --teacher models/digits-dit --class-conditional --grid models/digits-dit/samples.png
+    python -m benchmarks.teacher_quality [--samples 512]
+    python -m benchmarks.teacher_quality --teacher models/digits-dit --class-conditional --grid models/digits-dit/samples.png
 
 Not FID: a logistic-regression classifier trained on the real training digits reads the samples; the
 same figures for the real held-out digits are the reference. Also writes the sample grid PNG. A class-conditional
@@ -12,22 +12,18 @@ their requested class is reported too.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from accuquant_pl.data.digits import digits_tensors  # noqa: E402
-from accuquant_pl.data.trajectories import TrajectoryDataModule  # noqa: E402
-from accuquant_pl.diffusion.conditioning import ConditioningSpec  # noqa: E402
-from accuquant_pl.diffusion.loading import load_unet  # noqa: E402
-from accuquant_pl.evaluation.digit_classifier import DigitClassifier, pixel_statistics_gap  # noqa: E402
-from accuquant_pl.evaluation.images import make_grid, save_png  # noqa: E402
-from accuquant_pl.evaluation.paired import samples_from  # noqa: E402
+from accuquant_pl.data.digits import digits_tensors
+from accuquant_pl.data.trajectories import TrajectoryDataModule
+from accuquant_pl.diffusion.conditioning import ConditioningSpec
+from accuquant_pl.diffusion.loading import load_denoiser
+from accuquant_pl.evaluation.digit_classifier import DigitClassifier, pixel_statistics_gap
+from accuquant_pl.evaluation.images import make_grid, save_png
+from accuquant_pl.evaluation.paired import samples_from
+from benchmarks.common import REPO
 
 
 def main() -> None:
@@ -39,9 +35,9 @@ def main() -> None:
     p.add_argument("--class-conditional", action="store_true", help="sample seed i as class i %% 10")
     args = p.parse_args()
     start = time.time()
-    unet = load_unet(args.teacher)
+    unet = load_denoiser(args.teacher)
     spec = ConditioningSpec(class_labels=list(range(10))) if args.class_conditional else None
-    scheduler = TrajectoryDataModule(teacher=args.teacher, conditioning=spec).make_scheduler()
+    scheduler = TrajectoryDataModule(pretrained=args.teacher, conditioning=spec).make_scheduler()
     seeds = list(range(args.samples))
     cond = (lambda chunk: spec.for_samples(torch.tensor(chunk))) if spec is not None else None
     with torch.no_grad():

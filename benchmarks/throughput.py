@@ -1,7 +1,7 @@
 """Calibration throughput and peak memory on a CIFAR-10-size UNet: per-step baseline vs AccuQuant (n = 1..8).
 
 Model: diffusers UNet2DModel with google/ddpm-cifar10-32's architecture (35.75M parameters, 32x32x3), random
-weights (``memory_vs_group_size.cifar_unet``), quantized W4A8 with AdaRound (soft rounding) and activation ranges
+weights (``benchmarks.common.cifar_unet``), quantized W4A8 with AdaRound (soft rounding) and activation ranges
 calibrated on 3 random batches. One calibration iteration is what ``BlockReconstruction.training_step`` does for
 one reconstruction unit, the middle one in forward order (units before it and itself quantized, later units FP,
 as in block-wise calibration), with the objectives' own code:
@@ -16,14 +16,14 @@ Columns:
 - s/iter and it/s: mean over the timed iterations (after one warm-up iteration that also tracks memory);
 - x per-step: s/iter relative to the per-step baseline's (AccuQuant n costs ~2n forwards + n backwards);
 - peak live-tensor MB: bytes of tensors created during the warm-up iteration alive at once
-  (``accuquant_pl.calibration.memory.LiveTensorBytes``: recomputation included, model weights excluded);
+  (``benchmarks.memory.LiveTensorBytes``: recomputation included, model weights excluded);
 - CPU: peak RSS delta MB = VmHWM - VmRSS around one timed iteration after malloc_trim and a VmHWM reset
-  (``memory_vs_group_size._reset_rss_peak``; allocator slack included, max over the timed iterations);
+  (``benchmarks.common.reset_rss_peak``; allocator slack included, max over the timed iterations);
   CUDA: peak alloc MB = torch.cuda.max_memory_allocated over the timed iterations (weights, optimizer and
   activations: the number that must fit on the GPU) and its growth over the memory allocated before them.
 
-    OMP_NUM_THREADS=1 python benchmarks/throughput.py --device cpu --batch-size 4 --iters 2
-    python benchmarks/throughput.py --device cuda --batch-size 32 --iters 10 [--autocast bf16]
+    OMP_NUM_THREADS=1 python -m benchmarks.throughput --device cpu --batch-size 4 --iters 2
+    python -m benchmarks.throughput --device cuda --batch-size 32 --iters 10 [--autocast bf16]
 """
 
 from __future__ import annotations
@@ -32,24 +32,15 @@ import argparse
 import contextlib
 import copy
 import platform
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from memory_vs_group_size import _proc_status_kb, _reset_rss_peak, cifar_unet  # noqa: E402
-
-from accuquant_pl.calibration.memory import LiveTensorBytes  # noqa: E402
-from accuquant_pl.calibration.objectives import accuquant_step, per_step_loss  # noqa: E402
-from accuquant_pl.quant import (  # noqa: E402
+from accuquant_pl.calibration.objectives import accuquant_step, per_step_loss
+from accuquant_pl.quant import (
     QuantSpec,
     adaround_regularizer,
     calibrate_activations,
@@ -58,6 +49,8 @@ from accuquant_pl.quant import (  # noqa: E402
     set_quant_state,
     unit_parameters,
 )
+from benchmarks.common import cifar_unet, proc_status_kb, reset_rss_peak
+from benchmarks.memory import LiveTensorBytes
 
 NUM_INFERENCE_STEPS, START = 100, 40
 MB = 2**20
@@ -146,8 +139,8 @@ def measure(setup: dict[str, Any], objective: str, n: int, iters: int, autocast:
         base = torch.cuda.memory_allocated()
     for _ in range(iters):
         if device.type != "cuda":
-            rss_ok = _reset_rss_peak()
-            base = _proc_status_kb("VmRSS") * 1024
+            rss_ok = reset_rss_peak()
+            base = proc_status_kb("VmRSS") * 1024
         start = time.perf_counter()
         iteration(setup, objective, n, autocast)
         times.append(time.perf_counter() - start)
@@ -155,7 +148,7 @@ def measure(setup: dict[str, Any], objective: str, n: int, iters: int, autocast:
             peak = torch.cuda.max_memory_allocated()
             growth = peak - base
         else:
-            growth = max(growth, _proc_status_kb("VmHWM") * 1024 - base if rss_ok else float("nan"))
+            growth = max(growth, proc_status_kb("VmHWM") * 1024 - base if rss_ok else float("nan"))
     s_iter = sum(times) / len(times)
     return {"s_iter": s_iter, "it_s": 1 / s_iter, "live": live.peak / MB, "peak": peak / MB, "growth": growth / MB}
 

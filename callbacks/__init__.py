@@ -1,7 +1,6 @@
 """Lightning callbacks of accuquant-pl (usable in any ``lightning.Trainer``, and in YAML as ``callbacks.<Name>``)."""
 
-from callbacks.atomic_checkpoint import AtomicCheckpointIO
-from callbacks.calibration_checkpoint import CalibrationCheckpoint
+from callbacks.checkpoint import AtomicCheckpointIO, CalibrationCheckpoint
 from callbacks.diffusers_export import ExportDiffusers
 from callbacks.fid import FIDCallback
 from callbacks.quantized_export import ExportQuantized

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from accuquant_pl.diffusion.conditioning import Conditioning
-from accuquant_pl.diffusion.loading import load_unet, load_vae
+from accuquant_pl.diffusion.loading import load_denoiser, load_vae
 from accuquant_pl.diffusion.sampling import decode_latents
 from accuquant_pl.evaluation.images import save_png, side_by_side
 from accuquant_pl.evaluation.paired import samples_from
@@ -97,7 +97,7 @@ class FIDCallback(L.Callback):
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             if self._fp is None:
                 pretrained = pl_module.hparams.pretrained
-                teacher = load_unet(pretrained).to(device)
+                teacher = load_denoiser(pretrained).to(device)
                 vae = load_vae(pretrained)  # latent models: FID on decoded images; the autoencoder stays FP
                 if vae is not None:
                     vae.to(device)

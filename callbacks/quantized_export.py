@@ -27,6 +27,6 @@ class ExportQuantized(L.Callback):
         if trainer.is_global_zero:
             pretrained = pl_module.hparams.pretrained
             settings = getattr(trainer.datamodule, "sampler_settings", None)  # a user's own data module may lack it
-            # source_model: pretrained as the module loaded it, a Hub id pinned to the commit its weights came from
+            # pinned_pretrained: pretrained as the module loaded it, a Hub id pinned to the commit its weights came from
             export_quantized(pl_module.finalize(), self.dirpath, pl_module.spec, load_scheduler_config(pretrained),
-                             source_model=pl_module.source_model, sampler=settings() if callable(settings) else None)
+                             pretrained=pl_module.pinned_pretrained, sampler=settings() if callable(settings) else None)

@@ -100,6 +100,19 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     assert "learning_rat" in err
 
 
+@pytest.mark.parametrize("config,args,named", [
+    ("digits_w4a8_accuquant.yaml", ["--data.init_args.teacher", "models/digits-ddpm"], "Option 'teacher' is not accepted"),
+    ("sample_digits.yaml", ["--model.class_path", "accuquant_pl.evaluation." + "DiffusionSampler"],  # gone on purpose
+     "has no attribute 'DiffusionSampler'"),
+])
+def test_a_key_or_class_of_the_old_layout_is_named(config, args, named, capsys):
+    # Renamed in the second layout pass (data ``teacher`` -> ``pretrained``, ``DiffusionSampler`` ->
+    # ``SampleGeneration``): an old config fails before any work, naming what it no longer takes.
+    subcommand = "predict" if config.startswith("sample") else "fit"
+    err = _cli_error([subcommand, "--config", str(REPO / "configs" / config), *args, "--print_config"], capsys)
+    assert named in err
+
+
 def test_wrong_type_is_named(capsys):
     err = _cli_error(["fit", "--config", str(REPO / "configs" / "pretrain_digits.yaml"),
                       "--model.init_args.training.learning_rate", "fast", "--print_config"], capsys)
@@ -125,10 +138,10 @@ def test_predict_from_a_quantized_folder(tmp_path, tiny_model_dir):
     import torch
 
     from accuquant_pl.deploy import export_quantized, load_quantized
-    from accuquant_pl.diffusion import load_unet
+    from accuquant_pl.diffusion import load_denoiser
     from accuquant_pl.quant import QuantSpec, rtn_quantize
 
-    unet = rtn_quantize(load_unet(tiny_model_dir), QuantSpec(weight_bits=4),  # one sample per timestep group
+    unet = rtn_quantize(load_denoiser(tiny_model_dir), QuantSpec(weight_bits=4),  # one sample per timestep group
                         [{"sample": torch.randn(4, 1, 8, 8), "timestep": torch.tensor([10, 35, 60, 85])}],
                         num_train_timesteps=100)
     export_quantized(unet, tmp_path / "q")

@@ -20,7 +20,7 @@ import yaml
 
 from accuquant_pl.cli import main
 from accuquant_pl.deploy import load_quantized
-from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.diffusion.loading import load_denoiser
 from accuquant_pl.quant import reconstruction_units
 from tests.conftest import REPO, checkpoint_and_export_callbacks
 from tests.tiny_models import model_folder
@@ -163,7 +163,7 @@ def test_calibration_config_runs_tiny(tmp_path, config):
     rtn = _load(config)["model"]["init_args"].get("objective") == "rtn"
     assert len(module.done_units) == (0 if rtn else len(module.unit_names))
     unet = load_quantized(tmp_path / "run" / "quantized")
-    assert type(unet) is type(load_unet(module.hparams.pretrained))
+    assert type(unet) is type(load_denoiser(module.hparams.pretrained))
     assert [n for n, _ in reconstruction_units(unet)] == module.unit_names
 
 
@@ -180,7 +180,7 @@ def test_multi_device_override_runs_tiny_on_two_cpu_processes(tmp_path, config):
                           timeout=900)
     assert proc.returncode == 0, f"DDP run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     unet = load_quantized(tmp_path / "run" / "quantized")
-    assert type(unet).__name__ == load_unet(model_folder(family(base), tmp_path)).__class__.__name__
+    assert type(unet).__name__ == load_denoiser(model_folder(family(base), tmp_path)).__class__.__name__
 
 
 def _smoke_pretrain(tmp_path: Path) -> None:

@@ -13,13 +13,31 @@ import yaml
 from tests.conftest import REPO
 
 PACKAGE = REPO / "accuquant_pl"
-# A package may import only from packages of a lower rank (io and metrics depend on nothing of ours).
-RANK = {"io": 0, "metrics": 1, "diffusion": 1, "quant": 2, "deploy": 3, "data": 4, "calibration": 5,
-        "evaluation": 6, "cli": 7}
+DEPENDS = {
+    "io": set(),
+    "denoisers": set(),
+    "metrics": {"io"},
+    "quant": {"denoisers"},
+    "diffusion": {"io", "denoisers"},
+    "deploy": {"io", "denoisers", "quant", "diffusion"},
+    "data": {"io", "diffusion"},
+    "calibration": {"quant", "diffusion", "data"},
+    "evaluation": {"io", "metrics", "diffusion", "deploy", "data", "calibration"},
+    "cli": {"calibration"},
+}
+"""What each part of ``accuquant_pl`` imports from the others, exactly (docs/ARCHITECTURE.md): ``io`` and the denoiser
+registry at the bottom, then {quant, diffusion} -> {deploy, data} -> calibration -> evaluation -> cli, with
+``metrics`` beside them for evaluation. An import outside this table fails, and so does an entry no code uses."""
+LONGER_FILES = {
+    "accuquant_pl/calibration/module.py": "BlockReconstruction's lifecycle: epochs, steps, hardening and checkpoint "
+                                          "hooks are one Lightning object; the objectives, rollout and checkpoint "
+                                          "contents already live in their own modules",
+}
+"""Files that may exceed 400 lines because they hold one concept whose split would scatter it."""
 
 
 def _modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if p.name != "_moved.py" and p != PACKAGE / "__init__.py")
+    return sorted(p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
 
 
 def _package(path: Path) -> str:
@@ -38,24 +56,46 @@ def _imported_packages(tree: ast.AST) -> set[str]:
     return found
 
 
-def test_dependencies_point_one_way():
-    wrong = []
+def _dependencies() -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
     for path in _modules():
         own = _package(path)
-        for other in _imported_packages(ast.parse(path.read_text())):
-            if other != own and RANK[other] >= RANK[own]:
-                wrong.append(f"{path.relative_to(REPO)} imports accuquant_pl.{other}")
-    assert not wrong, wrong
+        found.setdefault(own, set()).update(other for other in _imported_packages(ast.parse(path.read_text()))
+                                            if other != own)
+    return found
+
+
+def test_dependencies_are_exactly_the_declared_shape():
+    found = _dependencies()
+    undeclared = {part: sorted(found[part] - DEPENDS.get(part, set())) for part in found
+                  if found[part] - DEPENDS.get(part, set())}
+    unused = {part: sorted(DEPENDS[part] - found.get(part, set())) for part in DEPENDS
+              if DEPENDS[part] - found.get(part, set())}
+    assert not undeclared and not unused, (undeclared, unused)
+    assert set(found) <= set(DEPENDS), sorted(set(found) - set(DEPENDS))
+
+
+def test_the_declared_shape_has_no_cycle():
+    done: set[str] = set()
+    while len(done) < len(DEPENDS):
+        ready = {part for part, deps in DEPENDS.items() if part not in done and deps <= done}
+        assert ready, f"cycle among {sorted(set(DEPENDS) - done)}"
+        done |= ready
 
 
 def test_no_file_over_400_lines_and_no_function_over_60():
     long_files = [f"{p.relative_to(REPO)}: {n}" for p in _modules()
-                  if (n := len(p.read_text().splitlines())) > 400]
+                  if (n := len(p.read_text().splitlines())) > 400
+                  and str(p.relative_to(REPO)) not in LONGER_FILES]
     long_functions = [f"{p.relative_to(REPO)}:{node.name}: {node.end_lineno - node.lineno + 1}"
                       for p in _modules() for node in ast.walk(ast.parse(p.read_text()))
                       if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
                       and node.end_lineno - node.lineno + 1 > 60]
     assert not long_files and not long_functions, (long_files, long_functions)
+    stale = [p for p in LONGER_FILES if len((REPO / p).read_text().splitlines()) <= 400]
+    assert not stale, f"{stale} no longer need their exception"
+    undocumented = [p for p in LONGER_FILES if p not in (REPO / "docs" / "ARCHITECTURE.md").read_text()]
+    assert not undocumented
 
 
 def _class_paths(node: object) -> list[str]:
@@ -74,14 +114,3 @@ def test_configs_name_our_classes_by_their_package_exports(config):
         assert getattr(importlib.import_module(module), name) is not None
         if class_path.startswith(("accuquant_pl.", "callbacks.")):
             assert module.count(".") <= 1, f"{config}: {class_path} is not a package export"
-
-
-def test_an_old_module_path_still_resolves_with_a_warning_naming_the_new_one():
-    import sys
-
-    sys.modules.pop("accuquant_pl.evaluate", None)
-    with pytest.warns(FutureWarning, match="accuquant_pl.evaluate is now accuquant_pl.evaluation.module"):
-        old = importlib.import_module("accuquant_pl.evaluate")
-    from accuquant_pl.evaluation import SampleEvaluation
-
-    assert old.SampleEvaluation is SampleEvaluation

@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 
 def test_readme_example_with_a_plain_trainer(tmp_path, tiny_model_dir):
-    data = TrajectoryDataModule(teacher=str(tiny_model_dir), num_inference_steps=5, num_trajectories=4,
+    data = TrajectoryDataModule(pretrained=str(tiny_model_dir), num_inference_steps=5, num_trajectories=4,
                                 batch_size=4, group_size=2, cache_dir=str(tmp_path / "cache"))
     model = BlockReconstruction(pretrained=str(tiny_model_dir), quant=QuantSpec(weight_bits=4, act_bits=8, adaround=True),
                                 objective="accuquant", iterations_per_unit=2, lr_adaround=1e-2,

@@ -1,5 +1,5 @@
 """Encode calibration prompts with a pipeline's own text encoder, once, into the prompt-embedding file that
-``TrajectoryDataModule(prompt_embeddings=...)`` and ``DiffusionSampler`` read:
+``TrajectoryDataModule(prompt_embeddings=...)`` and ``SampleGeneration`` read:
 ``{'cond': (P, L, D), 'uncond': (L, D), 'prompts': [...]}``, and for PixArt also ``'cond_mask': (P, L)`` and
 ``'uncond_mask': (L,)``.
 

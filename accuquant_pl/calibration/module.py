@@ -10,6 +10,17 @@ import torch
 from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
+from accuquant_pl.calibration.checkpoint import (
+    CHECKPOINT_SECTION,
+    mid_epoch_state,
+    progress_section,
+    restore_hardened_units,
+    restore_hyperparameters,
+    resume_epoch_position,
+    rng_untouched,
+    saved_progress,
+    set_rng_state,
+)
 from accuquant_pl.calibration.config import (
     DEFAULT_LRS,
     Ablations,
@@ -27,18 +38,10 @@ from accuquant_pl.calibration.objectives import (
     epoch_objective,
 )
 from accuquant_pl.calibration.optim import epoch_optimizer, epoch_parameters
-from accuquant_pl.calibration.progress import (
-    mid_epoch_state,
-    progress_section,
-    restore_hardened_units,
-    resume_epoch_position,
-    saved_progress,
-)
-from accuquant_pl.calibration.rng import set_rng_state
+from accuquant_pl.data.batching import sub_batches
 from accuquant_pl.data.plan import EpochPlan
-from accuquant_pl.data.samplers import sub_batches
 from accuquant_pl.diffusion.hub import pinned
-from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
+from accuquant_pl.diffusion.loading import load_denoiser, load_scheduler_config
 from accuquant_pl.diffusion.sampling import network_inputs
 from accuquant_pl.quant import (
     QuantSpec,
@@ -65,7 +68,7 @@ class BlockReconstruction(L.LightningModule):
     default) and hardens its rounding. ``objective='rtn'`` runs no epochs: round-to-nearest, calibrated ranges.
     """
 
-    CHECKPOINT_SECTION = "accuquant"
+    CHECKPOINT_SECTION = CHECKPOINT_SECTION
     """The key of the calibration's own state in a checkpoint (done units, RNG, a mid-epoch position)."""
 
     def __init__(
@@ -126,7 +129,7 @@ class BlockReconstruction(L.LightningModule):
         """What a fit builds and a checkpoint restores: models, units done, the epoch's optimiser and position."""
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None  # FP block-output targets; not part of the checkpoint
-        self.source_model: str | None = None  # ``pretrained`` as loaded, a Hub id pinned to its commit
+        self.pinned_pretrained: str | None = None  # ``pretrained`` as loaded, a Hub id pinned to its commit
         self.unit_names: list[str] = []
         self.done_units: list[str] = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -146,8 +149,8 @@ class BlockReconstruction(L.LightningModule):
     def configure_model(self) -> None:
         if self.student is not None:
             return
-        teacher = load_unet(self.hparams.pretrained)
-        self.source_model = pinned(self.hparams.pretrained)
+        teacher = load_denoiser(self.hparams.pretrained)
+        self.pinned_pretrained = pinned(self.hparams.pretrained)
         timesteps = (load_scheduler_config(self.hparams.pretrained).get("num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS)
                      if self.spec.needs_train_timesteps else DEFAULT_TRAIN_TIMESTEPS)
         student = quantize(copy.deepcopy(teacher), self.spec, timesteps)
@@ -224,7 +227,7 @@ class BlockReconstruction(L.LightningModule):
         st = self.settings
         stage_n = st.final_stage.group_size if st.final_stage is not None else None
         sizes = {len(self.unit_names): stage_n} if stage_n is not None else {}
-        return EpochPlan(teacher=self.hparams.pretrained, group_sizes=sizes,
+        return EpochPlan(pretrained=self.hparams.pretrained, group_sizes=sizes,
                          batches_per_epoch=max(st.iterations_per_unit, st.final_stage_iterations))
 
     def unit(self, index: int) -> nn.Module:
@@ -381,11 +384,11 @@ class BlockReconstruction(L.LightningModule):
             mid_epoch = {"epoch": e, "iteration": self._iteration,
                          "lr_schedule": self._lr_schedule.state_dict() if self._lr_schedule is not None else None}
         checkpoint[self.CHECKPOINT_SECTION] = progress_section(self.done_units, self.final_stage_done,
-                                                               str(self.trainer.precision), mid_epoch, self.source_model)
+                                                               str(self.trainer.precision), mid_epoch, self.pinned_pretrained)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        state = saved_progress(checkpoint, self.CHECKPOINT_SECTION, self.hparams.pretrained, self.source_model)
+        state = saved_progress(checkpoint, self.CHECKPOINT_SECTION, self.hparams.pretrained, self.pinned_pretrained)
         restore_hardened_units(self.student, state["done_units"], self.unit_names)
         self.done_units = list(state["done_units"])
         self.final_stage_done = bool(state.get("final_stage_done", False))  # older checkpoints have no stage
@@ -398,3 +401,18 @@ class BlockReconstruction(L.LightningModule):
     def configure_optimizers(self) -> None:
         # One optimiser per epoch, built and registered with the strategy when the epoch begins (_begin_epoch).
         return None
+
+    @classmethod
+    def student_from_checkpoint(cls, checkpoint: dict[str, Any], pretrained: str | None = None) -> nn.Module:
+        """The calibrated student of a calibration ``checkpoint`` (loaded dict), finalized (uncalibrated units:
+        nearest rounding); ``pretrained``: the FP model folder to build it from, when it moved since calibration."""
+        hparams = restore_hyperparameters(checkpoint, pretrained)
+        try:
+            module = cls(**hparams)
+        except TypeError as err:  # settings of a BlockReconstruction signature that no longer exists
+            raise ValueError(f"the checkpoint's model settings do not fit this accuquant-pl ({err}); it was written "
+                             "by an earlier version: evaluate its exported folder, or calibrate again") from err
+        with rng_untouched():
+            module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.finalize()

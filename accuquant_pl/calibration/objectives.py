@@ -1,20 +1,30 @@
-"""Calibration objectives on a batch of trajectory items: ``per_step`` (Q-Diffusion/BRECQ) and ``accuquant``."""
+"""The calibration objectives on a batch of trajectory items, as losses that call backward: ``per_step``
+(Q-Diffusion/BRECQ), ``accuquant`` on the state or the block output (the rollouts of ``calibration/rollout.py``)
+and the final stage, and :func:`epoch_objective`, which of them an epoch runs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
-from accuquant_pl.calibration.capture import block_output, run_capturing
-from accuquant_pl.calibration.rollout import Reduction, rollout, state_loss
+from accuquant_pl.calibration.capture import block_output
+from accuquant_pl.calibration.rollout import (
+    Reduction,
+    block_rollout,
+    fp_states,
+    group_size,
+    group_start,
+    group_steps,
+    rollout,
+    state_loss,
+)
 from accuquant_pl.diffusion.conditioning import Conditioning
 from accuquant_pl.diffusion.noise import check_replayable
 from accuquant_pl.diffusion.sampling import model_output, network_inputs
-from accuquant_pl.diffusion.schedulers import SamplerSteps, scaled_model_input
+from accuquant_pl.diffusion.schedulers import scaled_model_input
 
 Objective = Literal["per_step", "accuquant"]
 OBJECTIVES = ("per_step", "accuquant")
@@ -36,7 +46,7 @@ def per_step_loss(student: nn.Module, teacher: nn.Module, student_block: nn.Modu
     t = batch["timesteps"][:, 0]
     if not bool((t == t[0]).all()):
         raise ValueError("a per-step batch must share its timestep (batch items by step)")
-    x = scaled_model_input(scheduler, _group_start(scheduler, batch, t[:1]), batch["x"])
+    x = scaled_model_input(scheduler, group_start(scheduler, batch, t[:1]), batch["x"])
     with torch.no_grad():
         target = block_output(teacher, teacher_block, **network_inputs(teacher, x, t, cond))
     out = block_output(student, student_block, **network_inputs(student, x, t, cond))
@@ -55,61 +65,6 @@ def check_rollout_scheduler(scheduler: SchedulerMixin, eta: float, serves_step_n
             "each trajectory's step noise (items 'noise_seed' and 'eta', as TrajectoryDataModule does), so the "
             "quantized rollout could not meet the FP trajectories with the same noise"
         )
-
-
-def _group_start(scheduler: SchedulerMixin, batch: dict[str, Any], timesteps: Tensor) -> int:
-    """The schedule index of the batch's first step (``step_index`` of the items, else found from the timestep)."""
-    schedule = scheduler.timesteps.to(timesteps.device)
-    if "step_index" in batch:
-        index = torch.as_tensor(batch["step_index"]).reshape(-1)
-        start = int(index[0])
-        if not bool((index == start).all()):
-            raise ValueError("a rollout batch must share its group start (batch items by start)")
-    else:
-        hits = (schedule == timesteps[0]).nonzero().flatten()
-        if len(hits) != 1:
-            raise ValueError(f"cannot find the batch's first timestep {timesteps[0].item()} once in the scheduler's "
-                             "schedule; give the items' step_index")
-        start = int(hits[0])
-    n = len(timesteps)
-    if not 0 <= start < len(schedule):
-        raise ValueError(f"group start {start} is outside the schedule: steps 0..{len(schedule) - 1} of {len(schedule)}")
-    if start + n > len(schedule):
-        raise ValueError(f"a group of n={n} steps from start {start} runs past the end of the schedule "
-                         f"({len(schedule)} steps)")
-    if not torch.equal(schedule[start : start + n].double(), timesteps.double()):
-        raise ValueError(f"the batch's timesteps {timesteps.tolist()} are not steps {start}..{start + n - 1} of the "
-                         f"scheduler's schedule {schedule[start : start + n].tolist()}: trajectories and rollout must "
-                         "use the same scheduler and num_inference_steps")
-    return start
-
-
-def _history(batch: dict[str, Any], key: str) -> Tensor | None:
-    value = batch.get(key)
-    return None if value is None else value.transpose(0, 1)  # (B, h, ...) -> (h, B, ...)
-
-
-def group_steps(scheduler: SchedulerMixin, batch: dict[str, Any]) -> SamplerSteps:
-    """The sampler steps of a batch's group: ``scheduler`` (timesteps set, not stepped) primed at the group start
-    from the batch's FP history (``history_states`` / ``history_outputs``, (B, h, ...)) when it is multistep, with
-    the trajectories' step noise when a stochastic sampler drew them."""
-    timesteps = batch["timesteps"][0]
-    if not bool((batch["timesteps"] == timesteps).all()):
-        raise ValueError("a rollout batch must share its timesteps (batch items by group start)")
-    start = _group_start(scheduler, batch, timesteps)
-    return SamplerSteps(scheduler, start, len(timesteps), _history(batch, "history_states"),
-                        _history(batch, "history_outputs"), **_step_noise(batch))
-
-
-def _step_noise(batch: dict[str, Any]) -> dict[str, Any]:
-    """eta and trajectory seeds of a batch whose trajectories a stochastic sampler drew (items ``eta`` and
-    ``noise_seed``, see ``TrajectoryGroups``); nothing for a deterministic sampler's batch."""
-    if "noise_seed" not in batch:
-        return {}
-    eta = torch.as_tensor(batch["eta"]).reshape(-1)
-    if not bool((eta == eta[0]).all()):
-        raise ValueError("a rollout batch must share its sampler's eta")
-    return {"eta": float(eta[0]), "noise_seeds": torch.as_tensor(batch["noise_seed"]).reshape(-1).tolist()}
 
 
 def accuquant_step(student: nn.Module, scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None,
@@ -131,46 +86,6 @@ def accuquant_step(student: nn.Module, scheduler: SchedulerMixin, batch: dict[st
     return rollout(gradient, network, steps, batch["x"], targets, reduction, scale)
 
 
-def _fp_states(batch: dict[str, Any]) -> list[Tensor]:
-    """The FP states a group's n steps start from: x_k (the item's ``x``), then the cached states x_{k-1} ..
-    x_{k-n+1} (all ``targets`` but the last, which no step of the group starts from)."""
-    return [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
-
-
-def _block_rollout(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
-                   steps: SamplerSteps, timesteps: Tensor, batch: dict[str, Any],
-                   cond: Conditioning | None) -> Iterator[tuple[dict[str, Any], Tensor, Tensor]]:
-    """Roll the quantized model out over the group's n steps from the FP state x_k; at each step j yield the
-    student's network inputs at its rollout state xq_j, the calibrated block's output there and the FP block's
-    output on the FP state x_j (the target, no graph).
-
-    The block output keeps its graph when the caller iterates with grad enabled; the states and the rest of
-    the forward carry none (``run_capturing``). The next state is computed after the caller resumes, so it may
-    back-propagate and free a step's graph before the next step's forward."""
-    fp_states = _fp_states(batch)
-    n = len(timesteps)
-    x = batch["x"]
-    states: list[Tensor] = []
-    outputs: list[Tensor] = []
-    for j in range(n):
-        t = timesteps[j]
-        with torch.no_grad():
-            target = block_output(teacher, teacher_block, **network_inputs(teacher, steps.scale(j, fp_states[j]), t,
-                                                                          cond))
-        inputs = network_inputs(student, steps.scale(j, x), t, cond)
-        if j == n - 1:  # the last state is not stepped on: the forward can stop at the block
-            yield inputs, block_output(student, student_block, **inputs), target
-            return
-        out, block = run_capturing(student_block, lambda x=x, j=j, t=t: model_output(student, steps.scale(j, x), t,
-                                                                                     cond))
-        yield inputs, block, target
-        with torch.no_grad():
-            x_next = steps(j, x, out.detach(), tuple(states), tuple(outputs))
-        states.append(x)
-        outputs.append(out.detach())
-        x = x_next
-
-
 def accuquant_block_step(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
                          scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None,
                          reduction: Reduction, scale: float = 1.0) -> Tensor:
@@ -186,9 +101,9 @@ def accuquant_block_step(student: nn.Module, teacher: nn.Module, student_block: 
     """
     steps = group_steps(scheduler, batch)
     timesteps = batch["timesteps"][0]
-    n = len(timesteps)
+    n = group_size(batch)
     total = torch.zeros((), device=batch["x"].device)
-    for _, block, target in _block_rollout(student, teacher, student_block, teacher_block, steps, timesteps, batch,
+    for _, block, target in block_rollout(student, teacher, student_block, teacher_block, steps, timesteps, batch,
                                            cond):
         loss = state_loss(block, target, reduction) / n
         (loss * scale).backward()
@@ -204,9 +119,9 @@ def group_block_loss(student: nn.Module, teacher: nn.Module, student_block: nn.M
     Added to the AccuQuant state loss with ``block_loss_weight`` > 0: the dense block-output signal of the
     per-step objective, while the state term adds what the n-step rollout sees.
     """
-    n = batch["timesteps"].shape[1]
+    n = group_size(batch)
     total = torch.zeros((), device=batch["x"].device)
-    for j, state in enumerate(_fp_states(batch)):
+    for j, state in enumerate(fp_states(batch)):
         item = {"x": state, "timesteps": batch["timesteps"][:, j:]}
         if "step_index" in batch:
             item["step_index"] = torch.as_tensor(batch["step_index"]) + j
@@ -235,11 +150,11 @@ def accuquant_block_accumulated_step(student: nn.Module, teacher: nn.Module, stu
     """
     steps = group_steps(scheduler, batch)
     timesteps = batch["timesteps"][0]
-    n = len(timesteps)
+    n = group_size(batch)
     inputs: list[dict[str, Any]] = []
     error_sum: Tensor | None = None
     with torch.no_grad():
-        for step_inputs, block, target in _block_rollout(student, teacher, student_block, teacher_block, steps,
+        for step_inputs, block, target in block_rollout(student, teacher, student_block, teacher_block, steps,
                                                          timesteps, batch, cond):
             inputs.append(step_inputs)
             error = block - target

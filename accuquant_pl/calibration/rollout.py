@@ -1,25 +1,45 @@
-"""The AccuQuant n-step rollout and its four gradient modes (docs/METHOD.md, "Gradients").
+"""The AccuQuant rollout: the quantized model rolled out over one group's n sampler steps from the FP state.
 
-Each function rolls the quantized model out from ``x`` over the steps of a group, computes the loss of
-its final state against the FP target, *calls backward itself* (the modes differ exactly in how the
-backward pass is organised) and returns the detached loss. ``network(j, x)`` is the quantized model's
-(guided) output at the group's j-th step; ``phi(j, x, out)`` is that step of the real sampler.
+Everything the rollout needs lives here: the group of a batch (:func:`group_steps`: its start, its n, the real
+sampler's steps primed from the FP history, :class:`GroupSteps`), the FP states it starts from and is compared
+with (:func:`fp_states`), and the two ways it is matched (docs/METHOD.md): on the sampler *state* after the n
+steps (:func:`rollout`, with the four gradient modes, "Gradients") and on the calibrated *block's output* at every
+rollout state (:func:`block_rollout`). ``calibration/objectives.py`` turns them into losses.
+
+Each state-target function rolls the quantized model out from ``x`` over the steps of a group, computes the loss
+of its final state against the FP target, *calls backward itself* (the modes differ exactly in how the backward
+pass is organised) and returns the detached loss. ``network(j, x)`` is the quantized model's (guided) output at
+the group's j-th step; ``phi(j, x, out)`` is that step of the real sampler.
 
 A multistep sampler's step also reads the group's earlier steps. Such a ``phi`` carries the attribute
 ``reads_history = True`` and is called ``phi(j, x, out, past_states, past_outputs)`` with the group's own
 inputs and outputs of steps 0..j-1 (tuples of tensors, with their graph where the mode differentiates
-through them); :class:`~accuquant_pl.diffusion.schedulers.SamplerSteps` is one. Every mode keeps the
-sampler's dependence on those tensors exactly as on ``x`` and ``out``.
+through them); :class:`GroupSteps` is one. Every mode keeps the sampler's dependence on those tensors exactly as
+on ``x`` and ``out``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from diffusers import SchedulerMixin
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from accuquant_pl.calibration.capture import block_output, run_capturing
+from accuquant_pl.diffusion.conditioning import Conditioning
+from accuquant_pl.diffusion.sampling import model_output, network_inputs
+from accuquant_pl.diffusion.schedulers import (
+    history_steps,
+    positioned_at,
+    prime,
+    scheduled_steps,
+    step_arguments,
+    take_step,
+)
 
 Network = Callable[[int, Tensor], Tensor]
 Phi = Callable[[int, Tensor, Tensor], Tensor]
@@ -162,3 +182,172 @@ def rollout(mode: str, network: Network, phi: Phi | HistoryPhi, x: Tensor, targe
     if targets.shape[1:] != x.shape:
         raise ValueError(f"targets {tuple(targets.shape)} must be (n, *x.shape) with x {tuple(x.shape)}")
     return ROLLOUTS[mode](network, phi, x, targets, reduction, scale)
+
+
+# ----- the group a batch rolls out: its steps, start, n and FP states -----
+def group_size(batch: dict[str, Any]) -> int:
+    """n, the steps a batch's group rolls out: the length of its items' ``timesteps``. The data module sets it per
+    epoch (``data.group_size`` for the units, ``final_stage.group_size`` for the final stage, ``EpochPlan``);
+    every objective reads it here."""
+    return int(batch["timesteps"].shape[1])
+
+
+class GroupSteps:
+    """The real sampler's steps ``start .. start + n - 1`` of one group, primed from the FP trajectory cache.
+
+    ``scale(j, x)`` is the model input at the group's step j (``scale_model_input``); calling the object,
+    ``steps(j, x, out, past_states, past_outputs)``, returns that step's ``prev_sample``, where ``past_*``
+    are the group's own inputs and outputs of steps 0..j-1 (what the rollout fed the sampler before).
+    ``scheduler`` is used as a template (timesteps set, not stepped) and never modified. For a stochastic sampler
+    ``noise_seeds`` are the batch's trajectory seeds: every step draws the noise the FP trajectory drew there.
+    """
+
+    reads_history = True
+    """Marks a rollout ``phi`` that takes the group's earlier states and outputs (see :func:`rollout`)."""
+
+    def __init__(self, scheduler: SchedulerMixin, start: int, n: int, history_states: Tensor | None = None,
+                 history_outputs: Tensor | None = None, eta: float = 0.0,
+                 noise_seeds: Sequence[int] | None = None) -> None:
+        num_steps = scheduled_steps(scheduler)
+        if n < 1:
+            raise ValueError(f"group size n must be >= 1, got {n}")
+        if not 0 <= start < num_steps:
+            raise ValueError(f"group start {start} is outside the schedule: steps 0..{num_steps - 1} of {num_steps}")
+        if start + n > num_steps:
+            raise ValueError(f"a group of n={n} steps from start {start} runs past the end of the schedule "
+                             f"({num_steps} steps); the largest start is {num_steps - n}")
+        self.start, self.n, self.eta = start, n, eta
+        self.noise_seeds = None if noise_seeds is None else [int(v) for v in noise_seeds]
+        self.template = copy.deepcopy(scheduler)
+        self.memoryless = history_steps(scheduler) == 0
+        self.base = prime(copy.deepcopy(scheduler), start, history_states, history_outputs, eta, self.noise_seeds)
+        self.timesteps = scheduler.timesteps[start : start + n]
+        self._scalers: dict[int, SchedulerMixin] = {}
+
+    def positioned(self, j: int) -> SchedulerMixin:
+        """A fresh copy of the template whose next step is the group's step j (no history)."""
+        return positioned_at(copy.deepcopy(self.template), self.start + j)
+
+    def scale(self, j: int, x: Tensor) -> Tensor:
+        if j not in self._scalers:
+            self._scalers[j] = self.positioned(j)
+        return self._scalers[j].scale_model_input(x, self.timesteps[j])
+
+    def scheduler_before(self, j: int, past_states: Sequence[Tensor], past_outputs: Sequence[Tensor]) -> SchedulerMixin:
+        """A scheduler in the state the sampler has before the group's step j, after the group's own steps < j."""
+        if len(past_states) != j or len(past_outputs) != j:
+            raise ValueError(f"step {j} of a group needs the {j} earlier states and outputs; got "
+                             f"{len(past_states)} and {len(past_outputs)}")
+        if self.memoryless:
+            return self.positioned(j)
+        sched = copy.deepcopy(self.base)
+        for i in range(j):
+            take_step(sched, past_outputs[i], self.timesteps[i], past_states[i], self.step_kwargs(i))
+        return sched
+
+    def __call__(self, j: int, x: Tensor, out: Tensor, past_states: Sequence[Tensor] = (),
+                 past_outputs: Sequence[Tensor] = ()) -> Tensor:
+        return take_step(self.scheduler_before(j, past_states, past_outputs), out, self.timesteps[j], x,
+                     self.step_kwargs(j))
+
+    def step_kwargs(self, j: int) -> dict:
+        """``step`` arguments of the group's step j: eta and, for a stochastic sampler, the generators that give
+        each trajectory the noise its FP trajectory drew at schedule step ``start + j`` (fresh on every call,
+        so a replayed step draws the same noise)."""
+        return step_arguments(self.template, self.start + j, self.eta, self.noise_seeds)
+
+
+def group_start(scheduler: SchedulerMixin, batch: dict[str, Any], timesteps: Tensor) -> int:
+    """The schedule index of the batch's first step (``step_index`` of the items, else found from the timestep)."""
+    schedule = scheduler.timesteps.to(timesteps.device)
+    if "step_index" in batch:
+        index = torch.as_tensor(batch["step_index"]).reshape(-1)
+        start = int(index[0])
+        if not bool((index == start).all()):
+            raise ValueError("a rollout batch must share its group start (batch items by start)")
+    else:
+        hits = (schedule == timesteps[0]).nonzero().flatten()
+        if len(hits) != 1:
+            raise ValueError(f"cannot find the batch's first timestep {timesteps[0].item()} once in the scheduler's "
+                             "schedule; give the items' step_index")
+        start = int(hits[0])
+    n = len(timesteps)
+    if not 0 <= start < len(schedule):
+        raise ValueError(f"group start {start} is outside the schedule: steps 0..{len(schedule) - 1} of {len(schedule)}")
+    if start + n > len(schedule):
+        raise ValueError(f"a group of n={n} steps from start {start} runs past the end of the schedule "
+                         f"({len(schedule)} steps)")
+    if not torch.equal(schedule[start : start + n].double(), timesteps.double()):
+        raise ValueError(f"the batch's timesteps {timesteps.tolist()} are not steps {start}..{start + n - 1} of the "
+                         f"scheduler's schedule {schedule[start : start + n].tolist()}: trajectories and rollout must "
+                         "use the same scheduler and num_inference_steps")
+    return start
+
+
+def fp_history(batch: dict[str, Any], key: str) -> Tensor | None:
+    value = batch.get(key)
+    return None if value is None else value.transpose(0, 1)  # (B, h, ...) -> (h, B, ...)
+
+
+def group_steps(scheduler: SchedulerMixin, batch: dict[str, Any]) -> GroupSteps:
+    """The sampler steps of a batch's group: ``scheduler`` (timesteps set, not stepped) primed at the group start
+    from the batch's FP history (``history_states`` / ``history_outputs``, (B, h, ...)) when it is multistep, with
+    the trajectories' step noise when a stochastic sampler drew them."""
+    timesteps = batch["timesteps"][0]
+    if not bool((batch["timesteps"] == timesteps).all()):
+        raise ValueError("a rollout batch must share its timesteps (batch items by group start)")
+    start = group_start(scheduler, batch, timesteps)
+    return GroupSteps(scheduler, start, group_size(batch), fp_history(batch, "history_states"),
+                      fp_history(batch, "history_outputs"), **step_noise(batch))
+
+
+def step_noise(batch: dict[str, Any]) -> dict[str, Any]:
+    """eta and trajectory seeds of a batch whose trajectories a stochastic sampler drew (items ``eta`` and
+    ``noise_seed``, see ``TrajectoryGroups``); nothing for a deterministic sampler's batch."""
+    if "noise_seed" not in batch:
+        return {}
+    eta = torch.as_tensor(batch["eta"]).reshape(-1)
+    if not bool((eta == eta[0]).all()):
+        raise ValueError("a rollout batch must share its sampler's eta")
+    return {"eta": float(eta[0]), "noise_seeds": torch.as_tensor(batch["noise_seed"]).reshape(-1).tolist()}
+
+
+def fp_states(batch: dict[str, Any]) -> list[Tensor]:
+    """The FP states a group's n steps start from: x_k (the item's ``x``), then the cached states x_{k-1} ..
+    x_{k-n+1} (all ``targets`` but the last, which no step of the group starts from)."""
+    return [batch["x"], *batch["targets"].transpose(0, 1)[:-1]]
+
+
+# ----- the block-output target -----
+def block_rollout(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
+                  steps: GroupSteps, timesteps: Tensor, batch: dict[str, Any],
+                  cond: Conditioning | None) -> Iterator[tuple[dict[str, Any], Tensor, Tensor]]:
+    """Roll the quantized model out over the group's n steps from the FP state x_k; at each step j yield the
+    student's network inputs at its rollout state xq_j, the calibrated block's output there and the FP block's
+    output on the FP state x_j (the target, no graph).
+
+    The block output keeps its graph when the caller iterates with grad enabled; the states and the rest of
+    the forward carry none (``run_capturing``). The next state is computed after the caller resumes, so it may
+    back-propagate and free a step's graph before the next step's forward."""
+    starts = fp_states(batch)
+    n = group_size(batch)
+    x = batch["x"]
+    states: list[Tensor] = []
+    outputs: list[Tensor] = []
+    for j in range(n):
+        t = timesteps[j]
+        with torch.no_grad():
+            target = block_output(teacher, teacher_block, **network_inputs(teacher, steps.scale(j, starts[j]), t,
+                                                                          cond))
+        inputs = network_inputs(student, steps.scale(j, x), t, cond)
+        if j == n - 1:  # the last state is not stepped on: the forward can stop at the block
+            yield inputs, block_output(student, student_block, **inputs), target
+            return
+        out, block = run_capturing(student_block, lambda x=x, j=j, t=t: model_output(student, steps.scale(j, x), t,
+                                                                                     cond))
+        yield inputs, block, target
+        with torch.no_grad():
+            x_next = steps(j, x, out.detach(), tuple(states), tuple(outputs))
+        states.append(x)
+        outputs.append(out.detach())
+        x = x_next

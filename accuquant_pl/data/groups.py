@@ -76,7 +76,8 @@ class TrajectoryGroups(Dataset):
             out["eta"] = self.eta
         if self.history:
             # FP inputs and outputs of the (up to `history`) steps before j: a multistep sampler is primed from
-            # them at the group start (calibration/scheduler_state.py). Items of a batch share j, so they collate.
+            # them at the group start (`prime` in diffusion/schedulers.py). Items of a batch share j, so they
+            # collate.
             take = min(j, self.history)
             out["history_states"] = self.states[i, j - take : j]
             out["history_outputs"] = self.outputs[i, j - take : j]

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 class EpochPlan:
     """The epochs a calibration runs, as the data module must serve them."""
 
-    teacher: str | None = None
-    """The FP model folder whose trajectories to sample, when the data module's own ``teacher`` is unset."""
+    pretrained: str | None = None
+    """The FP model folder or Hub id whose trajectories to sample, when the data module's own ``pretrained`` is
+    unset."""
     batches_per_epoch: int | None = None
     """Batches in every epoch (None: one pass over the groups). A module whose epochs differ in length asks for
     the longest and stops the shorter ones early."""

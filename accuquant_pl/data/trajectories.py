@@ -15,6 +15,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from accuquant_pl.data.batching import ResumableLoader, StartBatchSampler, collate_by_start
 from accuquant_pl.data.groups import (
     GroupStarts,
     StartWeighting,
@@ -23,7 +24,6 @@ from accuquant_pl.data.groups import (
     group_starts,
 )
 from accuquant_pl.data.plan import EpochPlan
-from accuquant_pl.data.samplers import ResumableLoader, StartBatchSampler, collate_by_start
 from accuquant_pl.data.trajectory_cache import (
     MANIFEST_FILE,
     CacheError,
@@ -34,7 +34,7 @@ from accuquant_pl.data.trajectory_cache import (
 )
 from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec
 from accuquant_pl.diffusion.hub import resolved_revision
-from accuquant_pl.diffusion.loading import inspect_model_folder, load_scheduler_config, load_unet
+from accuquant_pl.diffusion.loading import inspect_model_folder, load_denoiser, load_scheduler_config
 from accuquant_pl.diffusion.noise import check_replayable, is_stochastic
 from accuquant_pl.diffusion.sampling import initial_noise, sample
 from accuquant_pl.diffusion.schedulers import history_steps, scaled_model_input, scheduler_from_config
@@ -78,7 +78,7 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        teacher: str | None = None,
+        pretrained: str | None = None,
         scheduler: str = "ddim",
         num_inference_steps: int = 50,
         eta: float = 0.0,
@@ -98,8 +98,7 @@ class TrajectoryDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            teacher: FP model folder or Hub id (``owner/name[@revision][:subfolder]``); None takes the
-                LightningModule's ``pretrained``.
+            pretrained: the FP model (folder or ``owner/name[@revision][:subfolder]``); None: the module's.
             scheduler: diffusers sampler of the trajectories (and of the AccuQuant rollout): a name in
                 ``accuquant_pl.diffusion.scheduler_names()`` (ddim, ddpm, dpmsolver++, sde-dpmsolver++, unipc,
                 pndm, euler, euler-ancestral) or a scheduler class's import path (``diffusers.LCMScheduler``).
@@ -128,13 +127,14 @@ class TrajectoryDataModule(L.LightningDataModule):
                           else TrajectoryAblations(**(group_ablations or {})))
         _check_sizes(num_inference_steps, num_trajectories, batch_size, group_size, self.ablations.group_starts,
                      starts_per_batch)
-        self.save_hyperparameters()
+        self.pretrained = pretrained  # unset, not a hyperparameter: the logger's merge refuses the module's key twice
+        self.save_hyperparameters(ignore=[] if pretrained is not None else ["pretrained"])
         self.hparams["group_ablations"] = asdict(self.ablations) if group_ablations is not None else None
         self.conditioning_spec = ConditioningSpec.of(conditioning)
         # Plain data in the checkpoint, so that it loads with torch.load(weights_only=True).
         self.hparams["conditioning"] = self.conditioning_spec.to_dict() if self.conditioning_spec else None
         self.tensors: dict[str, Tensor] | None = None
-        self._stochastic: bool | None = None  # serves_step_noise, probed once the teacher is known
+        self._stochastic: bool | None = None  # serves_step_noise, probed once the FP model is known
         self.train_set: TrajectoryGroups | None = None
 
     # ----- what the LightningModule asks for (read, never written by it) -----
@@ -146,10 +146,14 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     @property
     def model_path(self) -> str:
-        """The FP teacher: ``teacher``, else the one the LightningModule's plan names."""
-        path = self.hparams.teacher if self.hparams.teacher is not None else self.epoch_plan().teacher
+        """The FP model: ``pretrained``, else the one the LightningModule's plan names (both set: they must agree)."""
+        planned = self.epoch_plan().pretrained
+        if self.pretrained is not None and planned is not None and str(self.pretrained) != str(planned):
+            raise ValueError(f"data.init_args.pretrained {self.pretrained!r} is not the model being calibrated "
+                             f"({planned!r}): the trajectories must come from that FP model; set one of the two")
+        path = self.pretrained if self.pretrained is not None else planned
         if path is None:
-            raise ValueError("TrajectoryDataModule needs `teacher` (or a LightningModule whose epoch_plan() names one)")
+            raise ValueError("TrajectoryDataModule needs `pretrained` (or a LightningModule whose epoch_plan() names one)")
         return path
 
     @property
@@ -241,7 +245,7 @@ class TrajectoryDataModule(L.LightningDataModule):
     @torch.no_grad()
     def _sample_trajectories(self) -> dict[str, Tensor]:
         hp = self.hparams
-        unet = load_unet(self.model_path)
+        unet = load_denoiser(self.model_path)
         cfg = unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         chunks: dict[str, list[Tensor]] = {"states": [], "model_outputs": [], "class_labels": [], "prompt_index": [],

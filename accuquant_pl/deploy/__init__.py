@@ -6,8 +6,9 @@ from accuquant_pl.deploy.artifact import (
     exported_scheduler_config,
     load_quantized,
 )
+from accuquant_pl.deploy.freeze import freeze
 from accuquant_pl.deploy.layers import EXECUTION_MODES, DeployedConv2d, DeployedLinear
-from accuquant_pl.deploy.model import freeze, set_execution, weight_bytes
+from accuquant_pl.deploy.model import set_execution, weight_bytes
 from accuquant_pl.deploy.pipelines import quantized_pipeline
 
 __all__ = [

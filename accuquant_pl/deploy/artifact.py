@@ -7,7 +7,7 @@ Folder layout (everything a user needs; copy the folder, nothing else):
   that stay float (biases, norms).
 * ``quantization_map.json``: per layer bits, range, storage, shape and config; attention processors; the
   ``QuantSpec``; the SHA-256 of the safetensors file (a truncated or modified file is refused); the FP model it
-  was calibrated from (``source_model``) and the calibration's sampler (``sampler``), when the export knew them.
+  was calibrated from (``pretrained``) and the calibration's sampler (``sampler``), when the export knew them.
 * ``unet_config.json``: the diffusers UNet config. ``scheduler_config.json``: the scheduler it was trained with.
 * ``checksums.json``: the SHA-256 of every file above, written last. The folder is tamper-evident as a whole: a
   file that differs from its recorded checksum, or a map entry that is not what the map's own spec plans for
@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from accuquant_pl.denoisers import SUPPORTED_DENOISERS, Denoiser
 from accuquant_pl.deploy.freeze import frozen_state
 from accuquant_pl.deploy.model import (
     build_deployed,
@@ -32,7 +33,6 @@ from accuquant_pl.deploy.model import (
     load_deployed_state,
     set_execution,
 )
-from accuquant_pl.diffusion.loading import SUPPORTED_DENOISERS, Denoiser
 from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, readable_directory, sha256_file
 from accuquant_pl.quant.convert import DEFAULT_TRAIN_TIMESTEPS, SPEC_ATTR
 from accuquant_pl.quant.spec import QuantSpec
@@ -48,11 +48,11 @@ VERSION = 2  # 2: checksums.json covers every file (version 1 folders had only t
 
 
 def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | None = None,
-                     scheduler_config: dict[str, Any] | None = None, source_model: str | None = None,
+                     scheduler_config: dict[str, Any] | None = None, pretrained: str | None = None,
                      sampler: dict[str, Any] | None = None) -> Path:
     """Freeze a calibrated model into packed integer weights and write ``folder`` (replaced atomically).
 
-    ``source_model``: the FP model folder or Hub id it was calibrated from (``ExportQuantized`` pins an id to its
+    ``pretrained``: the FP model folder or Hub id it was calibrated from (``ExportQuantized`` pins an id to its
     commit), recorded in the map so that ``quantized_pipeline`` finds the pipeline's other parts (autoencoder,
     text encoder) there. ``sampler``: the calibration's sampler (``scheduler``, ``num_inference_steps``, ``eta``),
     recorded so that ``quantized_pipeline`` samples with the sampler the model was calibrated for (and its
@@ -84,7 +84,7 @@ def export_quantized(model: nn.Module, folder: str | Path, spec: QuantSpec | Non
             "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(tmp / WEIGHTS_NAME), "tensors": len(tensors)},
             "layers": layers,
             "attention_processors": processors,
-            **({"source_model": str(source_model)} if source_model is not None else {}),
+            **({"pretrained": str(pretrained)} if pretrained is not None else {}),
             **({"sampler": dict(sampler)} if sampler is not None else {}),
         }
         atomic_write_text(tmp / MAP_NAME, json.dumps(qmap, indent=2) + "\n")
@@ -214,14 +214,14 @@ def exported_scheduler_config(folder: str | Path) -> dict[str, Any] | None:
 
 def _record(folder: str | Path) -> dict[str, Any]:
     """The folder's record of its calibration: the quantization map, or an ONNX export's metadata (which copies
-    the map's ``source_model`` and ``sampler``)."""
+    the map's ``pretrained`` and ``sampler``)."""
     folder = readable_directory(folder)
     return _read_json(folder / ONNX_META if (folder / ONNX_META).is_file() else folder / MAP_NAME)
 
 
-def exported_source_model(folder: str | Path) -> str | None:
+def exported_pretrained(folder: str | Path) -> str | None:
     """The FP model (folder or Hub id) a quantized (or ONNX) folder was calibrated from, when its export recorded it."""
-    return _record(folder).get("source_model")
+    return _record(folder).get("pretrained")
 
 
 def exported_sampler(folder: str | Path) -> dict[str, Any] | None:

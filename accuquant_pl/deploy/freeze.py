@@ -2,7 +2,8 @@
 
 The integer levels are computed with the very formulas of the weight quantizers' forward (AdaRound's hardened
 ``floor(w / s) + rounding``, or round-to-nearest), and every frozen layer is checked to dequantize to exactly
-the fake-quantized weight, so a frozen model never differs silently from the model it came from.
+the fake-quantized weight, so a frozen model never differs silently from the model it came from. :func:`freeze`
+is the whole model's deployed form in memory (what ``export_quantized`` writes, without the folder).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from torch import nn
 from accuquant_pl.quant.adaround import AdaRoundQuantizer
 from accuquant_pl.quant.affine import MIN_SCALE, broadcast_shape
 from accuquant_pl.quant.attention import QuantAttnProcessor
+from accuquant_pl.quant.convert import SPEC_ATTR
 from accuquant_pl.quant.layers import QuantLayerMixin, quantized_layers
 from accuquant_pl.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from accuquant_pl.quant.spec import QuantSpec
 
 from .layers import WeightFormat
+from .model import build_deployed, load_deployed_state, set_execution
 from .packing import pack_weight
 
 
@@ -108,3 +112,20 @@ def frozen_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any], dict
             _check_ready(name, m)
             processors[name] = m.quant_map_entry()
     return layers, processors, state
+
+
+def freeze(model: nn.Module, execution: str = "dequant") -> nn.Module:
+    """The deployed (packed integer) form of a calibrated model, in memory, on its device; ``model`` is not modified.
+
+    With ``execution="dequant"`` or ``"cached"`` its outputs are bit-identical to ``model``'s.
+    """
+    layers, processors, tensors = frozen_state(model)
+    spec: QuantSpec | None = getattr(model, SPEC_ATTR, None)
+    deployed = build_deployed(type(model), dict(model.config), layers, processors, spec)
+    load_deployed_state(deployed, tensors)
+    if spec is not None:
+        setattr(deployed, SPEC_ATTR, spec)
+    first = next(model.parameters(), None)
+    deployed.to(first.device if first is not None else "cpu").eval().requires_grad_(False)
+    set_execution(deployed, execution)
+    return deployed

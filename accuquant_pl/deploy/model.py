@@ -1,4 +1,4 @@
-"""A whole deployed UNet: structure rebuilt from a quantization map, strictly checked tensors, execution switch.
+"""A whole deployed denoiser: structure rebuilt from a quantization map, strictly checked tensors, execution switch.
 
 The structure is built on the meta device (no float weights are allocated or randomly initialised) and the
 loaded tensors are assigned into it, so a deployed model holds the packed integer weights and nothing else.
@@ -14,13 +14,12 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from accuquant_pl.quant.attention import install_quant_processor
-from accuquant_pl.quant.convert import SPEC_ATTR, plan_layers, set_submodule
+from accuquant_pl.quant.convert import plan_layers, set_submodule
 from accuquant_pl.quant.layers import QUANT_CLASSES, QUANT_LAYERS
 from accuquant_pl.quant.quantizers import ActivationQuantizer
 from accuquant_pl.quant.spec import ActQuantConfig, LayerQuantConfig, QuantSpec
 from accuquant_pl.quant.timesteps import attach_timestep_router
 
-from .freeze import frozen_state
 from .layers import DEPLOYED_LAYERS, DeployedLayer, WeightFormat
 
 _FLOAT_OF = {q.__name__: f for f, q in QUANT_LAYERS.items()}
@@ -196,20 +195,3 @@ def weight_bytes(model: nn.Module) -> int:
     for t in [*model.parameters(), *model.buffers()]:
         seen[t.data_ptr() or id(t)] = t.numel() * t.element_size()
     return sum(seen.values()) + sum(layer.derived_bytes() for _, layer in deployed_layers(model))
-
-
-def freeze(model: nn.Module, execution: str = "dequant") -> nn.Module:
-    """The deployed (packed integer) form of a calibrated model, in memory, on its device; ``model`` is not modified.
-
-    With ``execution="dequant"`` or ``"cached"`` its outputs are bit-identical to ``model``'s.
-    """
-    layers, processors, tensors = frozen_state(model)
-    spec: QuantSpec | None = getattr(model, SPEC_ATTR, None)
-    deployed = build_deployed(type(model), dict(model.config), layers, processors, spec)
-    load_deployed_state(deployed, tensors)
-    if spec is not None:
-        setattr(deployed, SPEC_ATTR, spec)
-    first = next(model.parameters(), None)
-    deployed.to(first.device if first is not None else "cpu").eval().requires_grad_(False)
-    set_execution(deployed, execution)
-    return deployed

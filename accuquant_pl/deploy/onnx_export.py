@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from accuquant_pl.denoisers import SUPPORTED_TRANSFORMERS
 from accuquant_pl.deploy.artifact import (
     CHECKSUMS,
     MAP_NAME,
@@ -38,7 +39,6 @@ from accuquant_pl.deploy.artifact import (
     verify_checksums,
 )
 from accuquant_pl.deploy.onnx_layers import CONV_LAYOUTS, OnnxConv2d, OnnxGraph, OnnxLinear, to_export_form
-from accuquant_pl.diffusion.loading import SUPPORTED_TRANSFORMERS
 from accuquant_pl.io import atomic_directory, atomic_path, atomic_write_text, readable_directory, sha256_file
 from accuquant_pl.quant.convert import SPEC_ATTR
 
@@ -266,7 +266,7 @@ def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul"
         "int4_initializers": packed,
         "spec": qmap.get("spec"),
         "source": {"folder": str(source), "checksums_sha256": sha256_file(source / CHECKSUMS)},
-        **{k: qmap[k] for k in ("source_model", "sampler") if k in qmap},
+        **{k: qmap[k] for k in ("pretrained", "sampler") if k in qmap},
     }
     configs = {name: (source / name).read_text() for name in (UNET_CONFIG, SCHEDULER_CONFIG)
                if (source / name).is_file()}
@@ -279,9 +279,9 @@ def export_float_onnx(pretrained: str | Path, out: str | Path, opset: int = 17) 
     by default: what a user exports a float model with, and what ONNX Runtime's own ``quantize_static`` takes (at
     opset 21 its QDQ output for these graphs does not load: an int8 ``output_dtype`` with a uint8 zero point)."""
     from accuquant_pl.deploy.onnx_layers import TimestepGroup
-    from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
+    from accuquant_pl.diffusion.loading import load_denoiser, load_scheduler_config
 
-    model = load_unet(pretrained).eval()
+    model = load_denoiser(pretrained).eval()
     inputs, sample_key, fixed = graph_inputs(model)
     graph = OnnxGraph(model, TimestepGroup([]), [i.name for i in inputs], sample_key, fixed)
     with tempfile.TemporaryDirectory() as tmp:

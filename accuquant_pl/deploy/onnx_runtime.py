@@ -23,6 +23,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from accuquant_pl.denoisers import SUPPORTED_TRANSFORMERS
 from accuquant_pl.deploy.artifact import UNET_CONFIG, load_quantized
 from accuquant_pl.deploy.onnx_export import (
     ONNX_NAME,
@@ -31,7 +32,6 @@ from accuquant_pl.deploy.onnx_export import (
     read_onnx_folder,
     require,
 )
-from accuquant_pl.diffusion.loading import SUPPORTED_TRANSFORMERS
 from accuquant_pl.io import readable_directory
 
 

@@ -22,16 +22,16 @@ from diffusers import (
 )
 from torch import nn
 
+from accuquant_pl.denoisers import denoiser_class
 from accuquant_pl.deploy.artifact import (
     SCHEDULER_CONFIG,
+    exported_pretrained,
     exported_sampler,
     exported_scheduler_config,
-    exported_source_model,
 )
 from accuquant_pl.deploy.onnx_runtime import load_exported
 from accuquant_pl.diffusion.hub import model_exists, resolve_model_path
 from accuquant_pl.diffusion.loading import load_vae
-from accuquant_pl.diffusion.sampling import denoiser_class
 from accuquant_pl.diffusion.schedulers import SCHEDULERS, scales_model_input, scheduler_from_config
 
 CALIBRATED = "calibrated"
@@ -54,7 +54,7 @@ def _scheduler(folder: str | Path, name: str | None) -> SchedulerMixin:
 def _source(folder: str | Path, pretrained: str | Path | None) -> Path | None:
     """The FP model folder whose other parts (autoencoder, text encoder) the pipeline takes: ``pretrained``, else
     the one the export recorded; None when neither is given (a pixel-space model needs none)."""
-    source = str(pretrained) if pretrained is not None else exported_source_model(folder)
+    source = str(pretrained) if pretrained is not None else exported_pretrained(folder)
     if source is None:
         return None
     if not model_exists(source):

@@ -10,25 +10,14 @@ from typing import Any
 
 from diffusers import (
     AutoencoderKL,
-    DiTTransformer2DModel,
-    PixArtTransformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
     VQModel,
 )
 
+from accuquant_pl.denoisers import SUPPORTED_DENOISERS, Denoiser
 from accuquant_pl.diffusion.hub import resolve_model_path
 
-SUPPORTED_UNETS: dict[str, type] = {
-    "UNet2DModel": UNet2DModel,
-    "UNet2DConditionModel": UNet2DConditionModel,
-}
-SUPPORTED_TRANSFORMERS: dict[str, type] = {
-    "DiTTransformer2DModel": DiTTransformer2DModel,  # facebook/DiT-XL-2-*: pipeline component ``transformer``
-    "PixArtTransformer2DModel": PixArtTransformer2DModel,  # PixArt-alpha / sigma
-}
-SUPPORTED_DENOISERS: dict[str, type] = {**SUPPORTED_UNETS, **SUPPORTED_TRANSFORMERS}
-"""Every denoiser class this project calibrates: the diffusers UNets and the transformer denoisers."""
 LEGACY_TRANSFORMER_CLASS = "Transformer2DModel"
 LEGACY_NORM_TYPES: dict[str, str] = {
     "ada_norm_zero": "DiTTransformer2DModel",
@@ -40,7 +29,6 @@ same table diffusers' own loader applies (``_CLASS_REMAPPING_DICT`` in diffusers
 private, hence restated here)."""
 DENOISER_SUBFOLDERS = ("unet", "transformer")
 UNet = UNet2DModel | UNet2DConditionModel
-Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | PixArtTransformer2DModel
 SUPPORTED_VAES: dict[str, type] = {
     "AutoencoderKL": AutoencoderKL,  # Stable Diffusion, LDM-KL: pipeline component ``vae``
     "VQModel": VQModel,  # LDM-4/8 (CompVis/ldm-*): pipeline component ``vqvae``
@@ -146,7 +134,7 @@ def _inspect_vae(root: Path, path: str | Path) -> tuple[Path | None, str | None]
     return None, None
 
 
-def load_unet(path: str | Path) -> Denoiser:
+def load_denoiser(path: str | Path) -> Denoiser:
     """Load the denoiser (UNet or transformer) of a diffusers folder in eval mode, with gradients off."""
     folder = inspect_model_folder(path)
     unet = SUPPORTED_DENOISERS[folder.unet_class].from_pretrained(folder.unet_dir, low_cpu_mem_usage=False)

@@ -12,8 +12,8 @@ import torch
 from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
+from accuquant_pl.denoisers import denoiser_class, is_transformer
 from accuquant_pl.diffusion.conditioning import Conditioning
-from accuquant_pl.diffusion.loading import SUPPORTED_TRANSFORMERS
 from accuquant_pl.diffusion.noise import step_generators, step_kwargs
 
 
@@ -110,18 +110,6 @@ def _check_prompt_masks(unet: nn.Module | None, inputs: dict[str, Any]) -> None:
         warnings.warn("PixArt prompts without attention masks: its pipelines mask the prompt padding out of "
                       "cross-attention; write the prompt file with tools/encode_prompts.py (cond_mask, uncond_mask)",
                       stacklevel=3)
-
-
-def denoiser_class(unet: nn.Module) -> str:
-    """The diffusers class name of a denoiser, or of the one it stands in for (an ONNX Runtime denoiser names it
-    in ``denoiser_class``)."""
-    return getattr(unet, "denoiser_class", type(unet).__name__)
-
-
-def is_transformer(unet: nn.Module | None) -> bool:
-    """Whether ``unet`` is a transformer denoiser (DiT, PixArt): input ``hidden_states``, per-sample timesteps and,
-    with a learned variance, twice the input's channels out."""
-    return unet is not None and denoiser_class(unet) in SUPPORTED_TRANSFORMERS
 
 
 def model_output(unet: nn.Module, x: Tensor, t: Tensor | int, cond: Conditioning | None = None) -> Tensor:

@@ -6,7 +6,7 @@ confidently it reads each sample as some digit, and how evenly the samples cover
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,9 +31,6 @@ class DigitQuality:
     """Fraction of images read with probability >= 0.9."""
     class_coverage: float
     """Entropy of the predicted-class histogram over log(10): 1.0 = all ten digits equally often."""
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 class DigitClassifier:

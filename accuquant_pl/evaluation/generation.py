@@ -13,12 +13,12 @@ from accuquant_pl.deploy.artifact import exported_scheduler_config
 from accuquant_pl.deploy.onnx_runtime import load_exported
 from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec
 from accuquant_pl.diffusion.hub import model_exists
-from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet, load_vae
+from accuquant_pl.diffusion.loading import load_denoiser, load_scheduler_config, load_vae
 from accuquant_pl.diffusion.sampling import decode_latents, sample_seeds
 from accuquant_pl.diffusion.schedulers import scheduler_from_config
 
 
-class DiffusionSampler(L.LightningModule):
+class SampleGeneration(L.LightningModule):
     """Generates one image per seed with a diffusers scheduler; ``predict_step`` returns the images."""
 
     def __init__(
@@ -62,7 +62,7 @@ class DiffusionSampler(L.LightningModule):
             self.unet = load_exported(quantized, onnx_threads=onnx_threads)
             scheduler_config = exported_scheduler_config(quantized)
         else:
-            self.unet = load_unet(pretrained)
+            self.unet = load_denoiser(pretrained)
         self.scheduler = scheduler_from_config(scheduler, scheduler_config or load_scheduler_config(pretrained))
         # A quantized folder holds the UNet only: a latent model decodes with ``pretrained``'s autoencoder (a
         # quantized folder sampled without its FP folder at hand keeps working, without decoding, as before).

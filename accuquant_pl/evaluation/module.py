@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from accuquant_pl.calibration.restore import is_calibration_checkpoint, student_from_checkpoint
+from accuquant_pl.calibration.checkpoint import is_calibration_checkpoint
+from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.diffusion.conditioning import Conditioning, ConditioningSpec
-from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.diffusion.loading import load_denoiser
 from accuquant_pl.evaluation.digit_classifier import DigitClassifier
-from accuquant_pl.evaluation.generation import DiffusionSampler
+from accuquant_pl.evaluation.generation import SampleGeneration
 from accuquant_pl.evaluation.images import save_png, side_by_side
 from accuquant_pl.evaluation.paired import paired_errors, samples_from
 from accuquant_pl.evaluation.plots import plot_error_curves
@@ -21,7 +22,7 @@ from accuquant_pl.io import atomic_write_json
 from accuquant_pl.metrics.sample_errors import sample_error_stats
 
 
-class SampleEvaluation(DiffusionSampler):
+class SampleEvaluation(SampleGeneration):
     """Samples one image per seed of the data module with the evaluated model and with the FP teacher from
     the same noise, then reports FID vs real held-out data, FID2FP32, KID, pixel MSE/PSNR vs FP, the FID
     noise floor, the per-sample statistics of the robust protocol (mean with a bootstrap 95 % interval, median,
@@ -76,7 +77,7 @@ class SampleEvaluation(DiffusionSampler):
         """
         super().__init__(pretrained, quantized, scheduler, num_inference_steps, eta, conditioning, decode=True,
                          onnx_threads=onnx_threads)
-        self.teacher = load_unet(pretrained) if quantized is not None else None
+        self.teacher = load_denoiser(pretrained) if quantized is not None else None
         self.meter: SampleQualityMeter | None = None
         self._classifier: DigitClassifier | None = None
         self._reset()
@@ -93,8 +94,8 @@ class SampleEvaluation(DiffusionSampler):
         if not is_calibration_checkpoint(checkpoint):
             raise ValueError("--ckpt_path must be a calibration checkpoint written by BlockReconstruction")
         if self.teacher is None:
-            self.teacher = load_unet(self.hparams.pretrained)
-        self.unet = student_from_checkpoint(checkpoint, pretrained=self.hparams.pretrained)
+            self.teacher = load_denoiser(self.hparams.pretrained)
+        self.unet = BlockReconstruction.student_from_checkpoint(checkpoint, pretrained=self.hparams.pretrained)
         checkpoint["state_dict"] = self.state_dict()
 
     def _fp_model(self) -> torch.nn.Module:

@@ -16,7 +16,6 @@ to its built-in torch-fidelity network), so the whole preprocessing lives here.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from accuquant_pl.io import sha256_file
+
 __all__ = [
     "FID_HELPER_INSTALL_HINT",
     "DEFAULT_INCEPTION_SHA256",
@@ -32,7 +33,6 @@ __all__ = [
     "InceptionFeatureExtractor",
     "RandomProjectionFeatures",
     "default_inception_weights_path",
-    "file_sha256",
 ]
 
 # The package that ships the TorchScript Inception. It is located, never imported: its __init__ imports
@@ -53,15 +53,6 @@ INCEPTION_NUM_FEATURES = 2048
 
 class InceptionWeightsNotFoundError(FileNotFoundError):
     """The FID Inception TorchScript file could not be found; the message says how to install it."""
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Return the hex sha256 of a file, read in chunks (the Inception file is 87 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _missing_weights_message(detail: str) -> str:
@@ -152,7 +143,7 @@ class InceptionFeatureExtractor(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if weights_path is None:
             path = default_inception_weights_path()
-            sha = file_sha256(path)
+            sha = sha256_file(path)
             if sha != DEFAULT_INCEPTION_SHA256:
                 raise InceptionWeightsNotFoundError(
                     _missing_weights_message(
@@ -166,7 +157,7 @@ class InceptionFeatureExtractor(nn.Module):
                 raise InceptionWeightsNotFoundError(
                     _missing_weights_message(f"weights_path {str(path)!r} is not a file")
                 )
-            sha = file_sha256(path)
+            sha = sha256_file(path)
         self.weights_path = path
         self.weights_sha256 = sha
         self.batch_size = batch_size

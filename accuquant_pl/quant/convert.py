@@ -11,13 +11,15 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from accuquant_pl.denoisers import check_denoiser, is_transformer
+
 from .affine import is_off
 from .attention import install_quant_processor
 from .layers import QUANT_LAYERS, harden
 from .quantizers import ActivationQuantizer
 from .spec import LayerOverride, LayerQuantConfig, QuantSpec
 from .state import observing
-from .structure import check_unet, first_last_layers, is_transformer, skip_split_points
+from .structure import first_last_layers, skip_split_points
 from .timesteps import attach_timestep_router
 
 SPEC_ATTR = "accuquant_spec"
@@ -57,7 +59,7 @@ def plan_layers(model: nn.Module, spec: QuantSpec, num_train_timesteps: int = DE
     """Per-layer configs for every ``nn.Conv2d``/``nn.Linear`` and act configs for every attention
     processor, without touching the model. Raises on override patterns that match nothing.
     ``num_train_timesteps`` resolves ``spec.act_timestep_groups`` (a spec with explicit boundaries needs none)."""
-    check_unet(model)
+    check_denoiser(model)
     spec = spec.resolved(num_train_timesteps)
     if is_transformer(model) and spec.split_skip is True:
         raise ValueError(f"quant.split_skip is a UNet option (its skip concatenations); {type(model).__name__} has "

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .affine import MIN_SCALE, check_init_method, fake_quantize, quant_range
+from .affine import MIN_SCALE, check_init_method, quant_range
 
 _MSE_CHUNK_ELEMS = 2**24  # floats per MSE-search chunk (64 MiB in float32)
 
@@ -58,15 +58,6 @@ def init_percentile(
         amax = _kth(rows.abs(), percentile)
         return minmax_qparams(-amax, amax, bits, symmetric)
     return minmax_qparams(_kth(rows, 1.0 - percentile), _kth(rows, percentile), bits, symmetric)
-
-
-def quant_error(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool,
-                norm: float = 2.0) -> torch.Tensor:
-    """Mean ``|x - Q(x)|^norm`` of each column of ``rows [N, C]`` -> ``[C]``."""
-    qmin, qmax = quant_range(bits, symmetric)
-    with torch.no_grad():
-        err = fake_quantize(rows, scale, zero_point, qmin, qmax, axis=-1) - rows
-    return err.abs().pow(norm).mean(dim=0)
 
 
 def _grid_errors(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,

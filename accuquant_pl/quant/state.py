@@ -70,14 +70,6 @@ def observing(module: nn.Module) -> Iterator[list[ActivationQuantizer]]:
             q.observing = s
 
 
-def set_adaround_soft(module: nn.Module, soft: bool) -> None:
-    """Soft (``h(V)``, for training) or hard (``h(V) >= 0.5``) rounding for the un-hardened AdaRound
-    quantizers under ``module``. Hard mode at initial V equals round-to-nearest."""
-    for m in module.modules():
-        if isinstance(m, AdaRoundQuantizer):
-            m.soft = soft
-
-
 def unit_parameters(unit: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Quantization parameters under ``unit``, grouped for an optimiser.
 

@@ -7,11 +7,11 @@ forward pass.
 
 from __future__ import annotations
 
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from torch import nn
 
-SUPPORTED_UNETS = (UNet2DModel, UNet2DConditionModel)
-SUPPORTED_TRANSFORMERS = (DiTTransformer2DModel, PixArtTransformer2DModel)
+from accuquant_pl.denoisers import check_denoiser, is_transformer
+
 FIRST_LAST_LAYERS = ("conv_in", "conv_out")
 INPUT_LAYER = "conv_in"
 """The layer whose input activation is the network input (the sampler state x_t)."""
@@ -25,20 +25,9 @@ _BEFORE_BLOCKS = ("pos_embed", "adaln_single", "caption_projection")
 _AFTER_BLOCKS = ("proj_out_1", "proj_out_2", "proj_out")
 
 
-def is_transformer(model: nn.Module) -> bool:
-    return isinstance(model, SUPPORTED_TRANSFORMERS)
-
-
-def check_unet(model: nn.Module) -> None:
-    """Raise ``TypeError`` unless ``model`` is a supported diffusers denoiser (a UNet or a transformer)."""
-    if not isinstance(model, SUPPORTED_UNETS + SUPPORTED_TRANSFORMERS):
-        supported = [c.__name__ for c in SUPPORTED_UNETS + SUPPORTED_TRANSFORMERS]
-        raise TypeError(f"expected one of {supported}, got {type(model).__name__}")
-
-
 def first_last_layers(model: nn.Module) -> tuple[str, str]:
     """(the layer whose input is the network input x_t, the layer that writes the network output)."""
-    check_unet(model)
+    check_denoiser(model)
     if is_transformer(model):
         return _TRANSFORMER_INPUT, _TRANSFORMER_OUTPUT[type(model)]
     return FIRST_LAST_LAYERS
@@ -52,7 +41,7 @@ def skip_split_points(model: nn.Module) -> dict[str, int]:
     else ``output_channel``; skip channels = ``input_channel`` for the last resnet else ``output_channel``.
     Only ``conv_shortcut`` sees the raw concatenation (conv1 sees it after GroupNorm + activation).
     """
-    check_unet(model)
+    check_denoiser(model)
     if is_transformer(model):
         return {}  # no skip concatenations
     rev = list(reversed(model.config.block_out_channels))
@@ -105,7 +94,7 @@ def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     mid block's resnets and attentions; the up blocks' resnets / attentions / up-samplers; ``conv_out``
     (conv_norm_out has nothing to quantize). Units without parameters are left out.
     """
-    check_unet(model)
+    check_denoiser(model)
     if is_transformer(model):
         return _transformer_units(model)
     units = [(n, getattr(model, n)) for n in _EMBEDDINGS if getattr(model, n, None) is not None]

@@ -1,4 +1,4 @@
-"""benchmarks/main_comparison.py on the transformer teacher (--teacher dit), shrunk: every row calibrates a tiny
+"""python -m benchmarks.main_comparison on the transformer teacher (--teacher dit), shrunk: every row calibrates a tiny
 class-conditional DiT through main.py, evaluates it on the class-conditional protocol and lands in the JSON."""
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ def test_main_comparison_runs_the_dit_teacher(tmp_path):
     (tmp_path / "shrink.yaml").write_text(yaml.safe_dump(shrink))
     out = tmp_path / "out.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "main_comparison.py"), "--teacher", "dit",
+    subprocess.run([sys.executable, "-m", "benchmarks.main_comparison", "--teacher", "dit",
                     "--teacher-path", str(teacher), "--bits", "w8a8", "--methods", "per_step,accuquant", "--seeds", "0",
                     "--eval-samples", "8", "--features", "random-projection", "--out", str(out),
                     "--work-dir", str(tmp_path / "work"), "--config-overrides", str(tmp_path / "shrink.yaml")],
-                   check=True, env=env, cwd=tmp_path)
+                   check=True, env=env, cwd=REPO)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["bits"], r["method"], r["seed"]) for r in rows] == [("w8a8", "per_step", 0), ("w8a8", "accuquant", 0)]
     for row in rows:

@@ -1,17 +1,14 @@
-"""The robust-protocol section of docs/results.md is written between its markers and replaced on a rerun."""
+"""docs/results.md is written whole (title and the robust-protocol section) from the benchmarks' JSON; the README's
+tables are written between their markers and replaced on a rerun."""
 
 from __future__ import annotations
 
 import json
-import sys
 
-from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO))
-
-from benchmarks.core_ablation import BASE_ROW  # noqa: E402
-from benchmarks.make_protocol_results import (  # noqa: E402
+from benchmarks.core_ablation import BASE_ROW
+from benchmarks.make_protocol_results import (
     END,
+    PAGE_HEAD,
     PEERS_README_END,
     PEERS_README_START,
     README_END,
@@ -21,8 +18,10 @@ from benchmarks.make_protocol_results import (  # noqa: E402
     readme_lines,
     readme_peers_lines,
     seed_pooled,
+    write_page,
     write_section,
 )
+from tests.conftest import REPO
 
 STATS = {"mean": 0.00125, "mean_ci95": [0.0007, 0.00185], "median": 9.1e-05, "p99": 0.0418, "share_above": 0.013,
          "label_change_share": 0.021}
@@ -56,6 +55,14 @@ def test_section_from_the_benchmarks_json_replaces_itself(tmp_path):
     written = page.read_text()
     assert written.startswith("# Results\n\nearlier tables\n") and written.count(START) == 1
     assert protocol_section(tmp_path / "missing") == []
+    write_page(page, lines)  # the results page: written whole, nothing of what was there is kept
+    assert page.read_text() == "\n".join([*PAGE_HEAD, *lines]) + "\n"
+
+
+def test_the_committed_results_page_is_the_one_make_protocol_results_writes():
+    text = (REPO / "docs" / "results.md").read_text()
+    assert text.startswith("\n".join(PAGE_HEAD) + "\n" + START + "\n") and text.endswith(END + "\n")
+    assert text.count(START) == 1 and text.count(END) == 1
 
 
 def _comparison_row(method: str, seed: int, errors: list[float]) -> dict:
@@ -101,7 +108,7 @@ def test_dit_teacher_rows_get_their_own_subsection_and_curves(tmp_path):
     text = "\n".join(protocol_section(tmp_path))
     unet_part, _, dit_part = text.partition("### Second architecture: the class-conditional DiT teacher")
     assert dit_part, text
-    assert "`python benchmarks/main_comparison.py --teacher dit --threads 2` (2 rows" in dit_part
+    assert "`python -m benchmarks.main_comparison --teacher dit --threads 2` (2 rows" in dit_part
     assert "configs/digits_dit_<bits>_{rtn,qdiff,accuquant}.yaml" in dit_part
     # the DiT AccuQuant row is paired with the DiT per-step row, not the UNet's
     assert "| W4A8 | AccuQuant (shipped recipe) | 0 | 0.00200 [" in dit_part and "| 0.50 [0.50, 0.50] * |" in dit_part

@@ -1,4 +1,4 @@
-"""benchmarks/peers.py runs end to end (smoke mode: a tiny random UNet) when optimum-quanto is installed."""
+"""python -m benchmarks.peers runs end to end (smoke mode: a tiny random UNet) when optimum-quanto is installed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytest.importorskip("optimum.quanto", reason="optimum-quanto is not installed (p
 
 
 def test_peers_smoke_runs_every_row_and_reports_what_each_quantizes():
-    proc = subprocess.run([sys.executable, "benchmarks/peers.py", "--smoke"], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--smoke"], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if " quantizes " in line]

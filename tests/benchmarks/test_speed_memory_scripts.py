@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py and memory_vs_group_size.py run end to end on CPU at their smallest settings.
+"""python -m benchmarks.throughput and benchmarks.memory_vs_group_size run end to end on CPU at their smallest settings.
 
 They call the objectives directly (not through main.py), so a signature change in calibration/objectives.py
 or calibration/rollout.py breaks them silently unless they run: throughput.py did break once and was found
@@ -23,7 +23,7 @@ def _run(*args: str) -> list[str]:
 
 
 def test_throughput_prints_one_row_per_objective():
-    rows = _run("benchmarks/throughput.py", "--device", "cpu", "--batch-size", "1", "--iters", "1",
+    rows = _run("-m", "benchmarks.throughput", "--device", "cpu", "--batch-size", "1", "--iters", "1",
                 "--group-sizes", "1,2")
     labels = [row.split("|")[1].strip() for row in rows[1:]]
     assert labels == ["per_step (Q-Diffusion/BRECQ)", "accuquant checkpointed", "accuquant checkpointed"], rows
@@ -31,7 +31,7 @@ def test_throughput_prints_one_row_per_objective():
 
 
 def test_memory_vs_group_size_prints_every_mode_and_n():
-    rows = _run("benchmarks/memory_vs_group_size.py", "--device", "cpu", "--models", "digits", "--group-sizes", "1,2",
+    rows = _run("-m", "benchmarks.memory_vs_group_size", "--device", "cpu", "--models", "digits", "--group-sizes", "1,2",
                 "--iters", "1")
     cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows[1:]]
     assert {(c[1], c[2]) for c in cells} == {(m, n) for m in ("exact", "checkpointed", "approx", "stepwise")

@@ -11,7 +11,7 @@ import lightning as L
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from accuquant_pl.io import atomic_path
-from callbacks.atomic_checkpoint import AtomicCheckpointIO
+from callbacks.checkpoint import AtomicCheckpointIO
 
 
 class Pace(L.Callback):

@@ -5,7 +5,7 @@ Already covered elsewhere (not repeated here): ``group_size`` < 1 or larger than
 ``rollout`` (tests/calibration/test_rollout.py); unknown objective / gradient through the CLI and a stochastic
 sampler (tests/calibration/test_calibration_cli.py, tests/calibration/test_multistep.py).
 The data module only offers named start sets ('all', 'windows'); a numeric group start reaches the rollout
-through a batch's ``step_index`` or the public ``SamplerSteps`` / ``prime`` API, which are checked here.
+through a batch's ``step_index`` or the public ``GroupSteps`` / ``prime`` API, which are checked here.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.calibration.objectives import accuquant_step
-from accuquant_pl.calibration.rollout import rollout
-from accuquant_pl.diffusion.schedulers import SamplerSteps, prime
+from accuquant_pl.calibration.rollout import GroupSteps, rollout
+from accuquant_pl.diffusion.schedulers import prime
 from tests.conftest import tiny_unet
 
 STEPS = 10
@@ -56,14 +56,14 @@ def test_targets_that_do_not_match_the_state_are_rejected():
 
 def test_sampler_steps_reject_n_below_one():
     with pytest.raises(ValueError, match="group size n must be >= 1, got 0"):
-        SamplerSteps(ddim(), 0, 0)
+        GroupSteps(ddim(), 0, 0)
 
 
 @pytest.mark.parametrize("start, n", [(0, STEPS + 1), (8, 3)])
 def test_group_longer_than_the_rest_of_the_schedule(start, n):
     with pytest.raises(ValueError, match=rf"n={n} steps from start {start} runs past the end of the schedule "
                                          rf"\({STEPS} steps\)"):
-        SamplerSteps(ddim(), start, n)
+        GroupSteps(ddim(), start, n)
 
 
 def test_batch_group_past_the_end_of_the_schedule():
@@ -80,7 +80,7 @@ def test_batch_group_past_the_end_of_the_schedule():
 @pytest.mark.parametrize("start", [-1, STEPS, 99])
 def test_group_start_outside_the_schedule_is_named(start):
     with pytest.raises(ValueError, match=rf"group start {start} is outside the schedule: steps 0..9 of 10"):
-        SamplerSteps(ddim(), start, 1)
+        GroupSteps(ddim(), start, 1)
     with pytest.raises(ValueError, match=rf"group start {start} is outside the schedule"):
         prime(unipc(), start)
 

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from accuquant_pl.calibration import Ablations
 from accuquant_pl.calibration.capture import block_output, run_capturing
-from accuquant_pl.calibration.memory import SavedTensorBytes
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.calibration.objectives import (
     accuquant_block_accumulated_step,
@@ -28,6 +27,7 @@ from accuquant_pl.calibration.rollout import state_loss
 from accuquant_pl.cli import main
 from accuquant_pl.diffusion.sampling import network_inputs
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quantize, unit_parameters
+from benchmarks.memory import SavedTensorBytes
 from tests.calibration.gradients import flat_grad, theta, zero
 from tests.calibration.test_calibration_cli import tiny_args
 from tests.conftest import tiny_unet

@@ -6,14 +6,14 @@ import lightning as L
 
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.data.trajectories import TrajectoryDataModule
-from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.diffusion.loading import load_denoiser
 from accuquant_pl.evaluation.paired import paired_errors
 from accuquant_pl.quant import QuantSpec
 
 
 def calibrated_final_errors(model_dir, cache_dir, objective: str) -> tuple[float, float]:
     L.seed_everything(0, verbose=False)
-    data = TrajectoryDataModule(teacher=str(model_dir), num_inference_steps=10, num_trajectories=16, batch_size=8,
+    data = TrajectoryDataModule(pretrained=str(model_dir), num_inference_steps=10, num_trajectories=16, batch_size=8,
                                 cache_dir=str(cache_dir))
     # A tiny random UNet needs a larger rounding learning rate than the digits teacher to move in 20 steps.
     optimise = {} if objective == "rtn" else {"iterations_per_unit": 20, "lr_adaround": 3e-2}
@@ -22,7 +22,7 @@ def calibrated_final_errors(model_dir, cache_dir, objective: str) -> tuple[float
                                  **optimise)
     L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, data)
-    student, teacher, scheduler = module.finalize(), load_unet(model_dir), data.make_scheduler()
+    student, teacher, scheduler = module.finalize(), load_denoiser(model_dir), data.make_scheduler()
     # Two disjoint held-out seed sets (calibration used seeds 0..15): the gain must show on both, not on average only.
     return tuple(paired_errors(teacher, student, scheduler, list(range(first, first + 16)), 10).final_mse
                  for first in (1000, 2000))

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from accuquant_pl.cli import main
-from accuquant_pl.data.samplers import sub_batches
+from accuquant_pl.data.batching import sub_batches
 from accuquant_pl.deploy import exported_scheduler_config, load_quantized
 from tests.conftest import REPO, checkpoint_and_export_callbacks
 

@@ -30,9 +30,9 @@ from accuquant_pl.cli import main
 from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.diffusion import ConditioningSpec
 from accuquant_pl.diffusion.conditioning import Conditioning
-from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet, load_vae
+from accuquant_pl.diffusion.loading import load_denoiser, load_scheduler_config, load_vae
 from accuquant_pl.diffusion.sampling import model_output, network_inputs
-from accuquant_pl.evaluation.generation import DiffusionSampler
+from accuquant_pl.evaluation.generation import SampleGeneration
 from tests.conftest import REPO, quick_fit_args
 from tests.tiny_models import (
     class_conditional_unet,
@@ -104,7 +104,7 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def data_module(tmp_path: Path, folder: Path, group_size: int, **cond: Any) -> TrajectoryDataModule:
-    dm = TrajectoryDataModule(teacher=str(folder), scheduler="ddim", num_inference_steps=STEPS, num_trajectories=2,
+    dm = TrajectoryDataModule(pretrained=str(folder), scheduler="ddim", num_inference_steps=STEPS, num_trajectories=2,
                               batch_size=2, group_size=group_size, cache_dir=str(tmp_path / "cache"),
                               conditioning=ConditioningSpec(**cond) if cond else None)
     dm.prepare_data()
@@ -131,7 +131,7 @@ def rollout_eps(monkeypatch, dm: TrajectoryDataModule, batch: dict[str, Any]) ->
         return real(gradient, recorded, steps, x, targets, reduction, scale)
 
     monkeypatch.setattr(objectives, "rollout", spy)
-    student = copy.deepcopy(load_unet(dm.model_path)).requires_grad_(True)  # the exact mode calls backward
+    student = copy.deepcopy(load_denoiser(dm.model_path)).requires_grad_(True)  # the exact mode calls backward
     loss = accuquant_step(student, dm.make_scheduler(), batch, dm.conditioning(batch), "exact", "mean")
     # The FP model rolled out from the FP state meets the FP target.
     assert float(loss) < 1e-10
@@ -297,7 +297,7 @@ def test_text_guided_rollout_eps_equals_stable_diffusion(tmp_path, monkeypatch, 
     dm = data_module(tmp_path, folder, group_size=3, prompt_embeddings=str(prompts_file), guidance_scale=GUIDANCE)
     prompts = torch.load(prompts_file, weights_only=True)
     cond, uncond = prompts["cond"], prompts["uncond"].expand_as(prompts["cond"])  # trajectory i: prompt i % 2
-    unet, vae = load_unet(folder), load_vae(folder)
+    unet, vae = load_denoiser(folder), load_vae(folder)
     scheduler = DDIMScheduler.from_config(load_scheduler_config(folder))
     recorder = StepRecorder(scheduler)
     seeds = [0, 1]  # the data module's seed + i
@@ -310,7 +310,7 @@ def test_text_guided_rollout_eps_equals_stable_diffusion(tmp_path, monkeypatch, 
     if pipeline == "diffusers":  # decoded images: predict's VAE decoding equals the pipeline's
         images = real_stable_diffusion(unet, vae, DDIMScheduler.from_config(load_scheduler_config(folder)), cond,
                                        uncond, seeds, "pt")
-        sampler = DiffusionSampler(pretrained=str(folder), num_inference_steps=STEPS, conditioning=ConditioningSpec(
+        sampler = SampleGeneration(pretrained=str(folder), num_inference_steps=STEPS, conditioning=ConditioningSpec(
             prompt_embeddings=str(prompts_file), guidance_scale=GUIDANCE))
         ours = (sampler.predict_step(torch.tensor(seeds), 0) + 1) / 2
         assert_close(ours, images, "decoded images")
@@ -323,7 +323,7 @@ def test_class_guided_rollout_eps_equals_dit_pipeline(tmp_path, monkeypatch):
     labels = [3, 8]
     dm = data_module(tmp_path, folder, group_size=2, class_labels=labels, uncond_class_label=1000,
                      guidance_scale=GUIDANCE)
-    unet, vae = load_unet(folder), load_vae(folder)
+    unet, vae = load_denoiser(folder), load_vae(folder)
     scheduler = DDIMScheduler.from_config(load_scheduler_config(folder))
     pipe = DiTPipeline(transformer=unet, vae=vae, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -335,7 +335,7 @@ def test_class_guided_rollout_eps_equals_dit_pipeline(tmp_path, monkeypatch):
     recorder.eps = [e.chunk(2)[0] for e in recorder.eps]
     recorder.states = [s.chunk(2)[0] for s in recorder.states]
     check_against_pipeline(monkeypatch, dm, recorder, start=STEPS - 2)
-    sampler = DiffusionSampler(pretrained=str(folder), num_inference_steps=STEPS, conditioning=ConditioningSpec(
+    sampler = SampleGeneration(pretrained=str(folder), num_inference_steps=STEPS, conditioning=ConditioningSpec(
         class_labels=labels, uncond_class_label=1000, guidance_scale=GUIDANCE))
     ours = (sampler.predict_step(torch.tensor([0, 1]), 0) + 1) / 2
     assert_close(ours, images, "decoded images")
@@ -343,13 +343,13 @@ def test_class_guided_rollout_eps_equals_dit_pipeline(tmp_path, monkeypatch):
 
 def test_latent_predict_decodes_like_ldm_pipeline(tmp_path):
     folder = save_pipeline(tmp_path / "ldm", rgb_unet(channels=3), vq_vae(3), "vqvae", scheduler="ddim")
-    pipe = LDMPipeline(vqvae=load_vae(folder), unet=load_unet(folder),
+    pipe = LDMPipeline(vqvae=load_vae(folder), unet=load_denoiser(folder),
                        scheduler=DDIMScheduler.from_config(load_scheduler_config(folder)))
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         theirs = pipe(batch_size=3, generator=generators([0, 1, 2]), num_inference_steps=STEPS, eta=0.0,
                       output_type="np").images  # (B, H, W, C) in [0, 1]
-    sampler = DiffusionSampler(pretrained=str(folder), num_inference_steps=STEPS)
+    sampler = SampleGeneration(pretrained=str(folder), num_inference_steps=STEPS)
     assert sampler.vae is not None
     ours = (sampler.predict_step(torch.tensor([0, 1, 2]), 0) + 1) / 2
     assert_close(ours.permute(0, 2, 3, 1), torch.from_numpy(theirs), "decoded images")
@@ -371,7 +371,7 @@ def test_encode_prompts_tool_matches_stable_diffusion_encode_prompt(tmp_path):
     encode_main([str(folder), str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "p.pt"), "--device", "cpu"])
     written = torch.load(tmp_path / "p.pt", weights_only=True)
     pipe = StableDiffusionPipeline(vae=load_vae(folder), text_encoder=encoder, tokenizer=tokenizer,
-                                   unet=load_unet(folder), scheduler=DDIMScheduler.from_config(load_scheduler_config(folder)),
+                                   unet=load_denoiser(folder), scheduler=DDIMScheduler.from_config(load_scheduler_config(folder)),
                                    safety_checker=None, feature_extractor=None, image_encoder=None,
                                    requires_safety_checker=False)
     cond, uncond = pipe.encode_prompt(prompts, torch.device("cpu"), 1, True, negative_prompt=[""] * 3)

@@ -30,10 +30,10 @@ import yaml
 from safetensors.torch import load_file
 
 from accuquant_pl.cli import main
+from accuquant_pl.data.batching import StartBatchSampler
 from accuquant_pl.data.groups import TrajectoryGroups
-from accuquant_pl.data.samplers import StartBatchSampler
 from accuquant_pl.deploy import load_quantized
-from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.diffusion.loading import load_denoiser
 from tests.calibration.test_calibration_cli import tiny_args
 from tests.conftest import REPO
 
@@ -220,7 +220,7 @@ def test_bf16_mixed_calibration_is_close_to_fp32(tmp_path, tiny_model_dir):
     # decisions move, so the exported models differ by a few percent (measured 5e-2), well inside the
     # quantization error itself (measured 0.17 for both runs against the FP model).
     assert rel(y16, y32) < 0.15
-    teacher = load_unet(tiny_model_dir)
+    teacher = load_denoiser(tiny_model_dir)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 1, 8, 8, generator=gen)
     with torch.no_grad():

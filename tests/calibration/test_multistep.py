@@ -1,4 +1,4 @@
-"""The AccuQuant rollout on multistep and other diffusers samplers (calibration/scheduler_state.py).
+"""The AccuQuant rollout on multistep and other diffusers samplers (calibration/rollout.py, diffusion/schedulers.py).
 
 A group that starts at schedule step k must meet the sampler in the state it has there. The FP trajectory cache
 is built with ``sampling.sample`` (the sampler every other part of the project uses); the rollout's scheduler
@@ -19,14 +19,14 @@ from diffusers import DDPMScheduler
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from accuquant_pl.calibration.memory import LiveTensorBytes
-from accuquant_pl.calibration.objectives import accuquant_step, check_rollout_scheduler, group_steps
-from accuquant_pl.calibration.rollout import rollout, simulate
+from accuquant_pl.calibration.objectives import accuquant_step, check_rollout_scheduler
+from accuquant_pl.calibration.rollout import GroupSteps, group_steps, rollout, simulate
 from accuquant_pl.data.groups import TrajectoryGroups
 from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.diffusion.noise import is_stochastic
 from accuquant_pl.diffusion.sampling import initial_noise, model_output, sample
-from accuquant_pl.diffusion.schedulers import SCHEDULERS, SamplerSteps, history_steps, prime
+from accuquant_pl.diffusion.schedulers import SCHEDULERS, history_steps, prime
+from benchmarks.memory import LiveTensorBytes
 from tests.calibration.gradients import flat_grad, theta, zero
 from tests.conftest import tiny_unet
 
@@ -75,7 +75,7 @@ def batch_at(groups: TrajectoryGroups, start: int) -> dict:
     return default_collate([groups[groups.index.index((i, start))] for i in range(BATCH)])
 
 
-def network_of(unet: nn.Module, steps: SamplerSteps):
+def network_of(unet: nn.Module, steps: GroupSteps):
     return lambda j, x: model_output(unet, steps.scale(j, x), steps.timesteps[j])
 
 
@@ -179,7 +179,7 @@ class Setup:
         self.batch = batch_at(groups, START)
         self.targets = self.batch["targets"].transpose(0, 1)
 
-    def steps(self) -> SamplerSteps:
+    def steps(self) -> GroupSteps:
         return group_steps(self.sched, self.batch)
 
     def hybrid_sampler_loss(self) -> Tensor:
@@ -267,7 +267,7 @@ def test_checkpointed_and_approx_memory_do_not_grow_with_n_on_unipc():
     x = traj.states[2]
     live = {}
     for n in (1, 4):
-        steps = SamplerSteps(sched, 2, n, traj.states[:2], traj.model_outputs[:2])
+        steps = GroupSteps(sched, 2, n, traj.states[:2], traj.model_outputs[:2])
         targets = traj.states[3 : 3 + n]
         for mode in MODES:
             zero(theta(student))
@@ -284,7 +284,7 @@ def test_checkpointed_and_approx_memory_do_not_grow_with_n_on_unipc():
 
 @pytest.mark.parametrize("scheduler, expected", [("ddim", None), ("dpmsolver++", 1), ("unipc", "all")])
 def test_data_module_items_carry_the_history_the_sampler_needs(tiny_model_dir, tmp_path, scheduler, expected):
-    dm = TrajectoryDataModule(teacher=str(tiny_model_dir), scheduler=scheduler, num_inference_steps=5,
+    dm = TrajectoryDataModule(pretrained=str(tiny_model_dir), scheduler=scheduler, num_inference_steps=5,
                               num_trajectories=4, batch_size=2, group_size=2, cache_dir=str(tmp_path / "cache"))
     dm.prepare_data()
     dm.setup("fit")

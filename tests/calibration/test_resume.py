@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from accuquant_pl.calibration.resume import CheckpointError
+from accuquant_pl.calibration.checkpoint import CheckpointError
 from accuquant_pl.cli import main
 from accuquant_pl.quant import QuantSpec
 from tests.calibration.test_calibration_cli import tiny_args
@@ -104,7 +104,7 @@ def test_the_command_line_prints_one_line_not_a_traceback(tmp_path):
 def test_a_checkpoint_from_before_timestep_groups_resumes_and_evaluates_as_one_range(calibrated, tmp_path):
     """Its spec has neither timestep key and its step sizes one range each: the default 4 groups are named as the
     difference, ``act_timestep_groups: 1`` resumes it, and evaluation rebuilds it with one range."""
-    from accuquant_pl.calibration.restore import student_from_checkpoint
+    from accuquant_pl.calibration import BlockReconstruction
 
     root, model_dir, ckpt = calibrated
     one_range = root / "one_range"
@@ -120,12 +120,12 @@ def test_a_checkpoint_from_before_timestep_groups_resumes_and_evaluates_as_one_r
     cli = main([*tiny_args(root, model_dir, name="legacy"), "--ckpt_path", str(path), "--trainer.max_epochs", "2",
                 "--model.init_args.quant.act_timestep_groups", "1"])
     assert len(cli.model.done_units) == 2
-    student = student_from_checkpoint(legacy)
+    student = BlockReconstruction.student_from_checkpoint(legacy)
     assert student.conv_in.input_quantizer.num_groups == 1
 
 
 def test_a_checkpoint_of_an_old_class_path_compares_equal_to_the_package_export():
-    from accuquant_pl.calibration.resume import settings_differences
+    from accuquant_pl.calibration.checkpoint import settings_differences
 
     checkpoint = {"hyper_parameters": {"_class_path": "accuquant_pl.calibration.module.BlockReconstruction",
                                        "objective": "rtn"}}
@@ -136,9 +136,9 @@ def test_a_checkpoint_of_an_old_class_path_compares_equal_to_the_package_export(
 
 
 def test_a_checkpoint_of_an_earlier_signature_is_refused_by_name(tiny_model_dir):
-    from accuquant_pl.calibration.restore import student_from_checkpoint
+    from accuquant_pl.calibration import BlockReconstruction
 
     checkpoint = {"accuquant": {}, "state_dict": {}, "hyper_parameters": {
         "pretrained": str(tiny_model_dir), "objective": "per_step", "final_stage_iterations": 0}}
     with pytest.raises(ValueError, match="final_stage_iterations.*written by an earlier version"):
-        student_from_checkpoint(checkpoint)
+        BlockReconstruction.student_from_checkpoint(checkpoint)

@@ -22,10 +22,10 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
-from accuquant_pl.calibration.memory import LiveTensorBytes, SavedTensorBytes
 from accuquant_pl.calibration.objectives import accuquant_step
 from accuquant_pl.calibration.rollout import GRADIENT_MODES, rollout, state_loss
 from accuquant_pl.quant import QuantSpec, calibrate_activations, quant_state, quantize, unit_parameters
+from benchmarks.memory import LiveTensorBytes, SavedTensorBytes
 from tests.calibration.gradients import flat_grad, theta, zero
 from tests.conftest import tiny_unet
 

@@ -20,15 +20,14 @@ from accuquant_pl.calibration.objectives import (
     accuquant_block_step,
     accuquant_step,
     check_rollout_scheduler,
-    group_steps,
 )
-from accuquant_pl.calibration.rollout import rollout, simulate
+from accuquant_pl.calibration.rollout import GroupSteps, group_steps, rollout, simulate
 from accuquant_pl.data.groups import TrajectoryGroups
 from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.diffusion import schedulers as schedulers_module
 from accuquant_pl.diffusion.noise import is_stochastic, noise_is_replayable, step_generators, step_noise_seed
 from accuquant_pl.diffusion.sampling import initial_noise, model_output, sample
-from accuquant_pl.diffusion.schedulers import SamplerSteps, history_steps, scheduler_from_config
+from accuquant_pl.diffusion.schedulers import history_steps, scheduler_from_config
 from tests.calibration.gradients import flat_grad, theta, zero
 from tests.conftest import tiny_unet
 
@@ -78,7 +77,7 @@ def batch_at(groups: TrajectoryGroups, start: int) -> dict:
     return default_collate([groups[groups.index.index((i, start))] for i in range(len(SEEDS))])
 
 
-def network_of(unet: nn.Module, steps: SamplerSteps):
+def network_of(unet: nn.Module, steps: GroupSteps):
     return lambda j, x: model_output(unet, steps.scale(j, x), steps.timesteps[j])
 
 
@@ -120,7 +119,7 @@ def test_fp_rollout_reproduces_the_stochastic_trajectory_bit_for_bit(case, n):
         # the test can tell: the same rollout with other noise misses the FP states
         if k < STEPS - 1:  # the samplers add no noise at their last step (to t = 0)
             blind = {key: v for key, v in batch.items() if key not in ("noise_seed", "eta")}
-            other = SamplerSteps(sched, k, n, steps_history(blind, "history_states"),
+            other = GroupSteps(sched, k, n, steps_history(blind, "history_states"),
                                  steps_history(blind, "history_outputs"), eta=CASES[case][1],
                                  noise_seeds=[s + 100 for s in SEEDS])
             missed, _ = simulate(network_of(teacher, other), other, batch["x"], n)
@@ -233,7 +232,7 @@ def test_noise_outside_the_generator_is_detected_and_named(tiny_model_dir, tmp_p
     with pytest.raises(ValueError, match=r"GlobalNoiseDDPM \(eta=0.0\) draws noise .* does not control"):
         check_rollout_scheduler(sched, 0.0, serves_step_noise=True)
     monkeypatch.setitem(schedulers_module.SCHEDULERS, "global-noise", GlobalNoiseDDPM)
-    dm = TrajectoryDataModule(teacher=str(tiny_model_dir), scheduler="global-noise", num_inference_steps=4,
+    dm = TrajectoryDataModule(pretrained=str(tiny_model_dir), scheduler="global-noise", num_inference_steps=4,
                               num_trajectories=2, batch_size=2, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="GlobalNoiseDDPM"):
         dm.prepare_data()
@@ -253,7 +252,7 @@ def test_a_stochastic_sampler_without_the_trajectories_noise_is_refused():
 @pytest.mark.parametrize("scheduler, eta", [("ddim", 1.0), ("ddpm", 0.0), ("sde-dpmsolver++", 0.0)])
 def test_data_module_records_the_trajectory_seeds_and_items_carry_them(tiny_model_dir, tmp_path, scheduler, eta):
     def module(**kw):
-        return TrajectoryDataModule(teacher=str(tiny_model_dir), scheduler=scheduler, eta=eta, num_inference_steps=5,
+        return TrajectoryDataModule(pretrained=str(tiny_model_dir), scheduler=scheduler, eta=eta, num_inference_steps=5,
                                     num_trajectories=4, seed=10, batch_size=2, group_size=2,
                                     cache_dir=str(tmp_path / "cache"), **kw)
 
@@ -275,7 +274,7 @@ def test_data_module_records_the_trajectory_seeds_and_items_carry_them(tiny_mode
 
 
 def test_a_deterministic_cache_keeps_its_key_and_items(tiny_model_dir, tmp_path):
-    dm = TrajectoryDataModule(teacher=str(tiny_model_dir), scheduler="ddim", eta=0.0, num_inference_steps=5,
+    dm = TrajectoryDataModule(pretrained=str(tiny_model_dir), scheduler="ddim", eta=0.0, num_inference_steps=5,
                               num_trajectories=2, batch_size=2, cache_dir=str(tmp_path / "cache"))
     assert not dm.serves_step_noise and "step_noise" not in dm.cache_key()
     dm.prepare_data()

@@ -16,7 +16,7 @@ from accuquant_pl.cli import main
 from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.deploy import load_quantized
 from accuquant_pl.diffusion import ConditioningSpec
-from accuquant_pl.evaluation.generation import DiffusionSampler
+from accuquant_pl.evaluation.generation import SampleGeneration
 from accuquant_pl.evaluation.module import SampleEvaluation
 from tests.conftest import REPO, fit_with_final_fid, quick_fit_args
 from tests.evaluation.test_module import eval_args
@@ -56,7 +56,7 @@ def test_a_dit_calibrates_exports_and_samples(tmp_path, dit_folder, config, mode
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 60]), torch.tensor([1, 10])
     with torch.no_grad():
         assert torch.equal(loaded(x, t, class_labels=y).sample, module.student(x, t, class_labels=y).sample)
-    sampler = DiffusionSampler(pretrained=str(dit_folder), quantized=str(quantized), num_inference_steps=STEPS,
+    sampler = SampleGeneration(pretrained=str(dit_folder), quantized=str(quantized), num_inference_steps=STEPS,
                                conditioning=ConditioningSpec(**CLASS))
     images = sampler.predict_step(SEEDS, 0)
     assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
@@ -82,13 +82,13 @@ def test_dit_evaluation_and_fid_callback_sample_with_the_labels(tmp_path, dit_fo
                                   real_dataset=None, stats_cache_dir=None, output_dir=None,
                                   conditioning=ConditioningSpec(**CLASS))
     evaluation._step(SEEDS)
-    want = DiffusionSampler(pretrained=str(dit_folder), num_inference_steps=STEPS,
+    want = SampleGeneration(pretrained=str(dit_folder), num_inference_steps=STEPS,
                             conditioning=ConditioningSpec(**CLASS)).predict_step(SEEDS, 0)
     torch.testing.assert_close(evaluation._fp[0], want)
-    other = DiffusionSampler(pretrained=str(dit_folder), num_inference_steps=STEPS,
+    other = SampleGeneration(pretrained=str(dit_folder), num_inference_steps=STEPS,
                              conditioning=ConditioningSpec(**{**CLASS, "class_labels": [1, 2, 4, 5]}))
     assert not torch.allclose(other.predict_step(SEEDS, 0), want)  # the labels reach the transformer
-    dm = TrajectoryDataModule(teacher=str(dit_folder), num_inference_steps=STEPS, num_trajectories=4, batch_size=2,
+    dm = TrajectoryDataModule(pretrained=str(dit_folder), num_inference_steps=STEPS, num_trajectories=4, batch_size=2,
                               cache_dir=str(tmp_path / "cache"), conditioning=ConditioningSpec(**CLASS))
     module = BlockReconstruction(pretrained=str(dit_folder), objective="per_step", iterations_per_unit=1,
                                  act_calibration_samples=8)
@@ -100,7 +100,7 @@ def test_dit_evaluation_and_fid_callback_sample_with_the_labels(tmp_path, dit_fo
 def test_unsupported_denoisers_name_the_supported_ones(tmp_path):
     from diffusers import SD3Transformer2DModel
 
-    from accuquant_pl.diffusion.loading import load_unet
+    from accuquant_pl.diffusion.loading import load_denoiser
 
     torch.manual_seed(0)
     SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
@@ -109,7 +109,7 @@ def test_unsupported_denoisers_name_the_supported_ones(tmp_path):
         tmp_path / "sd3" / "transformer")
     with pytest.raises(ValueError, match=r"'SD3Transformer2DModel', not a supported denoiser; supported: .*"
                                          r"DiTTransformer2DModel.*PixArtTransformer2DModel.*UNet2DModel"):
-        load_unet(tmp_path / "sd3")
+        load_denoiser(tmp_path / "sd3")
 
 
 @pytest.mark.parametrize("size_conditions", [False, True])
@@ -127,7 +127,7 @@ def test_a_pixart_transformer_calibrates_on_prompt_embeddings_and_samples(tmp_pa
     assert module.unit_names[:3] == ["pos_embed", "adaln_single", "caption_projection"]
     assert len(module.done_units) == len(module.unit_names)
     quantized = str(tmp_path / "run" / "quantized")
-    sampler = DiffusionSampler(pretrained=str(folder), quantized=quantized, num_inference_steps=STEPS,
+    sampler = SampleGeneration(pretrained=str(folder), quantized=quantized, num_inference_steps=STEPS,
                                conditioning=ConditioningSpec(**conditioning))
     images = sampler.predict_step(SEEDS, 0)
     assert images.shape == (3, 4, 8, 8) and torch.isfinite(images).all()  # latents: the folder has no vae/

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.data.trajectories import TrajectoryDataModule
-from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.diffusion.loading import load_denoiser
 from accuquant_pl.evaluation.paired import samples_from
 from accuquant_pl.quant import QuantSpec
 from callbacks.fid import FIDCallback
@@ -22,7 +22,7 @@ def calibrate(tmp_path: Path, model_dir: Path, name: str, with_fid: bool) -> tup
     real = tmp_path / "real.pt"
     torch.save(torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1, real)
     L.seed_everything(0, verbose=False)
-    data = TrajectoryDataModule(teacher=str(model_dir), num_inference_steps=6, num_trajectories=4, batch_size=4,
+    data = TrajectoryDataModule(pretrained=str(model_dir), num_inference_steps=6, num_trajectories=4, batch_size=4,
                                 cache_dir=str(tmp_path / "cache"))
     model = BlockReconstruction(pretrained=str(model_dir), quant=QuantSpec(weight_bits=4, act_bits=8, adaround=True),
                                 objective="per_step", iterations_per_unit=2, act_calibration_samples=8)
@@ -46,9 +46,9 @@ def test_fid_callback_evaluates_every_k_units_and_at_the_end(tmp_path, tiny_mode
     final = fid.history[-1]
     assert final["units_done"] == units and final["fid"] is not None and final["fid2fp32"] > 0
     # the final figure is the finalized student's: recompute its MSE directly
-    scheduler = TrajectoryDataModule(teacher=str(tiny_model_dir), num_inference_steps=6).make_scheduler()
+    scheduler = TrajectoryDataModule(pretrained=str(tiny_model_dir), num_inference_steps=6).make_scheduler()
     seeds = list(range(200_000, 200_008))
-    fp = samples_from(load_unet(tiny_model_dir), scheduler, seeds, 4)
+    fp = samples_from(load_denoiser(tiny_model_dir), scheduler, seeds, 4)
     q = samples_from(model.student, scheduler, seeds, 4)
     assert final["mse"] == torch.nn.functional.mse_loss(q, fp).item()
     assert sorted(p.name for p in (tmp_path / "run" / "grids").iterdir()) == sorted(f"{t}.png" for t in expected)

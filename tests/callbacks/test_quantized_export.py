@@ -8,7 +8,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DPMSolverMultis
 
 from accuquant_pl.cli import main
 from accuquant_pl.deploy import exported_sampler, quantized_pipeline
-from accuquant_pl.deploy.artifact import exported_source_model
+from accuquant_pl.deploy.artifact import exported_pretrained
 from tests.calibration.test_calibration_cli import tiny_args
 
 
@@ -19,7 +19,7 @@ def test_the_export_records_the_calibration_sampler_and_the_pipeline_uses_it(tmp
     folder = tmp_path / "run" / "quantized"
     assert exported_sampler(folder) == {"scheduler": "sde-dpmsolver++", "num_inference_steps": 5, "eta": 0.0,
                                         "guidance_scale": 1.0}
-    assert exported_source_model(folder) == str(tiny_model_dir)
+    assert exported_pretrained(folder) == str(tiny_model_dir)
     pipe = quantized_pipeline(folder)
     assert type(pipe) is DDPMPipeline and type(pipe.scheduler) is DPMSolverMultistepScheduler
     assert pipe.scheduler.config.algorithm_type == "sde-dpmsolver++"

@@ -24,7 +24,7 @@ class BarRecorder(L.Callback):
 def test_bar_names_each_unit_and_counts_its_iterations(tmp_path, tiny_model_dir):
     module = BlockReconstruction(pretrained=str(tiny_model_dir), iterations_per_unit=2, final_stage=FinalStage(iterations=3),
                                  act_calibration_samples=8)
-    data = TrajectoryDataModule(teacher=str(tiny_model_dir), num_inference_steps=6, num_trajectories=4,
+    data = TrajectoryDataModule(pretrained=str(tiny_model_dir), num_inference_steps=6, num_trajectories=4,
                                 batch_size=4, group_size=2, cache_dir=str(tmp_path / "cache"))
     recorder = BarRecorder()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,

@@ -5,16 +5,16 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
+from accuquant_pl.data.batching import StartBatchSampler, collate_by_start, sub_batches
 from accuquant_pl.data.groups import TrajectoryGroups, group_starts
 from accuquant_pl.data.plan import EpochPlan
-from accuquant_pl.data.samplers import StartBatchSampler, collate_by_start, sub_batches
 from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.data.trajectory_cache import CacheError
 from accuquant_pl.diffusion import ConditioningSpec
 
 
 def make_dm(model_dir, tmp_path, **kw):
-    args = dict(teacher=str(model_dir), num_inference_steps=5, num_trajectories=4, batch_size=2,
+    args = dict(pretrained=str(model_dir), num_inference_steps=5, num_trajectories=4, batch_size=2,
                 cache_dir=str(tmp_path / "cache"))
     args.update(kw)
     return TrajectoryDataModule(**args)
@@ -275,13 +275,13 @@ def test_data_module_serves_the_group_sizes_of_an_epoch_plan(tiny_model_dir, tmp
         make_dm(tiny_model_dir, tmp_path, starts_per_batch=2).check_group_size(5)
 
 
-def test_data_module_reads_the_teacher_and_plan_of_the_trainers_module(tiny_model_dir, tmp_path):
+def test_data_module_reads_the_fp_model_and_plan_of_the_trainers_module(tiny_model_dir, tmp_path):
     # A module that describes its epochs (as BlockReconstruction does) is read, never writes into the data module.
     class Describes(L.LightningModule):
         def epoch_plan(self):
-            return EpochPlan(teacher=str(tiny_model_dir), batches_per_epoch=2)
+            return EpochPlan(pretrained=str(tiny_model_dir), batches_per_epoch=2)
 
-    dm = make_dm(tiny_model_dir, tmp_path, teacher=None)
+    dm = make_dm(tiny_model_dir, tmp_path, pretrained=None)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
     trainer.strategy.connect(Describes())
     dm.trainer = trainer
@@ -289,3 +289,17 @@ def test_data_module_reads_the_teacher_and_plan_of_the_trainers_module(tiny_mode
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.train_dataloader()) == 2
+    assert "pretrained" not in dm.hparams  # unset: not a second value of the module's key in Lightning's merge
+
+
+def test_data_module_refuses_another_fp_model_than_the_one_calibrated(tiny_model_dir, tmp_path):
+    class Describes(L.LightningModule):
+        def epoch_plan(self):
+            return EpochPlan(pretrained="models/other")
+
+    dm = make_dm(tiny_model_dir, tmp_path)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(Describes())
+    dm.trainer = trainer
+    with pytest.raises(ValueError, match="data.init_args.pretrained .* is not the model being calibrated"):
+        _ = dm.model_path

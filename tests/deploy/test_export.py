@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import accuquant_pl
 from accuquant_pl.deploy import export_quantized, freeze, quantized_pipeline, weight_bytes
 from accuquant_pl.deploy.layers import DeployedLayer
-from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
+from accuquant_pl.diffusion.loading import load_denoiser, load_scheduler_config
 from accuquant_pl.io import sha256_file
 from accuquant_pl.quant import (
     QuantSpec,
@@ -67,7 +67,7 @@ def test_loaded_equals_the_fake_quantized_model(tmp_path, make, cond, bits):
         loaded = accuquant_pl.load_quantized(folder)
         assert torch.equal(loaded(**inputs).sample, ref)  # dequantized on the fly: bit-identical
         assert torch.equal(accuquant_pl.load_quantized(folder, execution="cached")(**inputs).sample, ref)
-        # Integer GEMMs: exact per layer up to float rounding (tests/quant/test_packing.py), but through the
+        # Integer GEMMs: exact per layer up to float rounding (tests/deploy/test_packing.py), but through the
         # whole UNet a ~1e-7 difference can move a later activation across a rounding boundary, one level off.
         out = accuquant_pl.load_quantized(folder, execution="int")(**inputs).sample
         assert ((out - ref).norm() / ref.norm()).item() < 5e-2  # 1e-7 unless a level moves (<= 2e-2 seen)
@@ -93,13 +93,13 @@ def test_file_holds_packed_integers_not_float_weights(tmp_path):
 
 def test_w4_export_of_the_teacher_is_at_most_a_fifth_of_fp32(tmp_path):
     fp_file = TEACHER / "unet" / "diffusion_pytorch_model.safetensors"
-    model = rtn_quantize(load_unet(TEACHER), QuantSpec(weight_bits=4, act_bits=8, weight_init="minmax"),
+    model = rtn_quantize(load_denoiser(TEACHER), QuantSpec(weight_bits=4, act_bits=8, weight_init="minmax"),
                          [{"sample": torch.randn(4, 1, 16, 16), "timestep": torch.tensor([100, 300, 600, 900])}])
     folder = export_quantized(model, tmp_path / "q", scheduler_config=load_scheduler_config(TEACHER))
     ratio = (folder / "quantized.safetensors").stat().st_size / fp_file.stat().st_size
     assert ratio <= 0.2, ratio
     loaded = accuquant_pl.load_quantized(folder)
-    fp_bytes = sum(p.numel() * p.element_size() for p in load_unet(TEACHER).parameters())
+    fp_bytes = sum(p.numel() * p.element_size() for p in load_denoiser(TEACHER).parameters())
     assert weight_bytes(loaded) <= 0.2 * fp_bytes
 
 

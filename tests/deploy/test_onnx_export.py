@@ -317,7 +317,7 @@ def test_stable_diffusion_pipeline_runs_the_onnx_text_unet_with_guidance(tmp_pat
     pytest.importorskip("transformers")
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from accuquant_pl.diffusion.loading import load_unet
+    from accuquant_pl.diffusion.loading import load_denoiser
     from tests.deploy.test_pipelines import (
         SEEDS,
         STEPS,
@@ -339,7 +339,7 @@ def test_stable_diffusion_pipeline_runs_the_onnx_text_unet_with_guidance(tmp_pat
     folder = parts
     if layout == "model_index":
         folder = tmp_path / "sd"
-        StableDiffusionPipeline(vae=kl_vae(4), text_encoder=encoder, tokenizer=tokenizer, unet=load_unet(parts),
+        StableDiffusionPipeline(vae=kl_vae(4), text_encoder=encoder, tokenizer=tokenizer, unet=load_denoiser(parts),
                                 scheduler=DDIMScheduler(num_train_timesteps=100, **SD_SCHEDULER), safety_checker=None,
                                 feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
     onnx_folder = export_onnx(rtn_export(folder, tmp_path / "q"), tmp_path / "onnx")

@@ -15,8 +15,8 @@ from diffusers import (
 )
 
 from accuquant_pl.deploy import export_quantized, quantized_pipeline
-from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
-from accuquant_pl.evaluation.generation import DiffusionSampler
+from accuquant_pl.diffusion.loading import load_denoiser, load_scheduler_config
+from accuquant_pl.evaluation.generation import SampleGeneration
 from accuquant_pl.quant import QuantSpec, rtn_quantize
 from tests.conftest import tiny_unet
 from tests.tiny_models import (
@@ -41,7 +41,7 @@ def _one_thread():
 
 def rtn_export(folder: Path, out: Path, record_source: bool = True) -> Path:
     """W8A8 round-to-nearest of the folder's UNet, activation ranges from random inputs over all timesteps."""
-    unet = load_unet(folder)
+    unet = load_denoiser(folder)
     cfg, scheduler = unet.config, load_scheduler_config(folder)
     steps = scheduler["num_train_timesteps"]
     g = torch.Generator().manual_seed(0)
@@ -56,7 +56,7 @@ def rtn_export(folder: Path, out: Path, record_source: bool = True) -> Path:
         batches.append(b)
     model = rtn_quantize(unet, QuantSpec(weight_bits=8, act_bits=8), batches, steps)
     return export_quantized(model, out, scheduler_config=scheduler,
-                            source_model=str(folder) if record_source else None)
+                            pretrained=str(folder) if record_source else None)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
@@ -65,7 +65,7 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 
 def predicted(folder: Path, quantized: Path, **kwargs) -> torch.Tensor:
     """``predict``'s images for SEEDS as (B, H, W, C) in [0, 1] (the pipelines' numpy layout)."""
-    sampler = DiffusionSampler(pretrained=str(folder), quantized=str(quantized), num_inference_steps=STEPS, **kwargs)
+    sampler = SampleGeneration(pretrained=str(folder), quantized=str(quantized), num_inference_steps=STEPS, **kwargs)
     with torch.no_grad():
         images = sampler.predict_step(torch.tensor(SEEDS), 0)
     return ((images + 1) / 2).permute(0, 2, 3, 1)
@@ -107,7 +107,7 @@ def test_stochastic_samplers_draw_the_same_step_noise_as_predict(tmp_path, sched
     if scheduler == "ddim":
         assert not torch.allclose(torch.from_numpy(deterministic), ours, atol=1e-3)  # the noise was drawn
     # One sample's images do not depend on the batch it is drawn in.
-    sampler = DiffusionSampler(pretrained=str(folder), quantized=str(quantized), num_inference_steps=STEPS,
+    sampler = SampleGeneration(pretrained=str(folder), quantized=str(quantized), num_inference_steps=STEPS,
                                scheduler=scheduler, eta=eta)
     with torch.no_grad():
         alone = sampler.predict_step(torch.tensor(SEEDS[1:2]), 0)
@@ -137,7 +137,7 @@ def test_text_unet_gives_the_stable_diffusion_pipeline_of_its_folder(tmp_path, l
 
     parts = save_pipeline(tmp_path / "parts", text_conditional_unet(), kl_vae(4), "vae", scheduler="sd")
     encoder, tokenizer = save_text_encoder(parts)
-    fp_unet = load_unet(parts)
+    fp_unet = load_denoiser(parts)
     if layout == "model_index":
         fp = StableDiffusionPipeline(vae=kl_vae(4), text_encoder=encoder, tokenizer=tokenizer, unet=fp_unet,
                                      scheduler=DDIMScheduler(num_train_timesteps=100, **SD_SCHEDULER),
@@ -232,12 +232,12 @@ def test_the_hubs_dit_layout_with_legacy_class_names_gives_its_dit_pipeline(tmp_
 
 
 def rtn_dit_export(folder: Path, out: Path) -> Path:
-    transformer = load_unet(folder)
+    transformer = load_denoiser(folder)
     g = torch.Generator().manual_seed(0)
     batches = [{"sample": torch.randn(4, 4, 8, 8, generator=g), "timestep": torch.arange(4) * 25 + i,
                 "class_labels": torch.tensor([0, 3, 7, 1000])} for i in range(4)]
     model = rtn_quantize(transformer, QuantSpec(weight_bits=8, act_bits=8), batches, 100)
-    return export_quantized(model, out, scheduler_config=load_scheduler_config(folder), source_model=str(folder))
+    return export_quantized(model, out, scheduler_config=load_scheduler_config(folder), pretrained=str(folder))
 
 
 def test_pixart_folder_gives_its_pipeline_whose_masked_prompt_images_equal_predict(tmp_path):
@@ -276,12 +276,12 @@ def test_pixart_folder_gives_its_pipeline_whose_masked_prompt_images_equal_predi
 def rtn_pixart_export(folder: Path, out: Path) -> Path:
     from tests.tiny_models import T5_TOKENS
 
-    transformer = load_unet(folder)
+    transformer = load_denoiser(folder)
     g = torch.Generator().manual_seed(0)
     batches = [{"sample": torch.randn(4, 4, 8, 8, generator=g), "timestep": torch.arange(4) * 25 + i,
                 "encoder_hidden_states": torch.randn(4, T5_TOKENS, TEXT_DIM, generator=g)} for i in range(4)]
     model = rtn_quantize(transformer, QuantSpec(weight_bits=8, act_bits=8), batches, 100)
-    return export_quantized(model, out, scheduler_config=load_scheduler_config(folder), source_model=str(folder))
+    return export_quantized(model, out, scheduler_config=load_scheduler_config(folder), pretrained=str(folder))
 
 
 def test_a_1024px_pixart_gets_the_pipelines_size_conditions(tmp_path):
@@ -314,7 +314,7 @@ def test_a_1024px_pixart_gets_the_pipelines_size_conditions(tmp_path):
                       negative_prompt_embeds=uncond, negative_prompt_attention_mask=uncond_mask, guidance_scale=2.0,
                       num_inference_steps=3, generator=generators([4]), output_type="latent",
                       use_resolution_binning=False).images
-        sampler = DiffusionSampler(pretrained=str(folder), num_inference_steps=3, decode=False,
+        sampler = SampleGeneration(pretrained=str(folder), num_inference_steps=3, decode=False,
                                    conditioning={"prompt_embeddings": str(prompts), "guidance_scale": 2.0})
         ours = sampler.generate(torch.tensor([4]))
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

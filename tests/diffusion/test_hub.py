@@ -12,7 +12,7 @@ from huggingface_hub import constants
 from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.diffusion import hub
 from accuquant_pl.diffusion.hub import hub_reference, pinned, resolve_model_path, resolved_revision
-from accuquant_pl.diffusion.loading import inspect_model_folder, load_scheduler_config, load_unet
+from accuquant_pl.diffusion.loading import inspect_model_folder, load_denoiser, load_scheduler_config
 from tests.conftest import tiny_unet
 from tests.tiny_models import save_pipeline
 
@@ -60,7 +60,7 @@ def test_an_id_resolves_to_its_cached_snapshot_offline(hub_cache):
     assert resolved_revision("acme/tiny-ddpm@v1") == V1
     assert inspect_model_folder("acme/tiny-ddpm").unet_class == "UNet2DModel"
     assert load_scheduler_config("acme/tiny-ddpm")["_class_name"] == "DDPMScheduler"
-    main, v1 = load_unet("acme/tiny-ddpm"), load_unet("acme/tiny-ddpm@v1")
+    main, v1 = load_denoiser("acme/tiny-ddpm"), load_denoiser("acme/tiny-ddpm@v1")
     x = torch.randn(1, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(main(x, 3).sample, tiny_unet(seed=0).eval()(x, 3).sample)
@@ -73,13 +73,13 @@ def test_unknown_ids_revisions_and_subfolders_fail_in_one_line_naming_them(hub_c
              "acme/tiny-ddpm:nope": "has no subfolder 'nope'"}
     for spec, message in cases.items():
         with pytest.raises(FileNotFoundError, match=message) as err:
-            load_unet(spec)
+            load_denoiser(spec)
         assert "\n" not in str(err.value)
 
 
 def test_the_trajectory_cache_key_records_the_resolved_revision(hub_cache, tmp_path):
     def key(teacher):
-        return TrajectoryDataModule(teacher=teacher, num_inference_steps=4, num_trajectories=2, batch_size=2,
+        return TrajectoryDataModule(pretrained=teacher, num_inference_steps=4, num_trajectories=2, batch_size=2,
                                     cache_dir=str(tmp_path / "trajectories")).cache_key()
 
     assert key("acme/tiny-ddpm")["model_revision"] == MAIN
@@ -102,13 +102,13 @@ def test_a_calibration_runs_from_a_hub_id_offline(hub_cache, tmp_path):
 
 def test_the_export_records_the_commit_it_was_calibrated_from(hub_cache, tmp_path):
     from accuquant_pl.cli import main
-    from accuquant_pl.deploy.artifact import exported_source_model
+    from accuquant_pl.deploy.artifact import exported_pretrained
     from tests.calibration.test_calibration_cli import tiny_args
 
     assert pinned("acme/tiny-ddpm@v1:unet") == f"acme/tiny-ddpm@{V1}:unet"
     assert pinned(str(tmp_path)) == str(tmp_path)
     main(tiny_args(tmp_path, "acme/tiny-ddpm", "digits_w8a8_rtn.yaml"))
-    recorded = exported_source_model(tmp_path / "run" / "quantized")
+    recorded = exported_pretrained(tmp_path / "run" / "quantized")
     assert recorded == f"acme/tiny-ddpm@{MAIN}"
     # the branch moves on the Hub: the export still names the weights it was calibrated from
     (hub_cache / "models--acme--tiny-ddpm" / "refs" / "main").write_text(V1)
@@ -143,7 +143,7 @@ def test_online_failures_name_the_id_in_one_line(tmp_path, monkeypatch, error, s
 
 def test_a_resume_after_the_hub_branch_moved_is_refused_naming_both_commits(hub_cache, tmp_path):
     from accuquant_pl.cli import main
-    from accuquant_pl.deploy.artifact import exported_source_model
+    from accuquant_pl.deploy.artifact import exported_pretrained
     from tests.calibration.test_calibration_cli import tiny_args
 
     args = tiny_args(tmp_path, "acme/tiny-ddpm", "digits_w8a8_qdiff.yaml")
@@ -155,4 +155,4 @@ def test_a_resume_after_the_hub_branch_moved_is_refused_naming_both_commits(hub_
                                          f"resolves to 'acme/tiny-ddpm@{V1}'"):
         main([*args, "--ckpt_path", str(checkpoint)])
     # the export names the weights the units were calibrated on, not where the branch points now
-    assert exported_source_model(tmp_path / "run" / "quantized") == f"acme/tiny-ddpm@{MAIN}"
+    assert exported_pretrained(tmp_path / "run" / "quantized") == f"acme/tiny-ddpm@{MAIN}"

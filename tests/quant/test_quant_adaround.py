@@ -117,13 +117,9 @@ def test_schedule_values():
 
 
 def test_hard_mode_at_init_is_round_to_nearest():
-    from torch import nn
-
-    from accuquant_pl.quant.state import set_adaround_soft
-
     w = torch.randn(5, 7)
     q = _quantizer(w, 3)
-    set_adaround_soft(nn.Sequential(q), False)
+    q.soft = False  # hard rounding, h(V) >= 0.5
     rtn = WeightQuantizer(3, False, 0, 5)
     rtn.set_qparams(q.scale, q.zero_point)
     assert torch.equal(q(w), rtn(w))

@@ -17,10 +17,18 @@ from accuquant_pl.quant.range_init import (
     init_mse,
     init_percentile,
     minmax_qparams,
-    quant_error,
 )
 
 BITS = [2, 3, 4, 5, 6, 7, 8]
+
+
+def quant_error(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool,
+                norm: float = 2.0) -> torch.Tensor:
+    """Mean ``|x - Q(x)|^norm`` of each column of ``rows [N, C]`` -> ``[C]``."""
+    qmin, qmax = quant_range(bits, symmetric)
+    with torch.no_grad():
+        err = fake_quantize(rows, scale, zero_point, qmin, qmax, axis=-1) - rows
+    return err.abs().pow(norm).mean(dim=0)
 
 
 @pytest.mark.parametrize("bits,symmetric,expected", [(8, False, (0, 255)), (8, True, (-128, 127)),

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from accuquant_pl.diffusion.loading import load_unet
+from accuquant_pl.diffusion.loading import load_denoiser
 from accuquant_pl.quant import QuantSpec, quantize
 from accuquant_pl.quant.report import quantized_tensor_bits
 from tests.conftest import REPO, TEACHER
@@ -30,12 +30,12 @@ def _cell(bits: list[int]) -> str:
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_the_default_spec_quantizes_exactly_the_tensors_method_lists(setting):
     w, a = SETTINGS[setting]
-    walked = quantized_tensor_bits(quantize(copy.deepcopy(load_unet(TEACHER)), QuantSpec(weight_bits=w, act_bits=a)))
+    walked = quantized_tensor_bits(quantize(copy.deepcopy(load_denoiser(TEACHER)), QuantSpec(weight_bits=w, act_bits=a)))
     table = _method_table()
     assert sorted(walked) == sorted(table), "tensor kinds differ between the model and docs/METHOD.md"
     assert {kind: _cell(bits) for kind, bits in walked.items()} == {kind: row[setting] for kind, row in table.items()}
 
 
 def test_input_bits_shows_in_the_walk():
-    walked = quantized_tensor_bits(quantize(load_unet(TEACHER), QuantSpec(weight_bits=4, act_bits=8, input_bits=16)))
+    walked = quantized_tensor_bits(quantize(load_denoiser(TEACHER), QuantSpec(weight_bits=4, act_bits=8, input_bits=16)))
     assert walked["network input x_t (conv_in input)"] == [16] and walked["conv_in weight"] == [8]

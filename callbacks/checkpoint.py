@@ -1,11 +1,26 @@
-"""Resumable calibration checkpoints: ``last.ckpt`` after every unit and every few minutes inside long epochs."""
+"""The files of a resumable calibration: ``CalibrationCheckpoint`` writes ``last.ckpt`` after every unit and every few
+minutes inside long epochs, ``AtomicCheckpointIO`` makes every write atomic. What a checkpoint holds and how it is
+read back is ``accuquant_pl/calibration/checkpoint.py``."""
 
 from __future__ import annotations
 
+import os
 import time
+from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from accuquant_pl.io import atomic_path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Like ``TorchCheckpointIO``, but a kill during a save never leaves a truncated ``.ckpt`` behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 class CalibrationCheckpoint(ModelCheckpoint):

@@ -12,8 +12,7 @@ from accuquant_pl.calibration.module import BlockReconstruction
 from accuquant_pl.cli import main
 from accuquant_pl.data.trajectories import TrajectoryDataModule
 from accuquant_pl.quant import QuantSpec
-from callbacks.atomic_checkpoint import AtomicCheckpointIO
-from callbacks.calibration_checkpoint import CalibrationCheckpoint
+from callbacks.checkpoint import AtomicCheckpointIO, CalibrationCheckpoint
 from tests.calibration.test_calibration_cli import tiny_args
 
 
@@ -32,7 +31,7 @@ class RecordSaves(AtomicCheckpointIO):
 
 
 def _fit(tmp_path, model_dir, callbacks, epochs: int, record: RecordSaves) -> BlockReconstruction:
-    data = TrajectoryDataModule(teacher=str(model_dir), num_inference_steps=5, num_trajectories=4, batch_size=4,
+    data = TrajectoryDataModule(pretrained=str(model_dir), num_inference_steps=5, num_trajectories=4, batch_size=4,
                                 cache_dir=str(tmp_path / "cache"))
     model = BlockReconstruction(pretrained=str(model_dir), quant=QuantSpec(weight_bits=4, act_bits=8, adaround=True),
                                 objective="per_step", iterations_per_unit=3, act_calibration_samples=8)

@@ -1,0 +1,1 @@
+"""Benchmark scripts of accuquant-pl, each run from the repository root as ``python -m benchmarks.<name>``."""
