@@ -30,9 +30,11 @@ def denoiser_class(model: nn.Module) -> str:
 
 
 def is_transformer(model: nn.Module | None) -> bool:
-    """Whether ``model`` is (or stands in for) a transformer denoiser (DiT, PixArt): input ``hidden_states``,
-    per-sample timesteps and, with a learned variance, twice the input's channels out."""
-    return model is not None and denoiser_class(model) in SUPPORTED_TRANSFORMERS
+    """Whether ``model`` is (a subclass of, or stands in for) a transformer denoiser (DiT, PixArt): input
+    ``hidden_states``, per-sample timesteps and, with a learned variance, twice the input's channels out."""
+    if model is None:
+        return False
+    return isinstance(model, tuple(SUPPORTED_TRANSFORMERS.values())) or denoiser_class(model) in SUPPORTED_TRANSFORMERS
 
 
 def check_denoiser(model: nn.Module) -> None:

@@ -202,7 +202,7 @@ def _smoke_pretrain_dit(tmp_path: Path) -> None:
     Path(args[-1]).write_text(yaml.safe_dump(override))
     main(["fit", "--config", str(CONFIG_DIR / "pretrain_digits_dit.yaml"), "--config", args[-1]])
     folder = inspect_model_folder(tmp_path / "export")
-    assert folder.unet_class == "DiTTransformer2DModel" and folder.unet_dir.name == "transformer"
+    assert folder.denoiser_class_name == "DiTTransformer2DModel" and folder.denoiser_dir.name == "transformer"
     assert (tmp_path / "tb" / "version_0" / "samples.png").is_file()
 
 

@@ -75,6 +75,16 @@ def test_dependencies_are_exactly_the_declared_shape():
     assert set(found) <= set(DEPENDS), sorted(set(found) - set(DEPENDS))
 
 
+def test_the_package_imports_nothing_from_outside_it():
+    outside = ("callbacks", "benchmarks", "tests")
+    wrong = [f"{path.relative_to(REPO)} imports {name}" for path in _modules()
+             for node in ast.walk(ast.parse(path.read_text()))
+             for name in ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else
+                          [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+             if name.split(".")[0] in outside]
+    assert not wrong, wrong
+
+
 def test_the_declared_shape_has_no_cycle():
     done: set[str] = set()
     while len(done) < len(DEPENDS):

@@ -60,6 +60,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----- the checkpoint section -----
 def progress_section(done_units: list[str], final_stage_done: bool, precision: str,
                      mid_epoch: dict[str, Any] | None, pinned_pretrained: str | None = None) -> dict[str, Any]:
+    """The calibration's own section of a checkpoint: units done, final stage done, the RNG state, the trainer
+    precision, the position inside an epoch (None at an epoch's end) and the pinned FP model."""
     return {"done_units": list(done_units), "final_stage_done": final_stage_done, "rng": rng_state(),
             "precision": precision,  # compared on resume (a result-changing trainer setting)
             "mid_epoch": mid_epoch, "pretrained": pinned_pretrained}
@@ -72,7 +74,8 @@ def saved_progress(checkpoint: dict[str, Any], section: str, pretrained: str,
     state = checkpoint.get(section)
     if state is None:
         raise ValueError(f"checkpoint has no {section!r} section: it was not written by BlockReconstruction")
-    check_same_source(state.get("pretrained"), pretrained, pinned_pretrained)
+    # ``source_model``: the key's name in checkpoints written before the second layout pass
+    check_same_source(state.get("pretrained", state.get("source_model")), pretrained, pinned_pretrained)
     return state
 
 
@@ -218,9 +221,19 @@ def canonical_class_path(class_path: str | None) -> str | None:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+LEGACY_DATA_KEYS = {"teacher": "pretrained"}
+"""Data-module settings saved under an earlier name (checkpoints written before the second layout pass)."""
+
+
+def _current_names(args: dict[str, Any]) -> dict[str, Any]:
+    return {LEGACY_DATA_KEYS.get(k, k): v for k, v in args.items()}
+
+
 def _settings(class_path: str | None, init_args: dict[str, Any], prefix: str,
               ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     args = {k: v for k, v in init_args.items() if k not in (*_PRIVATE_KEYS, "_class_path", *ignore)}
+    if prefix == "data":
+        args = _current_names(args)
     if isinstance(args.get("quant"), dict):
         args["quant"] = timestep_ranges(args["quant"])
     return {f"{prefix}.class_path": canonical_class_path(class_path), **_flatten(f"{prefix}.init_args", args)}
@@ -232,7 +245,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def settings_differences(checkpoint: dict[str, Any], model: dict[str, Any], data: dict[str, Any] | None,
-                         precision: str | int | None = None, section: str = "accuquant") -> list[str]:
+                         precision: str | int | None = None, section: str = CHECKPOINT_SECTION) -> list[str]:
     """``key: checkpoint value -> requested value`` for every setting that changes the result and differs between
     ``checkpoint`` and the requested ``model`` / ``data`` configs (``{'class_path', 'init_args'}``) and
     ``trainer.precision`` (compared when the checkpoint's ``section`` records one)."""
@@ -255,7 +268,7 @@ def checkpoint_data_config(checkpoint: dict[str, Any], requested: dict[str, Any]
     """The data module config (``{'class_path', 'init_args'}``) to resume with under ``use_checkpoint_config``: the
     checkpoint's, with the requested values of the settings that cannot change the result (cache, workers)."""
     saved = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    args = {k: v for k, v in saved.items() if k not in (*_PRIVATE_KEYS, "_class_path")}
+    args = _current_names({k: v for k, v in saved.items() if k not in (*_PRIVATE_KEYS, "_class_path")})
     asked = dict(requested.get("init_args") or {})
     return {"class_path": saved.get("_class_path", requested.get("class_path")),
             "init_args": {**args, **{k: asked[k] for k in DATA_KEYS_WITHOUT_EFFECT if k in asked}}}

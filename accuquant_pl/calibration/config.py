@@ -16,7 +16,8 @@ GradientMode = Literal["exact", "checkpointed", "approx", "stepwise"]
 KEY = "--model.init_args"
 
 DEFAULT_ROLLOUT_TARGET = "block_output"
-# The gradient mode that measured best per rollout target on the digits teacher (W4A8, equal budget; docs/results.md).
+# The gradient mode that measured best per rollout target on the digits teacher (W4A8, equal budget;
+# docs/results_128_seeds.md).
 DEFAULT_GRADIENT = {"block_output": "stepwise", "block_accumulated": "stepwise", "state": "approx"}
 DEFAULT_ITERATIONS = 100
 DEFAULT_LRS = {"lr_adaround": 1e-3, "lr_act_scale": 4e-5, "lr_weight_scale": 1e-4}
@@ -79,7 +80,7 @@ class FinalStage:
 
 @dataclass
 class Ablations:
-    """Research variants measured in docs/results.md; the defaults are the method, users leave them alone."""
+    """Research variants measured in docs/results_128_seeds.md and docs/results.md; the defaults are the method, users leave them alone."""
 
     state_loss_weight: float = 1.0
     """Weight of the AccuQuant state loss (rollout_target 'state'); 0 skips the rollout."""

@@ -89,7 +89,7 @@ class BlockReconstruction(L.LightningModule):
     ) -> None:
         """
         Args:
-            pretrained: the FP diffusers model: a folder (UNet + scheduler config) or a Hub id (owner/name[@rev][:sub]).
+            pretrained: the FP diffusers model: a folder (denoiser + scheduler config) or a Hub id (owner/name[@rev][:sub]).
             quant: the quantization spec (bit widths, initialisation, AdaRound, attention matmuls, overrides).
             objective: 'per_step' (block-output MSE on independent steps, Q-Diffusion/BRECQ), 'accuquant'
                 (n-step rollout against the FP trajectory; n is the data module's group_size) or 'rtn'

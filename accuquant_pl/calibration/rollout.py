@@ -248,7 +248,7 @@ class GroupSteps:
     def __call__(self, j: int, x: Tensor, out: Tensor, past_states: Sequence[Tensor] = (),
                  past_outputs: Sequence[Tensor] = ()) -> Tensor:
         return take_step(self.scheduler_before(j, past_states, past_outputs), out, self.timesteps[j], x,
-                     self.step_kwargs(j))
+                         self.step_kwargs(j))
 
     def step_kwargs(self, j: int) -> dict:
         """``step`` arguments of the group's step j: eta and, for a stochastic sampler, the generators that give

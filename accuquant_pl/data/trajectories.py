@@ -43,7 +43,7 @@ from accuquant_pl.io import recover_directory, sha256_tree
 
 @dataclass
 class TrajectoryAblations:
-    """Research variants of how calibration groups are drawn (docs/results.md); the defaults are the method."""
+    """Research variants of how calibration groups are drawn (docs/results_128_seeds.md); the defaults are the method."""
 
     group_starts: GroupStarts = "all"
     """'all' start positions, or non-overlapping 'windows'."""
@@ -73,6 +73,11 @@ def _check_sizes(num_inference_steps: int, num_trajectories: int, batch_size: in
                          "a batch would hold the same trajectory several times; lower batch_size or sample more")
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two ``pretrained`` values name one FP model: equal, or local paths to one folder."""
+    return str(a) == str(b) or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
 class TrajectoryDataModule(L.LightningDataModule):
     """Samples N FP trajectories once (``prepare_data``, cached on disk) and serves n-step groups from them."""
 
@@ -99,7 +104,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         """
         Args:
             pretrained: the FP model (folder or ``owner/name[@revision][:subfolder]``); None: the module's.
-            scheduler: diffusers sampler of the trajectories (and of the AccuQuant rollout): a name in
+            scheduler: the diffusers scheduler of the trajectories (and of the AccuQuant rollout): a name in
                 ``accuquant_pl.diffusion.scheduler_names()`` (ddim, ddpm, dpmsolver++, sde-dpmsolver++, unipc,
                 pndm, euler, euler-ancestral) or a scheduler class's import path (``diffusers.LCMScheduler``).
             num_inference_steps: sampling steps S of each trajectory.
@@ -148,7 +153,7 @@ class TrajectoryDataModule(L.LightningDataModule):
     def model_path(self) -> str:
         """The FP model: ``pretrained``, else the one the LightningModule's plan names (both set: they must agree)."""
         planned = self.epoch_plan().pretrained
-        if self.pretrained is not None and planned is not None and str(self.pretrained) != str(planned):
+        if self.pretrained is not None and planned is not None and not _same_model(self.pretrained, planned):
             raise ValueError(f"data.init_args.pretrained {self.pretrained!r} is not the model being calibrated "
                              f"({planned!r}): the trajectories must come from that FP model; set one of the two")
         path = self.pretrained if self.pretrained is not None else planned
@@ -196,7 +201,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         folder = inspect_model_folder(self.model_path)
         revision = resolved_revision(self.model_path)
         return {
-            "model_sha256": sha256_tree(folder.unet_dir),
+            "model_sha256": sha256_tree(folder.denoiser_dir),
             **({"model_revision": revision} if revision is not None else {}),  # a Hub id's resolved commit
             "scheduler": hp.scheduler,
             "scheduler_config": folder.scheduler_config,

@@ -219,9 +219,15 @@ def _record(folder: str | Path) -> dict[str, Any]:
     return _read_json(folder / ONNX_META if (folder / ONNX_META).is_file() else folder / MAP_NAME)
 
 
+def recorded_pretrained(record: dict[str, Any]) -> str | None:
+    """The FP model a quantization map or ONNX metadata records: ``pretrained``, or ``source_model`` in a folder
+    exported before the key was renamed (same format version: the value means the same)."""
+    return record.get("pretrained", record.get("source_model"))
+
+
 def exported_pretrained(folder: str | Path) -> str | None:
     """The FP model (folder or Hub id) a quantized (or ONNX) folder was calibrated from, when its export recorded it."""
-    return _record(folder).get("pretrained")
+    return recorded_pretrained(_record(folder))
 
 
 def exported_sampler(folder: str | Path) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ from accuquant_pl.deploy.artifact import (
     SCHEDULER_CONFIG,
     UNET_CONFIG,
     load_quantized,
+    recorded_pretrained,
     verify_checksums,
 )
 from accuquant_pl.deploy.onnx_layers import CONV_LAYOUTS, OnnxConv2d, OnnxGraph, OnnxLinear, to_export_form
@@ -266,7 +267,8 @@ def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul"
         "int4_initializers": packed,
         "spec": qmap.get("spec"),
         "source": {"folder": str(source), "checksums_sha256": sha256_file(source / CHECKSUMS)},
-        **{k: qmap[k] for k in ("pretrained", "sampler") if k in qmap},
+        **({"pretrained": recorded_pretrained(qmap)} if recorded_pretrained(qmap) is not None else {}),
+        **({"sampler": qmap["sampler"]} if "sampler" in qmap else {}),
     }
     configs = {name: (source / name).read_text() for name in (UNET_CONFIG, SCHEDULER_CONFIG)
                if (source / name).is_file()}

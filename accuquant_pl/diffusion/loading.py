@@ -42,9 +42,9 @@ class ModelFolder:
     """Where the parts of a diffusers model live inside a folder."""
 
     root: Path
-    unet_dir: Path
+    denoiser_dir: Path
     """The denoiser's folder: ``unet/`` or ``transformer/`` of a pipeline folder, or the root."""
-    unet_class: str
+    denoiser_class_name: str
     scheduler_config: dict[str, Any] | None
     vae_dir: Path | None = None
     """The autoencoder of a latent diffusion pipeline folder (``vae/`` or ``vqvae/``); None for pixel space."""
@@ -56,8 +56,8 @@ class ModelFolder:
         return self.vae_dir is not None
 
     @property
-    def unet_config(self) -> dict[str, Any]:
-        return json.loads((self.unet_dir / "config.json").read_text())
+    def denoiser_config(self) -> dict[str, Any]:
+        return json.loads((self.denoiser_dir / "config.json").read_text())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -93,29 +93,29 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"model folder {str(path)!r} is a file, expected a diffusers folder")
-    unet_dir = next((root / name for name in DENOISER_SUBFOLDERS if (root / name / "config.json").is_file()), root)
-    config_file = unet_dir / "config.json"
+    denoiser_dir = next((root / name for name in DENOISER_SUBFOLDERS if (root / name / "config.json").is_file()), root)
+    config_file = denoiser_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
             f"model folder {str(path)!r} has neither unet/config.json, transformer/config.json nor config.json; "
             "expected a diffusers save_pretrained folder"
         )
-    unet_class = denoiser_class_name(_read_json(config_file), f"model folder {str(path)!r}: "
+    class_name = denoiser_class_name(_read_json(config_file), f"model folder {str(path)!r}: "
                                      f"{config_file.relative_to(root)}")
-    if unet_class not in SUPPORTED_DENOISERS:
+    if class_name not in SUPPORTED_DENOISERS:
         raise ValueError(
-            f"model folder {str(path)!r}: {config_file.relative_to(root)} describes {unet_class!r}, not a supported "
+            f"model folder {str(path)!r}: {config_file.relative_to(root)} describes {class_name!r}, not a supported "
             f"denoiser; supported: {sorted(SUPPORTED_DENOISERS)}"
         )
-    if not any(unet_dir.glob("diffusion_pytorch_model*")):
-        raise FileNotFoundError(f"model folder {str(path)!r}: no diffusion_pytorch_model weights in {unet_dir}")
+    if not any(denoiser_dir.glob("diffusion_pytorch_model*")):
+        raise FileNotFoundError(f"model folder {str(path)!r}: no diffusion_pytorch_model weights in {denoiser_dir}")
     scheduler_file = next(
         (f for f in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json") if f.is_file()),
         None,
     )
     scheduler_config = _read_json(scheduler_file) if scheduler_file else None
-    vae_dir, vae_class = _inspect_vae(root, path) if unet_dir != root else (None, None)
-    return ModelFolder(root, unet_dir, unet_class, scheduler_config, vae_dir, vae_class)
+    vae_dir, vae_class = _inspect_vae(root, path) if denoiser_dir != root else (None, None)
+    return ModelFolder(root, denoiser_dir, class_name, scheduler_config, vae_dir, vae_class)
 
 
 def _inspect_vae(root: Path, path: str | Path) -> tuple[Path | None, str | None]:
@@ -137,7 +137,8 @@ def _inspect_vae(root: Path, path: str | Path) -> tuple[Path | None, str | None]
 def load_denoiser(path: str | Path) -> Denoiser:
     """Load the denoiser (UNet or transformer) of a diffusers folder in eval mode, with gradients off."""
     folder = inspect_model_folder(path)
-    unet = SUPPORTED_DENOISERS[folder.unet_class].from_pretrained(folder.unet_dir, low_cpu_mem_usage=False)
+    unet = SUPPORTED_DENOISERS[folder.denoiser_class_name].from_pretrained(folder.denoiser_dir,
+                                                                           low_cpu_mem_usage=False)
     unet.eval().requires_grad_(False)
     return unet
 

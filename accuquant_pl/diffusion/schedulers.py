@@ -183,5 +183,5 @@ def prime(scheduler: SchedulerMixin, start: int, states: Tensor | None = None, o
     positioned_at(scheduler, first)
     for i in range(h):
         take_step(scheduler, outputs[i], scheduler.timesteps[first + i], states[i],
-              step_arguments(scheduler, first + i, eta, noise_seeds))
+                  step_arguments(scheduler, first + i, eta, noise_seeds))
     return scheduler

@@ -34,13 +34,13 @@ class SampleGeneration(L.LightningModule):
     ) -> None:
         """
         Args:
-            pretrained: local diffusers folder (pipeline folder with unet/ and scheduler/, or a bare UNet folder
-                with scheduler_config.json). A latent model's folder also holds vae/ (AutoencoderKL) or vqvae/
+            pretrained: the FP diffusers model: a folder (pipeline folder with unet/ or transformer/ and
+                scheduler/, or a bare denoiser folder with scheduler_config.json) or a Hub id. A latent model's folder also holds vae/ (AutoencoderKL) or vqvae/
                 (VQModel).
-            quantized: a quantized model folder (``ExportQuantized`` output) to sample from instead of the FP UNet
+            quantized: a quantized model folder (``ExportQuantized`` output) to sample from instead of the FP denoiser
                 (a latent model still decodes with ``pretrained``'s autoencoder), or its ONNX export
                 (``accuquant_pl.export_onnx``), which then runs in ONNX Runtime.
-            scheduler: sampler, a name in ``accuquant_pl.diffusion.scheduler_names()`` (built from the
+            scheduler: the diffusers scheduler, a name in ``accuquant_pl.diffusion.scheduler_names()`` (built from the
                 folder's scheduler config).
             num_inference_steps: denoising steps.
             eta: DDIM eta (0 = deterministic).

@@ -55,10 +55,11 @@ class SampleEvaluation(SampleGeneration):
     ) -> None:
         """
         Args:
-            pretrained: the FP diffusers model folder (the teacher the samples are paired with).
+            pretrained: the FP diffusers model (folder or Hub id) the samples are paired with.
             quantized: a quantized model folder (or its ONNX export, run in ONNX Runtime) to evaluate; without it
                 (and without --ckpt_path) the FP model.
-            scheduler: sampler: ddim, ddpm, dpmsolver++ or euler.
+            scheduler: the diffusers scheduler to sample with: a name in
+                ``accuquant_pl.diffusion.scheduler_names()`` or an import path.
             num_inference_steps: denoising steps.
             eta: DDIM eta (0 = deterministic).
             conditioning: conditional models: the class label or prompt of the samples of seed s (FP and evaluated

@@ -142,3 +142,23 @@ def test_a_checkpoint_of_an_earlier_signature_is_refused_by_name(tiny_model_dir)
         "pretrained": str(tiny_model_dir), "objective": "per_step", "final_stage_iterations": 0}}
     with pytest.raises(ValueError, match="final_stage_iterations.*written by an earlier version"):
         BlockReconstruction.student_from_checkpoint(checkpoint)
+
+
+def test_a_checkpoint_from_before_the_rename_of_the_fp_model_keys_compares_and_resumes_equal(monkeypatch):
+    # Written before the second layout pass: the data module's FP model was ``teacher``, the section's
+    # ``source_model``. Same settings under their new names are no difference; the Hub check still reads the old key.
+    from accuquant_pl.calibration import checkpoint as ckpt
+
+    saved = {"hyper_parameters": {"_class_path": "accuquant_pl.calibration.BlockReconstruction", "objective": "rtn"},
+             "datamodule_hyper_parameters": {"_class_path": "accuquant_pl.data.TrajectoryDataModule",
+                                             "teacher": "models/digits-ddpm", "group_size": 2},
+             "accuquant": {"source_model": "acme/tiny@aaaa"}}
+    model = {"class_path": "accuquant_pl.calibration.BlockReconstruction", "init_args": {"objective": "rtn"}}
+    data = {"class_path": "accuquant_pl.data.TrajectoryDataModule",
+            "init_args": {"pretrained": "models/digits-ddpm", "group_size": 2}}
+    assert ckpt.settings_differences(saved, model, data) == []
+    assert ckpt.checkpoint_data_config(saved, data)["init_args"] == {"pretrained": "models/digits-ddpm",
+                                                                       "group_size": 2}
+    monkeypatch.setattr(ckpt, "hub_reference", lambda pretrained: pretrained)
+    with pytest.raises(ValueError, match="calibrated from 'acme/tiny@aaaa'.*now resolves to 'acme/tiny@bbbb'"):
+        ckpt.saved_progress(saved, "accuquant", "acme/tiny", "acme/tiny@bbbb")

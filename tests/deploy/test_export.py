@@ -178,6 +178,17 @@ def _edit_map(folder: Path, edit, rerecord: bool = True) -> None:
         _rerecord_checksums(folder)
 
 
+def test_a_folder_exported_before_the_rename_of_source_model_still_names_its_fp_model(tmp_path):
+    from accuquant_pl.deploy.artifact import exported_pretrained
+
+    folder = export_quantized(_adaround_model(weight_bits=4, act_bits=8), tmp_path / "q", scheduler_config=SCHEDULER,
+                              pretrained="models/digits-ddpm")
+    assert exported_pretrained(folder) == "models/digits-ddpm"
+    _edit_map(folder, lambda m: m.__setitem__("source_model", m.pop("pretrained")))
+    assert exported_pretrained(folder) == "models/digits-ddpm"
+    accuquant_pl.load_quantized(folder)  # still a valid folder of this format version
+
+
 @pytest.mark.parametrize("name", ["quantized.safetensors", "quantization_map.json", "unet_config.json"])
 def test_missing_file_named(tmp_path, name):
     folder = _export(tmp_path)

@@ -58,7 +58,7 @@ def test_an_id_resolves_to_its_cached_snapshot_offline(hub_cache):
     assert resolve_model_path("acme/tiny-ddpm@v1") == repo / V1
     assert resolve_model_path("acme/tiny-ddpm@v1:unet") == repo / V1 / "unet"
     assert resolved_revision("acme/tiny-ddpm@v1") == V1
-    assert inspect_model_folder("acme/tiny-ddpm").unet_class == "UNet2DModel"
+    assert inspect_model_folder("acme/tiny-ddpm").denoiser_class_name == "UNet2DModel"
     assert load_scheduler_config("acme/tiny-ddpm")["_class_name"] == "DDPMScheduler"
     main, v1 = load_denoiser("acme/tiny-ddpm"), load_denoiser("acme/tiny-ddpm@v1")
     x = torch.randn(1, 1, 8, 8)

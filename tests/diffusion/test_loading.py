@@ -83,7 +83,7 @@ def test_legacy_transformer2d_configs_load_as_dit_or_pixart(tmp_path, norm_type,
     config.update({"_class_name": "Transformer2DModel", "use_linear_projection": False, "only_cross_attention": False,
                    "num_vector_embeds": None})
     config_file.write_text(json.dumps(config))
-    assert inspect_model_folder(folder).unet_class == expected
+    assert inspect_model_folder(folder).denoiser_class_name == expected
     loaded = load_denoiser(folder)
     assert type(loaded).__name__ == expected
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
