@@ -7,6 +7,8 @@ import sys
 from typing import Any
 
 import lightning as L
+import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from accuquant_pl.calibration.checkpoint import (
@@ -34,12 +36,20 @@ class AccuQuantCLI(LightningCLI):
             "--use_checkpoint_config", type=bool, default=False,
             help="With fit --ckpt_path: resume with the checkpoint's model and data settings where they differ from "
                  "the config given. By default such a resume stops before any work and lists the differences.")
+        parser.add_argument(
+            "--threads", type=PositiveInt | None, default=None,
+            help="CPU threads of torch for this command (torch.set_num_threads); default: torch's own (the machine's "
+                 "cores). On a machine busy with other work, 1 is often faster. A calibration records it: the "
+                 "export's last bits depend on it, so a resume under another count is refused as other settings are.")
 
     def _parse_ckpt_path(self) -> None:
+        # LightningCLI's first step after parsing: the thread count is set here, before any class is built.
         subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("threads") is not None:
+            torch.set_num_threads(config.get("threads"))
         if not subcommand:
             return
-        config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
         checkpoint = read_checkpoint(ckpt_path) if ckpt_path and is_file_path(ckpt_path) else None
         # LightningCLI replaces the model config by the checkpoint's hyperparameters. An evaluation model
@@ -65,7 +75,8 @@ class AccuQuantCLI(LightningCLI):
         as_dict = lambda ns: ns.as_dict() if hasattr(ns, "as_dict") else dict(ns or {})  # noqa: E731
         data = as_dict(config.get("data")) if config.get("data") is not None else None
         precision = config.get("trainer", {}).get("precision")
-        differences = settings_differences(checkpoint, as_dict(config.get("model")), data, precision, section)
+        differences = settings_differences(checkpoint, as_dict(config.get("model")), data, precision, section,
+                                           threads=torch.get_num_threads())
         if not differences:
             return
         if not config.get("use_checkpoint_config"):
@@ -80,6 +91,10 @@ class AccuQuantCLI(LightningCLI):
         saved_precision = checkpoint[section].get("precision")
         if saved_precision is not None:
             replaced["trainer"] = {"precision": saved_precision}
+        saved_threads = checkpoint[section].get("threads")
+        if saved_threads is not None:
+            replaced["threads"] = saved_threads
+            torch.set_num_threads(saved_threads)
         if replaced:
             self.config = self.parser.parse_object({self.config.subcommand: replaced}, self.config)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +15,15 @@ from callbacks.fid import FIDCallback
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "models" / "digits-ddpm"
+
+# The suite pins one torch (and OpenMP / MKL) thread, for itself and the subprocesses it starts: its models are tiny,
+# so a second thread buys little, and on a busy machine it spin-waits for a core it does not get (the suite took
+# over 45 min with one other CPU-bound process on 2 cores, under 8 min pinned). Results then also do not depend on
+# the machine's core count.
+TEST_THREADS = 1
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(TEST_THREADS)
+torch.set_num_threads(TEST_THREADS)
 
 
 def checkpoint_and_export_callbacks(root: Path, every_n_seconds: float | None = 60.0) -> list[dict]:

@@ -113,6 +113,16 @@ def test_a_key_or_class_of_the_old_layout_is_named(config, args, named, capsys):
     assert named in err
 
 
+def test_threads_sets_torch_and_refuses_zero(capsys):
+    import torch
+
+    main(["--config", str(REPO / "configs" / "pretrain_digits.yaml"), "--threads", "2"], run=False)
+    assert torch.get_num_threads() == 2  # the suite's own 1 is restored after the test (conftest)
+    err = _cli_error(["fit", "--config", str(REPO / "configs" / "pretrain_digits.yaml"), "--threads", "0",
+                      "--print_config"], capsys)
+    assert "threads" in err and "0" in err
+
+
 def test_wrong_type_is_named(capsys):
     err = _cli_error(["fit", "--config", str(REPO / "configs" / "pretrain_digits.yaml"),
                       "--model.init_args.training.learning_rate", "fast", "--print_config"], capsys)

@@ -61,9 +61,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def progress_section(done_units: list[str], final_stage_done: bool, precision: str,
                      mid_epoch: dict[str, Any] | None, pinned_pretrained: str | None = None) -> dict[str, Any]:
     """The calibration's own section of a checkpoint: units done, final stage done, the RNG state, the trainer
-    precision, the position inside an epoch (None at an epoch's end) and the pinned FP model."""
+    precision and torch's thread count, the position inside an epoch (None at an epoch's end) and the pinned FP
+    model."""
     return {"done_units": list(done_units), "final_stage_done": final_stage_done, "rng": rng_state(),
             "precision": precision,  # compared on resume (a result-changing trainer setting)
+            "threads": torch.get_num_threads(),  # compared on resume: float reductions split by thread count
             "mid_epoch": mid_epoch, "pretrained": pinned_pretrained}
 
 
@@ -245,16 +247,20 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def settings_differences(checkpoint: dict[str, Any], model: dict[str, Any], data: dict[str, Any] | None,
-                         precision: str | int | None = None, section: str = CHECKPOINT_SECTION) -> list[str]:
+                         precision: str | int | None = None, section: str = CHECKPOINT_SECTION,
+                         threads: int | None = None) -> list[str]:
     """``key: checkpoint value -> requested value`` for every setting that changes the result and differs between
-    ``checkpoint`` and the requested ``model`` / ``data`` configs (``{'class_path', 'init_args'}``) and
-    ``trainer.precision`` (compared when the checkpoint's ``section`` records one)."""
+    ``checkpoint`` and the requested ``model`` / ``data`` configs (``{'class_path', 'init_args'}``),
+    ``trainer.precision`` and ``threads`` (each compared when the checkpoint's ``section`` records it)."""
     saved_model = dict(checkpoint.get("hyper_parameters") or {})
     old = _settings(saved_model.get("_class_path"), saved_model, "model")
     new = _settings(model.get("class_path"), dict(model.get("init_args") or {}), "model")
     saved_precision = (checkpoint.get(section) or {}).get("precision")
     if saved_precision is not None:
         old["trainer.precision"], new["trainer.precision"] = saved_precision, unified_precision(precision)
+    saved_threads = (checkpoint.get(section) or {}).get("threads")
+    if saved_threads is not None and threads is not None:
+        old["threads"], new["threads"] = saved_threads, threads
     saved_data = checkpoint.get("datamodule_hyper_parameters")
     if saved_data is not None and data is not None:
         old.update(_settings(saved_data.get("_class_path"), saved_data, "data", DATA_KEYS_WITHOUT_EFFECT))

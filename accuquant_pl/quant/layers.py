@@ -47,6 +47,7 @@ class QuantLayerMixin(QuantStateMixin):
 
     def _attach_quantizers(self, config: LayerQuantConfig, in_channels: int, init_weights: bool) -> None:
         self._init_quant_state()
+        self._frozen_weight: tuple[tuple, torch.Tensor] | None = None  # see quantized_weight
         self.quant_config = config
         w, act, split = self.weight, config.act, config.split
         self.weight_quantizer = make_weight_quantizer(config.weight, w)
@@ -72,8 +73,26 @@ class QuantLayerMixin(QuantStateMixin):
                          dim=self.channel_axis)
 
     def quantized_weight(self) -> torch.Tensor:
-        """Weight used in the forward: fake-quantized if weight quantization is enabled."""
-        return self.weight_quantizer(self.weight) if self.weight_quant_enabled else self.weight
+        """Weight used in the forward: fake-quantized if weight quantization is enabled.
+
+        While no gradient can reach the weight or its quantizer (a hardened unit, a unit not yet calibrated, the
+        final stage, any no-grad forward), the fake-quantized weight is a constant of the tensors it is computed
+        from. It is then computed once and reused until one of them changes (their identity, version counter,
+        device or dtype, and the quantizer's rounding mode): the same values, bit for bit, without the per-forward
+        quantization arithmetic. The cost is one float copy of each such layer's weight.
+        """
+        if not self.weight_quant_enabled:
+            return self.weight
+        wq = self.weight_quantizer
+        tensors = [self.weight, *wq.parameters(), *wq.buffers()]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return wq(self.weight)
+        key = (tuple((id(t), t._version, t.device, t.dtype) for t in tensors), getattr(wq, "soft", None),
+               getattr(wq, "hardened", None), torch.is_autocast_enabled(self.weight.device.type))
+        if self._frozen_weight is None or self._frozen_weight[0] != key:
+            with torch.no_grad():
+                self._frozen_weight = (key, wq(self.weight))
+        return self._frozen_weight[1]
 
     def harden(self, method: str = "learned") -> None:
         """Fix AdaRound rounding (no-op for round-to-nearest or already hardened quantizers)."""

@@ -37,6 +37,7 @@ def _resume(calibrated, *extra: str):
     (["--data.init_args.group_size", "2"], "data.init_args.group_size: 1 -> 2"),
     (["--model.init_args.pretrained", "models/digits-ddpm"], "model.init_args.pretrained: '"),
     (["--trainer.precision", "bf16-mixed"], "trainer.precision: '32-true' -> 'bf16-mixed'"),
+    (["--threads", "2"], "threads: 1 -> 2"),  # the suite runs on one thread (conftest)
 ])
 def test_a_resume_under_other_settings_names_them_before_any_work(calibrated, args, difference):
     with pytest.raises(CheckpointError, match="other settings") as err:
@@ -55,8 +56,9 @@ def test_settings_that_cannot_change_the_result_may_differ(calibrated):
 
 def test_use_checkpoint_config_resumes_with_the_checkpoints_settings(calibrated):
     cli = _resume(calibrated, "--model.init_args.quant.weight_bits", "8", "--data.init_args.group_size", "2",
-                  "--use_checkpoint_config", "true", "--trainer.max_epochs", "2")
+                  "--threads", "2", "--use_checkpoint_config", "true", "--trainer.max_epochs", "2")
     assert cli.model.spec.weight_bits == 4 and cli.datamodule.hparams.group_size == 1
+    assert torch.get_num_threads() == 1 and cli.config.fit.threads == 1
     assert len(cli.model.done_units) == 2
 
 

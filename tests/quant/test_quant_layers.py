@@ -95,3 +95,42 @@ def test_unit_parameters_groups():
     assert all(p is not fm.weight for ps in groups.values() for p in ps)
     qm.harden()
     assert unit_parameters(qm)["adaround"] == []
+
+
+def _adaround_linear() -> QuantLinear:
+    torch.manual_seed(0)
+    config = LayerQuantConfig(WeightQuantConfig(4, adaround=True), ActQuantConfig(8))
+    layer = QuantLinear.from_module(nn.Linear(6, 5), config=config)
+    layer.requires_grad_(False)
+    return layer
+
+
+def test_a_frozen_quantized_weight_is_computed_once_and_equals_a_fresh_one():
+    layer = _adaround_linear()
+    first = layer.quantized_weight()
+    assert layer.quantized_weight() is first  # nothing can change it: reused
+    assert torch.equal(first, layer.weight_quantizer(layer.weight))  # bit for bit what the quantizer computes
+    layer.harden("learned")
+    hardened = layer.quantized_weight()
+    assert hardened is not first and torch.equal(hardened, layer.weight_quantizer(layer.weight))
+    with torch.no_grad():
+        layer.weight.add_(0.5)  # an in-place change (an optimiser step, a state-dict load) bumps the version
+    moved = layer.quantized_weight()
+    assert moved is not hardened and torch.equal(moved, layer.weight_quantizer(layer.weight))
+    with torch.no_grad():
+        layer.weight_quantizer.scale.mul_(2)
+    assert torch.equal(layer.quantized_weight(), layer.weight_quantizer(layer.weight))
+    assert not torch.equal(layer.quantized_weight(), moved)
+
+
+def test_a_weight_being_calibrated_is_quantized_on_every_forward_with_its_gradient():
+    layer = _adaround_linear()
+    layer.weight_quantizer.alpha.requires_grad_(True)
+    a, b = layer.quantized_weight(), layer.quantized_weight()
+    assert a is not b and a.grad_fn is not None
+    a.sum().backward()
+    assert layer.weight_quantizer.alpha.grad is not None
+    layer.weight_quantizer.soft = False  # hard-thresholded V: another function of the same tensors
+    with torch.no_grad():
+        hard = layer.quantized_weight()
+    assert torch.equal(hard, layer.weight_quantizer(layer.weight)) and not torch.equal(hard, a.detach())

@@ -1,0 +1,193 @@
+"""Calibration speed and memory of the shipped W4A8 AccuQuant configs: seconds per unit iteration and per final-stage
+step, and peak resident memory, for each teacher and thread count; optionally against another commit in the same
+sweep (issue 33).
+
+Every row is its own process (so its peak RSS is its own): ``main.py``'s CLI builds the shipped config's module and
+data module (`--threads`, shortened epochs), ``trainer.fit`` runs every unit for ``--unit-iters`` iterations and
+the final stage for ``--stage-iters`` steps, with no logger, checkpoint, FID or export callback. The times are the
+mean over the epochs' steps after the first step of each epoch (warm-up excluded), measured by a callback around
+Lightning's batch hooks (the trajectory cache, built by the first row, is outside them). ``--baseline COMMIT`` also measures
+that commit's code (a ``git worktree`` in ``.cache/calibration_speed``), row by row in the same sweep, and prints
+the ratio: the speed claims of docs/PERFORMANCE.md are such ratios.
+
+    python -m benchmarks.calibration_speed --teachers unet,dit --threads 1,2 [--baseline 2b51bb5] [--out FILE.json]
+    python -m benchmarks.calibration_speed --teachers unet --threads 1 --profile --baseline 2b51bb5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"unet": "configs/digits_w4a8_accuquant.yaml", "dit": "configs/digits_dit_w4a8_accuquant.yaml"}
+WORKTREES = REPO / ".cache" / "calibration_speed"
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+SHARES = {
+    "convolution (forward + backward)": ("aten::mkldnn_convolution", "aten::convolution_backward"),
+    "attention and linear matmuls": ("aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                     "aten::addmm", "aten::mm"),
+    "elementwise fake-quant arithmetic, its gradients, casts, copies": (
+        "aten::mul", "aten::add", "aten::sub", "aten::where", "aten::ge", "aten::le", "aten::clamp", "aten::round",
+        "aten::_to_copy", "aten::copy_", "aten::index", "aten::sum", "aten::pow", "aten::div", "aten::reciprocal",
+        "aten::clamp_min", "aten::neg", "aten::index_put_", "aten::bucketize"),
+    "group norm, SiLU, concatenation": ("aten::silu", "aten::native_group_norm", "aten::native_group_norm_backward",
+                                        "aten::silu_backward", "aten::cat"),
+}
+"""Profile categories: aten ops by name (their self CPU time); the rest is "other ops", and wall time minus all
+ops' self time is "outside ops" (Python, the autograd engine's bookkeeping, Lightning's loop)."""
+
+
+def _shares(events, wall: float) -> dict[str, float]:
+    self_s = {e.key: e.self_cpu_time_total / 1e6 for e in events}
+    total = sum(self_s.values())
+    shares = {name: sum(self_s.get(op, 0.0) for op in ops) / wall for name, ops in SHARES.items()}
+    shares["other ops"] = (total - sum(v * wall for v in shares.values())) / wall
+    shares["outside ops (Python, autograd engine, Lightning)"] = (wall - total) / wall
+    return shares
+
+
+def measure_row(config: str, threads: int, unit_iters: int, stage_iters: int, profile: bool = False) -> dict:
+    """One row, in this process: only the CLI entry point (``accuquant_pl.cli.main``) is used, which every commit
+    since the layout redesign has, so the same function measures a baseline worktree's code."""
+    import lightning as L
+    import torch
+
+    from accuquant_pl.cli import main
+
+    torch.set_num_threads(threads)
+
+    class StepTimes(L.Callback):
+        def __init__(self) -> None:
+            self.times: dict[int, list[float]] = {}
+            self._t = 0.0
+            self.profiles: dict[str, dict[str, float]] = {}
+            self._profiler = None
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            # Profiled: the middle unit and the final stage (the epoch after the last unit).
+            e, units = trainer.current_epoch, len(pl_module.unit_names)
+            if profile and e in (units // 2, units):
+                self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self._profiler.__enter__()
+                self._epoch_start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            if self._profiler is not None:
+                wall = time.perf_counter() - self._epoch_start
+                self._profiler.__exit__(None, None, None)
+                kind = "final stage" if trainer.current_epoch == len(pl_module.unit_names) else "unit"
+                self.profiles[kind] = _shares(self._profiler.key_averages(), wall)
+                self._profiler = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            self.times.setdefault(trainer.current_epoch, []).append(time.perf_counter() - self._t)
+
+    cli = main(["--config", str(Path.cwd() / config), "--model.init_args.iterations_per_unit", str(unit_iters),
+                "--model.init_args.final_stage.iterations", str(stage_iters), "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(WORKTREES / "run"),
+                "--data.init_args.cache_dir", str(REPO / ".cache" / "trajectories")], run=False)
+    steps = StepTimes()
+    cli.trainer.callbacks.append(steps)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    wall = time.perf_counter() - start
+    stage = len(cli.model.unit_names)
+    unit_steps = [t for e, ts in steps.times.items() if e < stage for t in ts[1:]]
+    stage_steps = steps.times.get(stage, [])[1:]
+    return {"threads": threads, "units": stage, "s_per_unit_iter": sum(unit_steps) / max(len(unit_steps), 1),
+            "s_per_stage_step": sum(stage_steps) / max(len(stage_steps), 1), "fit_wall_s": wall,
+            "peak_rss_mb": _peak_rss_mb(), **({"profile": steps.profiles} if profile else {})}
+
+
+def _worktree(commit: str) -> Path:
+    folder = WORKTREES / commit
+    if not folder.exists():
+        WORKTREES.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=REPO, check=True,
+                       capture_output=True)
+        (folder / "models").mkdir(exist_ok=True)
+        for model in (REPO / "models").iterdir():  # the shipped teachers (same files in every commit of the sweep)
+            if not (folder / "models" / model.name).exists():
+                (folder / "models" / model.name).symlink_to(model)
+    return folder
+
+
+def _run_row(code: Path, teacher: str, threads: int, unit_iters: int, stage_iters: int, profile: bool) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--row", CONFIGS[teacher], str(threads),
+                          str(unit_iters), str(stage_iters), *(["profile"] if profile else [])], cwd=code, env=env, check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--row":  # a row in its own process, in the code's folder
+        config, threads, unit_iters, stage_iters = sys.argv[2], *map(int, sys.argv[3:6])
+        print(json.dumps(measure_row(config, threads, unit_iters, stage_iters, profile="profile" in sys.argv[6:])))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teachers", default="unet,dit", help="comma list of: " + ", ".join(CONFIGS))
+    p.add_argument("--threads", default="1,2", help="comma list of torch thread counts, one row each")
+    p.add_argument("--unit-iters", type=int, default=10, help="iterations of every unit (shortened)")
+    p.add_argument("--stage-iters", type=int, default=10, help="steps of the final stage (shortened)")
+    p.add_argument("--baseline", default=None, help="a commit measured row by row in the same sweep")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the middle unit and the final stage (torch.profiler; slows the timed steps)")
+    p.add_argument("--out", default=None, help="JSON file of the rows")
+    args = p.parse_args()
+    teachers = args.teachers.split(",")
+    unknown = [t for t in teachers if t not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--teachers: unknown {unknown}; choose from {sorted(CONFIGS)}")
+    codes = {"current": REPO, **({f"baseline {args.baseline}": _worktree(args.baseline)} if args.baseline else {})}
+    rows = []
+    for teacher in teachers:
+        for threads in map(int, args.threads.split(",")):
+            row = {"teacher": teacher, "threads": threads}
+            for name, code in codes.items():
+                row[name] = _run_row(code, teacher, threads, args.unit_iters, args.stage_iters, args.profile)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print("\n| teacher | threads | code | s / unit iter | s / final-stage step | peak RSS MB | vs baseline (stage) |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next((v for k, v in row.items() if k.startswith("baseline")), None)
+        for name in codes:
+            r = row[name]
+            ratio = f"{base['s_per_stage_step'] / r['s_per_stage_step']:.2f}x" if base and name == "current" else ""
+            print(f"| {row['teacher']} | {row['threads']} | {name} | {r['s_per_unit_iter']:.3f} | "
+                  f"{r['s_per_stage_step']:.3f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+    for row in rows if args.profile else []:
+        print(f"\nprofile, {row['teacher']}, {row['threads']} thread(s): share of the epoch's wall time")
+        print("| category | " + " | ".join(f"{kind}, {name}" for name in codes for kind in ("unit", "final stage"))
+              + " |")
+        print("|---|" + "---|" * (2 * len(codes)))
+        for category in [*SHARES, "other ops", "outside ops (Python, autograd engine, Lightning)"]:
+            cells = [f"{row[name]['profile'].get(kind, {}).get(category, float('nan')) * 100:.0f} %"
+                     for name in codes for kind in ("unit", "final stage")]
+            print(f"| {category} | " + " | ".join(cells) + " |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
