@@ -85,7 +85,8 @@ class QuantLayerMixin(QuantStateMixin):
             return self.weight
         wq = self.weight_quantizer
         tensors = [self.weight, *wq.parameters(), *wq.buffers()]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        # Not under inference_mode either: a tensor made there cannot be used by autograd outside it.
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or torch.is_inference_mode_enabled():
             return wq(self.weight)
         key = (tuple((id(t), t._version, t.device, t.dtype) for t in tensors), getattr(wq, "soft", None),
                getattr(wq, "hardened", None), torch.is_autocast_enabled(self.weight.device.type))

@@ -134,3 +134,15 @@ def test_a_weight_being_calibrated_is_quantized_on_every_forward_with_its_gradie
     with torch.no_grad():
         hard = layer.quantized_weight()
     assert torch.equal(hard, layer.weight_quantizer(layer.weight)) and not torch.equal(hard, a.detach())
+
+
+def test_a_weight_quantized_under_inference_mode_is_not_kept_for_autograd_later():
+    layer = _adaround_linear()
+    with torch.inference_mode():
+        inside = layer.quantized_weight()
+    assert inside.is_inference()
+    outside = layer.quantized_weight()
+    assert not outside.is_inference() and torch.equal(outside, inside)
+    x = torch.randn(3, 6, requires_grad=True)
+    torch.nn.functional.linear(x, outside).sum().backward()  # usable by autograd
+    assert x.grad is not None
