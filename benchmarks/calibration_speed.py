@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+# REPO, the VmHWM reading and the rows' thread environment restate benchmarks/common.py on purpose: a row runs
+# against a baseline commit's code (PYTHONPATH), whose benchmarks package may have no common.py.
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"unet": "configs/digits_w4a8_accuquant.yaml", "dit": "configs/digits_dit_w4a8_accuquant.yaml"}
 WORKTREES = REPO / ".cache" / "calibration_speed"

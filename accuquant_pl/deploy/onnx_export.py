@@ -253,6 +253,7 @@ def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul"
     group = to_export_form(model, list(spec.act_timestep_boundaries or []), conv_layout, timestep_group)
     graph = OnnxGraph(model, group, [i.name for i in inputs], sample_key, fixed)
     qmap = json.loads((source / MAP_NAME).read_text())
+    pretrained = recorded_pretrained(qmap)
     with tempfile.TemporaryDirectory() as tmp:
         proto = trace(graph, inputs, Path(tmp) / ONNX_NAME, example_batch, example_tokens)
     _compact_names(proto, group.quantized)
@@ -267,7 +268,7 @@ def export_onnx(folder: str | Path, out: str | Path, conv_layout: str = "matmul"
         "int4_initializers": packed,
         "spec": qmap.get("spec"),
         "source": {"folder": str(source), "checksums_sha256": sha256_file(source / CHECKSUMS)},
-        **({"pretrained": recorded_pretrained(qmap)} if recorded_pretrained(qmap) is not None else {}),
+        **({"pretrained": pretrained} if pretrained is not None else {}),
         **({"sampler": qmap["sampler"]} if "sampler" in qmap else {}),
     }
     configs = {name: (source / name).read_text() for name in (UNET_CONFIG, SCHEDULER_CONFIG)
