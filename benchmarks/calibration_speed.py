@@ -8,9 +8,11 @@ the final stage for ``--stage-iters`` steps, with no logger, checkpoint, FID or 
 mean over the epochs' steps after the first step of each epoch (warm-up excluded), measured by a callback around
 Lightning's batch hooks (the trajectory cache, built by the first row, is outside them). ``--baseline COMMIT`` also measures
 that commit's code (a ``git worktree`` in ``.cache/calibration_speed``), row by row in the same sweep, and prints
-the ratio: the speed claims of docs/PERFORMANCE.md are such ratios.
+the ratio: the speed claims of docs/PERFORMANCE.md are such ratios. ``--variant NAME=ARGS`` adds rows of the current
+code with further ``main.py fit`` arguments (an option against the shipped config, in the same sweep).
 
-    python -m benchmarks.calibration_speed --teachers unet,dit --threads 1,2 [--baseline 2b51bb5] [--out FILE.json]
+    python -m benchmarks.calibration_speed --teachers unet,dit --threads 1,2 --baseline 2b51bb5 \
+        --variant "recompute=--model.init_args.final_stage.recompute=true" [--out FILE.json]
     python -m benchmarks.calibration_speed --teachers unet --threads 1 --profile --baseline 2b51bb5
 """
 
@@ -19,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 # REPO, the VmHWM reading and the rows' thread environment restate benchmarks/common.py on purpose: a row runs
@@ -63,9 +67,11 @@ def _shares(events, wall: float) -> dict[str, float]:
     return shares
 
 
-def measure_row(config: str, threads: int, unit_iters: int, stage_iters: int, profile: bool = False) -> dict:
+def measure_row(config: str, threads: int, unit_iters: int, stage_iters: int, profile: bool = False,
+                options: Sequence[str] = ()) -> dict:
     """One row, in this process: only the CLI entry point (``accuquant_pl.cli.main``) is used, which every commit
-    since the layout redesign has, so the same function measures a baseline worktree's code."""
+    since the layout redesign has, so the same function measures a baseline worktree's code. ``options`` are
+    further ``main.py fit`` arguments (a variant's settings)."""
     import lightning as L
     import torch
 
@@ -106,7 +112,7 @@ def measure_row(config: str, threads: int, unit_iters: int, stage_iters: int, pr
                 "--model.init_args.final_stage.iterations", str(stage_iters), "--trainer.logger", "false",
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                 "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(WORKTREES / "run"),
-                "--data.init_args.cache_dir", str(REPO / ".cache" / "trajectories")], run=False)
+                "--data.init_args.cache_dir", str(REPO / ".cache" / "trajectories"), *options], run=False)
     steps = StepTimes()
     cli.trainer.callbacks.append(steps)
     start = time.perf_counter()
@@ -133,18 +139,30 @@ def _worktree(commit: str) -> Path:
     return folder
 
 
-def _run_row(code: Path, teacher: str, threads: int, unit_iters: int, stage_iters: int, profile: bool) -> dict:
+def _run_row(code: Path, teacher: str, threads: int, unit_iters: int, stage_iters: int, profile: bool,
+             options: Sequence[str] = ()) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--row", CONFIGS[teacher], str(threads),
-                          str(unit_iters), str(stage_iters), *(["profile"] if profile else [])], cwd=code, env=env, check=True, capture_output=True,
-                         text=True)
+    row = {"config": CONFIGS[teacher], "threads": threads, "unit_iters": unit_iters, "stage_iters": stage_iters,
+           "profile": profile, "options": list(options)}
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--row", json.dumps(row)], cwd=code,
+                         env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def parse_variants(given: Sequence[str]) -> dict[str, list[str]]:
+    """``--variant NAME=ARGS`` values -> {name: main.py arguments}, led by the shipped config ("shipped": none)."""
+    variants: dict[str, list[str]] = {"shipped": []}
+    for v in given:
+        name, sep, options = v.partition("=")
+        if not sep or not name or name in variants or not options.strip():
+            raise SystemExit(f"--variant {v!r}: expected NAME=ARGS with a new NAME and main.py fit arguments")
+        variants[name] = shlex.split(options)
+    return variants
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--row":  # a row in its own process, in the code's folder
-        config, threads, unit_iters, stage_iters = sys.argv[2], *map(int, sys.argv[3:6])
-        print(json.dumps(measure_row(config, threads, unit_iters, stage_iters, profile="profile" in sys.argv[6:])))
+        print(json.dumps(measure_row(**json.loads(sys.argv[2]))))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teachers", default="unet,dit", help="comma list of: " + ", ".join(CONFIGS))
@@ -154,38 +172,47 @@ def main() -> None:
     p.add_argument("--baseline", default=None, help="a commit measured row by row in the same sweep")
     p.add_argument("--profile", action="store_true",
                    help="also profile the middle unit and the final stage (torch.profiler; slows the timed steps)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                   help="also measure the current code with these main.py fit arguments (repeatable), e.g. "
+                        "'kept=--model.init_args.final_stage.recompute=false'")
     p.add_argument("--out", default=None, help="JSON file of the rows")
     args = p.parse_args()
     teachers = args.teachers.split(",")
     unknown = [t for t in teachers if t not in CONFIGS]
     if unknown:
         raise SystemExit(f"--teachers: unknown {unknown}; choose from {sorted(CONFIGS)}")
-    codes = {"current": REPO, **({f"baseline {args.baseline}": _worktree(args.baseline)} if args.baseline else {})}
+    variants = parse_variants(args.variant)
+    # (label, code folder, main.py options): the baseline commit runs its shipped config only
+    runs = [(name if name != "shipped" else "current", REPO, options) for name, options in variants.items()]
+    if args.baseline:
+        runs.append((f"baseline {args.baseline}", _worktree(args.baseline), []))
     rows = []
     for teacher in teachers:
         for threads in map(int, args.threads.split(",")):
             row = {"teacher": teacher, "threads": threads}
-            for name, code in codes.items():
-                row[name] = _run_row(code, teacher, threads, args.unit_iters, args.stage_iters, args.profile)
+            for label, code, options in runs:
+                row[label] = _run_row(code, teacher, threads, args.unit_iters, args.stage_iters, args.profile, options)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| teacher | threads | code | s / unit iter | s / final-stage step | peak RSS MB | vs baseline (stage) |")
+    base_label = runs[-1][0] if args.baseline else None
+    print("\n| teacher | threads | code | s / unit iter | s / final-stage step | peak RSS MB | stage vs baseline |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        base = next((v for k, v in row.items() if k.startswith("baseline")), None)
-        for name in codes:
-            r = row[name]
-            ratio = f"{base['s_per_stage_step'] / r['s_per_stage_step']:.2f}x" if base and name == "current" else ""
-            print(f"| {row['teacher']} | {row['threads']} | {name} | {r['s_per_unit_iter']:.3f} | "
+        base = row[base_label] if base_label else None
+        for label, _, _ in runs:
+            r = row[label]
+            ratio = f"{base['s_per_stage_step'] / r['s_per_stage_step']:.2f}x" if base and label != base_label else ""
+            print(f"| {row['teacher']} | {row['threads']} | {label} | {r['s_per_unit_iter']:.3f} | "
                   f"{r['s_per_stage_step']:.3f} | {r['peak_rss_mb']:.0f} | {ratio} |")
     for row in rows if args.profile else []:
         print(f"\nprofile, {row['teacher']}, {row['threads']} thread(s): share of the epoch's wall time")
-        print("| category | " + " | ".join(f"{kind}, {name}" for name in codes for kind in ("unit", "final stage"))
+        labels = [label for label, _, _ in runs]
+        print("| category | " + " | ".join(f"{kind}, {name}" for name in labels for kind in ("unit", "final stage"))
               + " |")
-        print("|---|" + "---|" * (2 * len(codes)))
+        print("|---|" + "---|" * (2 * len(labels)))
         for category in [*SHARES, "other ops", "outside ops (Python, autograd engine, Lightning)"]:
             cells = [f"{row[name]['profile'].get(kind, {}).get(category, float('nan')) * 100:.0f} %"
-                     for name in codes for kind in ("unit", "final stage")]
+                     for name in labels for kind in ("unit", "final stage")]
             print(f"| {category} | " + " | ".join(cells) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1) + "\n")

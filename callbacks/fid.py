@@ -16,6 +16,7 @@ from accuquant_pl.diffusion.sampling import decode_latents
 from accuquant_pl.evaluation.images import save_png, side_by_side
 from accuquant_pl.evaluation.paired import samples_from
 from accuquant_pl.evaluation.quality import SampleQualityMeter
+from accuquant_pl.host_memory import release_freed_memory
 
 
 class FIDCallback(L.Callback):
@@ -94,6 +95,7 @@ class FIDCallback(L.Callback):
             c = datamodule.seed_conditioning(chunk) if hasattr(datamodule, "seed_conditioning") else None
             return c.to(device) if c is not None else None
 
+        release_freed_memory()  # the phase before (the final stage's graphs) freed memory sampling cannot reuse
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             if self._fp is None:
                 pretrained = pl_module.hparams.pretrained

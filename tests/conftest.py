@@ -19,7 +19,7 @@ TEACHER = REPO / "models" / "digits-ddpm"
 # The suite pins one torch (and OpenMP / MKL) thread, for itself and the subprocesses it starts: its models are tiny,
 # so a second thread buys little, and on a busy machine it spin-waits for a core it does not get (the suite took
 # over 45 min with one other CPU-bound process on 2 cores, under 8 min pinned). Results then also do not depend on
-# the machine's core count.
+# the machine's core count. The suite's parallelism is its two pytest-xdist workers instead (pyproject addopts).
 TEST_THREADS = 1
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(TEST_THREADS)

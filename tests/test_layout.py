@@ -16,6 +16,7 @@ PACKAGE = REPO / "accuquant_pl"
 DEPENDS = {
     "io": set(),
     "denoisers": set(),
+    "host_memory": set(),
     "metrics": {"io"},
     "quant": {"denoisers"},
     "diffusion": {"io", "denoisers"},
@@ -25,8 +26,8 @@ DEPENDS = {
     "evaluation": {"io", "metrics", "diffusion", "deploy", "data", "calibration"},
     "cli": {"calibration"},
 }
-"""What each part of ``accuquant_pl`` imports from the others, exactly (docs/ARCHITECTURE.md): ``io`` and the denoiser
-registry at the bottom, then {quant, diffusion} -> {deploy, data} -> calibration -> evaluation -> cli, with
+"""What each part of ``accuquant_pl`` imports from the others, exactly (docs/ARCHITECTURE.md): ``io``, the denoiser
+registry and ``host_memory`` at the bottom, then {quant, diffusion} -> {deploy, data} -> calibration -> evaluation -> cli, with
 ``metrics`` beside them for evaluation. An import outside this table fails, and so does an entry no code uses."""
 LONGER_FILES = {
     "accuquant_pl/calibration/module.py": "BlockReconstruction's lifecycle: epochs, steps, hardening and checkpoint "

@@ -68,13 +68,14 @@ def check_rollout_scheduler(scheduler: SchedulerMixin, eta: float, serves_step_n
 
 
 def accuquant_step(student: nn.Module, scheduler: SchedulerMixin, batch: dict[str, Any], cond: Conditioning | None,
-                   gradient: str, reduction: Reduction, scale: float = 1.0) -> Tensor:
+                   gradient: str, reduction: Reduction, scale: float = 1.0, recompute: bool = True) -> Tensor:
     """Roll the quantized model out over the batch's n steps from the FP state; backward per ``gradient`` mode.
 
     Every item of a batch starts at the same step (the data module batches by start), so the scheduler's
     scalar-timestep ``step`` applies to the whole batch. ``scheduler`` (timesteps set, not stepped) is a
     template: the rollout steps copies primed at the group start from the batch's FP history
-    (``history_states`` / ``history_outputs``, (B, h, ...)) when the sampler is multistep.
+    (``history_states`` / ``history_outputs``, (B, h, ...)) when the sampler is multistep. ``recompute``: see
+    :func:`~accuquant_pl.calibration.rollout.rollout_approx`.
     """
     targets = batch["targets"].transpose(0, 1)  # (n, B, C, H, W)
     steps = group_steps(scheduler, batch)
@@ -83,7 +84,7 @@ def accuquant_step(student: nn.Module, scheduler: SchedulerMixin, batch: dict[st
     def network(j: int, x: Tensor) -> Tensor:
         return model_output(student, steps.scale(j, x), timesteps[j], cond)
 
-    return rollout(gradient, network, steps, batch["x"], targets, reduction, scale)
+    return rollout(gradient, network, steps, batch["x"], targets, reduction, scale, recompute)
 
 
 def accuquant_block_step(student: nn.Module, teacher: nn.Module, student_block: nn.Module, teacher_block: nn.Module,
@@ -181,7 +182,8 @@ def epoch_objective(settings: Any, student: nn.Module, teacher: nn.Module | None
     ``backward`` runs a backward pass the way the LightningModule must (``manual_backward``)."""
     reduction, ab = settings.ablations.loss_reduction, settings.ablations
     if name == FINAL_STAGE:
-        return accuquant_step(student, scheduler, batch, cond, settings.final_stage.gradient, reduction, share), {}
+        stage = settings.final_stage
+        return accuquant_step(student, scheduler, batch, cond, stage.gradient, reduction, share, stage.recompute), {}
     teacher_block = teacher.get_submodule(name) if teacher is not None else None
     if settings.objective == "per_step":
         loss = per_step_loss(student, teacher, unit, teacher_block, scheduler, batch, cond, reduction)

@@ -118,17 +118,31 @@ def rollout_checkpointed(network: Network, phi: Phi | HistoryPhi, x: Tensor, tar
 
 
 def rollout_approx(network: Network, phi: Phi | HistoryPhi, x: Tensor, targets: Tensor,
-                   reduction: Reduction = "mean", scale: float = 1.0) -> Tensor:
+                   reduction: Reduction = "mean", scale: float = 1.0, recompute: bool = True) -> Tensor:
     """AccuQuant-style approximation: no gradient through the network's input on the recurrent path.
 
-    Pass 1 rolls out without a graph, keeping the n states and outputs; g_j = dL/d out_j is taken through
-    the sampler chain alone (outputs as leaves; a multistep sampler's reading of earlier outputs and states
-    is part of that chain); pass 2 recomputes each network output with a graph and back-propagates g_j into
-    it, one step at a time.
+    Pass 1 rolls out, keeping the n states and outputs; g_j = dL/d out_j is taken through the sampler chain
+    alone (outputs as leaves; a multistep sampler's reading of earlier outputs and states is part of that
+    chain); then g_j is back-propagated into each network evaluation, one step at a time.
+
+    ``recompute`` (O(1) activation memory in n): pass 1 runs without a graph and each network output is
+    recomputed with one for its backward. ``recompute=False`` keeps pass 1's n step graphs instead: the same
+    values and the same gradient bit for bit (a step's input is the detached state either way), one network
+    forward per step fewer, n steps' activations in memory at once.
     """
     n = targets.shape[0]
     step = _with_history(phi)
-    states, outputs = simulate(network, phi, x, n)
+    if recompute:
+        states, outputs = simulate(network, phi, x, n)
+        graphs = None
+    else:
+        states, graphs = [x.detach()], []
+        for j in range(n):
+            graphs.append(network(j, states[j]))
+            with torch.no_grad():
+                states.append(step(j, states[j], graphs[j].detach(), tuple(states[:j]),
+                                   tuple(g.detach() for g in graphs[:j])))
+        outputs = [g.detach() for g in graphs]
     leaves = [out.detach().requires_grad_(True) for out in outputs]
     chain = [states[0]]
     with torch.enable_grad():
@@ -137,7 +151,10 @@ def rollout_approx(network: Network, phi: Phi | HistoryPhi, x: Tensor, targets: 
         loss = state_loss(chain[-1], targets[-1], reduction)
         grads = torch.autograd.grad(loss * scale, leaves)
     for j in range(n):
-        network(j, states[j]).backward(grads[j])
+        out = network(j, states[j]) if graphs is None else graphs[j]
+        out.backward(grads[j])
+        if graphs is not None:
+            graphs[j] = None  # free this step's graph before the next backward
     return loss.detach()
 
 
@@ -173,14 +190,20 @@ ROLLOUTS: dict[str, Callable[..., Tensor]] = {
 
 
 def rollout(mode: str, network: Network, phi: Phi | HistoryPhi, x: Tensor, targets: Tensor,
-            reduction: Reduction = "mean", scale: float = 1.0) -> Tensor:
-    """Dispatch to the rollout of gradient ``mode``; ``targets`` is (n, B, ...): the FP states after each step."""
+            reduction: Reduction = "mean", scale: float = 1.0, recompute: bool = True) -> Tensor:
+    """Dispatch to the rollout of gradient ``mode``; ``targets`` is (n, B, ...): the FP states after each step.
+    ``recompute=False`` is for 'approx' only (see :func:`rollout_approx`)."""
     if mode not in ROLLOUTS:
         raise ValueError(f"unknown gradient mode {mode!r}; choose one of {GRADIENT_MODES}")
     if targets.dim() < 1 or targets.shape[0] < 1:
         raise ValueError(f"group size n must be >= 1, got {targets.shape[0] if targets.dim() else 0} targets")
     if targets.shape[1:] != x.shape:
         raise ValueError(f"targets {tuple(targets.shape)} must be (n, *x.shape) with x {tuple(x.shape)}")
+    if not recompute:
+        if mode != "approx":
+            raise ValueError(f"recompute=False keeps the step graphs of gradient mode 'approx'; mode {mode!r} "
+                             "organises its backward pass itself")
+        return rollout_approx(network, phi, x, targets, reduction, scale, recompute=False)
     return ROLLOUTS[mode](network, phi, x, targets, reduction, scale)
 
 

@@ -71,19 +71,6 @@ def check_qparams(scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
         raise ValueError(f"{label}: zero point {value} is outside the integer range [{quant_min}, {quant_max}]")
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round half to even in the forward pass, identity gradient (straight-through estimator)."""
-    # round(x) + (x - x) rather than x + (round(x) - x): the value is exactly round(x), bit for bit.
-    return torch.round(x).detach() + (x - x.detach())
-
-
-def grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """Value of ``t`` with its gradient multiplied by ``factor`` (LSQ step-size gradient scaling)."""
-    scaled = t * factor
-    # t + (y - y) keeps the value bit-exact (t - y + y would be off by rounding errors).
-    return t.detach() + (scaled - scaled.detach())
-
-
 def broadcast_shape(x: torch.Tensor, axis: int | None) -> list[int]:
     """Shape that broadcasts a per-channel vector along ``axis`` of ``x`` (all ones if per-tensor)."""
     shape = [1] * x.dim()
@@ -99,21 +86,74 @@ def fake_quantize(
     quant_min: int,
     quant_max: int,
     axis: int | None = None,
+    grad_factor: float = 1.0,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` (per-tensor if ``axis`` is None, else per-channel along ``axis``).
 
     Rounding uses the straight-through estimator, so the gradient w.r.t. ``x`` is 1 inside the integer
-    range and 0 where clamped (as torch's fake_quantize), and w.r.t. ``scale`` it is the LSQ gradient.
+    range and 0 where clamped (as torch's fake_quantize), and w.r.t. ``scale`` it is the LSQ gradient times
+    ``grad_factor`` (see :class:`FakeQuantizeLSQ`).
     """
     shape = broadcast_shape(x, axis)
-    return fake_quantize_broadcast(x, scale.reshape(shape), zero_point.reshape(shape), quant_min, quant_max)
+    return fake_quantize_broadcast(x, scale.reshape(shape), zero_point.reshape(shape), quant_min, quant_max,
+                                   grad_factor)
+
+
+def _levels(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, quant_min: int, quant_max: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x / s`` (as ``x * (1/s)``: torch's kernels multiply by the inverse, which matters at rounding ties), its
+    rounded integer level ``r + zp`` before clamping, and the clamped level ``q``."""
+    v = x * (1.0 / s)
+    level = torch.round(v) + zp
+    return v, level, torch.clamp(level, quant_min, quant_max)
+
+
+class FakeQuantizeLSQ(torch.autograd.Function):
+    """Fake quantization as one autograd node: the straight-through gradient for ``x`` and the LSQ gradient for
+    ``scale`` (Esser et al., 2020), scaled by ``grad_factor``.
+
+    The forward is the arithmetic of the no-grad path (bit for bit). Written as a chain of differentiable ops
+    (round with a straight-through term, clamp, two products, a gradient-scaling term) the same maths records
+    about fifteen graph nodes and saves three full-size float tensors per call; this node saves ``x / s`` alone
+    (one float per element) and its backward recomputes the levels from it:
+
+    - d out / d x = 1 where the rounded level lies in ``[quant_min, quant_max]``, else 0;
+    - d out / d s = (q - zp) - x/s inside the range, (q - zp) outside (q the clamped level), summed over the
+      elements that share a step size (``sum_to_size`` onto ``scale``'s broadcast shape).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,  # noqa: ANN001
+                quant_max: int, grad_factor: float) -> torch.Tensor:
+        s, zp = scale.to(x.dtype), zero_point.to(x.dtype)
+        v, _, q = _levels(x, s, zp, quant_min, quant_max)
+        ctx.save_for_backward(v, zp)
+        ctx.bounds, ctx.grad_factor, ctx.scale_shape, ctx.scale_dtype = (quant_min, quant_max), grad_factor, \
+            scale.shape, scale.dtype
+        return (q - zp) * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        v, zp = ctx.saved_tensors
+        level = torch.round(v) + zp
+        q = torch.clamp(level, *ctx.bounds)
+        inside = level == q  # the clamp left the level alone
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            q -= zp
+            lsq = torch.where(inside, q - v, q)
+            # summed in float32 also under autocast (a no-op for float32 tensors)
+            grad_s = (grad.float() * lsq.float()).sum_to_size(ctx.scale_shape) * ctx.grad_factor
+            grad_s = grad_s.to(ctx.scale_dtype)
+        return grad_x, grad_s, None, None, None, None
 
 
 def fake_quantize_broadcast(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
-                            quant_max: int) -> torch.Tensor:
+                            quant_max: int, grad_factor: float = 1.0) -> torch.Tensor:
     """:func:`fake_quantize` with ``scale`` / ``zero_point`` already shaped to broadcast against ``x`` (e.g. one
     step size per sample and channel)."""
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return FakeQuantizeLSQ.apply(x, scale, zero_point, quant_min, quant_max, grad_factor)
     s, zp = scale.to(x.dtype), zero_point.to(x.dtype)
-    # x * (1/s) rather than x / s: torch's kernels multiply by the inverse, which matters at rounding ties.
-    q = torch.clamp(round_ste(x * (1.0 / s)) + zp, quant_min, quant_max)
-    return (q - zp) * s
+    return (_levels(x, s, zp, quant_min, quant_max)[2] - zp) * s

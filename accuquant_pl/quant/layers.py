@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .adaround import AdaRoundQuantizer
+from .frozen_conv import frozen_weight_conv2d
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .spec import ActQuantConfig, LayerQuantConfig, WeightQuantConfig
 from .state import QuantStateMixin
@@ -131,7 +132,9 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        x, weight = self.quantize_input(x), self.quantized_weight()
+        out = frozen_weight_conv2d(self, x, weight)  # a constant weight: a cheaper backward (frozen_conv.py)
+        return self._conv_forward(x, weight, self.bias) if out is None else out
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):

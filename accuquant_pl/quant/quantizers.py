@@ -19,7 +19,6 @@ from .affine import (
     check_timestep_boundaries,
     fake_quantize,
     fake_quantize_broadcast,
-    grad_scale,
     is_off,
     quant_range,
 )
@@ -70,11 +69,11 @@ class _AffineQuantizer(CheckedQParams, nn.Module):
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
 
-    def _lsq_scale(self, elements: int, groups: int = 1) -> torch.Tensor:
+    def _lsq_factor(self, elements: int, groups: int = 1) -> float:
         # LSQ: scale the step-size gradient by 1/sqrt(N * Qp), N = elements sharing one step size (per
         # sample for activations), so step sizes learn at a rate comparable to the other parameters.
         n = max(elements // max(self.scale.numel() // groups, 1), 1)
-        return grad_scale(self.scale.clamp_min(MIN_SCALE), 1.0 / math.sqrt(n * max(self.quant_max, 1)))
+        return 1.0 / math.sqrt(n * max(self.quant_max, 1))
 
     def _label(self) -> str:
         return type(self).__name__
@@ -105,8 +104,8 @@ class WeightQuantizer(_AffineQuantizer):
         """Fake-quantized weight."""
         if self.is_off:
             return weight
-        scale = self._lsq_scale(weight.numel())
-        return fake_quantize(weight, scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
+        return fake_quantize(weight, self.scale.clamp_min(MIN_SCALE), self.zero_point, self.quant_min, self.quant_max,
+                             self.axis, self._lsq_factor(weight.numel()))
 
 
 class ActivationQuantizer(_AffineQuantizer):
@@ -264,7 +263,7 @@ class ActivationQuantizer(_AffineQuantizer):
 
     def qparams_for(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` shaped to broadcast against ``x``: this forward's timestep group(s), and the
-        channel axis if per-channel. ``scale`` replaces ``self.scale`` (e.g. its LSQ-gradient-scaled view)."""
+        channel axis if per-channel. ``scale`` replaces ``self.scale`` (e.g. its clamped step size)."""
         scale = self.scale if scale is None else scale
         shape = broadcast_shape(x, self.axis)
         if self.num_groups == 1:
@@ -285,8 +284,9 @@ class ActivationQuantizer(_AffineQuantizer):
                 f"{self._label()} ({self.bits}-bit) used before initialisation: call "
                 "calibrate_activations(model, batches) or observe() + init_from_observations() first"
             )
-        scale = self._lsq_scale(x[0].numel() if x.dim() > 1 else x.numel(), self.num_groups)
-        return fake_quantize_broadcast(x, *self.qparams_for(x, scale), self.quant_min, self.quant_max)
+        factor = self._lsq_factor(x[0].numel() if x.dim() > 1 else x.numel(), self.num_groups)
+        return fake_quantize_broadcast(x, *self.qparams_for(x, self.scale.clamp_min(MIN_SCALE)), self.quant_min,
+                                       self.quant_max, factor)
 
     def extra_repr(self) -> str:
         groups = f", timestep_boundaries={list(self.timestep_boundaries)}" if self.num_groups > 1 else ""

@@ -123,12 +123,12 @@ def rollout_eps(monkeypatch, dm: TrajectoryDataModule, batch: dict[str, Any]) ->
     seen: list[torch.Tensor] = []
     real = objectives.rollout
 
-    def spy(gradient, network, steps, x, targets, reduction, scale):
+    def spy(gradient, network, steps, x, targets, reduction, scale, recompute=True):
         def recorded(j: int, x: torch.Tensor) -> torch.Tensor:
             out = network(j, x)
             seen.append(out.detach().clone())
             return out
-        return real(gradient, recorded, steps, x, targets, reduction, scale)
+        return real(gradient, recorded, steps, x, targets, reduction, scale, recompute)
 
     monkeypatch.setattr(objectives, "rollout", spy)
     student = copy.deepcopy(load_denoiser(dm.model_path)).requires_grad_(True)  # the exact mode calls backward

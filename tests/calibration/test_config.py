@@ -33,6 +33,9 @@ def test_an_option_the_objective_does_not_use_or_a_bad_value_is_named(kwargs, me
     (lambda: Ablations(later_units="some"), r"--model.init_args.ablations.later_units: unknown value 'some'"),
     (lambda: Ablations(loss_reduction="max"), r"--model.init_args.ablations.loss_reduction: unknown value"),
     (lambda: FinalStage(iterations=0), r"--model.init_args.final_stage.iterations must be >= 1"),
+    (lambda: FinalStage(gradient="stepwise", recompute=False),
+     r"--model.init_args.final_stage.recompute=False keeps the step graphs of gradient 'approx'; "
+     r"final_stage.gradient 'stepwise'"),
 ])
 def test_each_group_validates_itself(make, message):
     with pytest.raises(ValueError, match=message):
@@ -47,7 +50,8 @@ def test_groups_reach_the_settings_and_the_checkpoint_as_plain_data():
     assert (st.iterations_per_unit, st.rounding.weight, st.final_stage.group_size, st.ablations.later_units) == (
         7, 0.1, 4, "quantized")
     assert st.rollout_target is None and st.gradient is None  # per-step has no rollout
-    assert module.hparams["final_stage"] == {"iterations": 5, "gradient": "approx", "group_size": 4, "lr_bias": 1e-4}
+    assert module.hparams["final_stage"] == {"iterations": 5, "gradient": "approx", "recompute": True,
+                                             "group_size": 4, "lr_bias": 1e-4}
     assert module.hparams["rounding"]["weight"] == 0.1 and module.hparams["ablations"]["later_units"] == "quantized"
     assert BlockReconstruction(objective="rtn").settings.iterations_per_unit == 0
 
@@ -63,7 +67,8 @@ def test_shipped_configs_set_no_option_their_objective_ignores_and_print_nested_
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "configs" / "digits_w4a8_accuquant.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
-    assert printed["final_stage"] == {"iterations": 200, "gradient": "approx", "group_size": 8, "lr_bias": 0.0001}
+    assert printed["final_stage"] == {"iterations": 200, "gradient": "approx", "recompute": False, "group_size": 8,
+                                      "lr_bias": 0.0001}
 
 
 def test_model_help_lists_the_groups_with_their_types(capsys):

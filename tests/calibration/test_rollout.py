@@ -292,6 +292,36 @@ def test_accuquant_step_wires_unet_and_ddim_into_the_rollout(mode, qunet):
     assert_grads_close(flat_grad(params), ref_grad)
 
 
+# --------------------------------------------------------------------------- approx with its graphs kept
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_approx_keeping_its_step_graphs_is_the_recomputing_approx_bit_for_bit(kind, qunet):
+    g = group(kind, 4, qunet)
+    params = theta(g.unet)
+    zero(params)
+    ref_loss = rollout("approx", g.network, g.phi, g.x, g.targets, "sum_per_sample", 0.5)
+    ref = flat_grad(params)
+    assert ref.abs().sum() > 0
+    forwards = []
+
+    def counted(j, x):
+        forwards.append(j)
+        return g.network(j, x)
+
+    zero(params)
+    loss = rollout("approx", counted, g.phi, g.x, g.targets, "sum_per_sample", 0.5, recompute=False)
+    assert torch.equal(loss, ref_loss) and torch.equal(flat_grad(params), ref)
+    assert forwards == [0, 1, 2, 3]  # one evaluation per step (the recomputing mode makes two)
+
+
+def test_recompute_false_is_refused_outside_approx(qunet):
+    g = group("quant", 2, qunet)
+    with pytest.raises(ValueError, match="recompute=False keeps the step graphs of gradient mode 'approx'; "
+                                         "mode 'exact'"):
+        rollout("exact", g.network, g.phi, g.x, g.targets, recompute=False)
+
+
 # ------------------------------------------------------------------------------------------------ memory
 
 
@@ -317,6 +347,11 @@ def test_memory_checkpointed_and_approx_do_not_grow_with_n_exact_does():
                 rollout(mode, g.network, g.phi, g.x, g.targets)
             assert s.live == 0  # every graph freed
             saved[mode, n], live[mode, n] = s.peak, m.peak
+        zero(theta(unet))
+        with SavedTensorBytes() as s, LiveTensorBytes() as m:
+            rollout("approx", g.network, g.phi, g.x, g.targets, recompute=False)
+        assert s.live == 0
+        saved["approx kept", n], live["approx kept", n] = s.peak, m.peak
     table = {k: (saved[k] / 2**20, live[k] / 2**20) for k in saved}
     # exact keeps n steps' graphs: the measurement is real
     assert saved["exact", 4] >= 3.5 * saved["exact", 1], table
@@ -326,6 +361,9 @@ def test_memory_checkpointed_and_approx_do_not_grow_with_n_exact_does():
         assert live[mode, 4] <= 0.5 * live["exact", 4], (mode, table)
     for mode in ("approx", "stepwise"):  # one step's graph at a time
         assert saved[mode, 4] <= 1.1 * saved[mode, 1], (mode, table)
+    # approx with its graphs kept holds n steps' graphs at once, as exact does
+    assert saved["approx kept", 4] >= 3.5 * saved["approx kept", 1], table
+    assert saved["approx kept", 4] <= 1.1 * saved["exact", 4], table
     # checkpointed: no network activations in the outer graph (its recomputation shows in `live` only)
     assert saved["checkpointed", 4] <= 0.1 * saved["exact", 1], table
 

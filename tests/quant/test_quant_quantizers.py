@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from accuquant_pl.quant.affine import fake_quantize, grad_scale, quant_range, round_ste
+from accuquant_pl.quant.affine import FakeQuantizeLSQ, fake_quantize, quant_range
 from accuquant_pl.quant.layers import QuantLinear
 from accuquant_pl.quant.quantizers import ActivationQuantizer, WeightQuantizer
 from accuquant_pl.quant.range_init import (
@@ -232,12 +232,44 @@ def test_weight_quantizer_matches_torch_per_channel():
     torch.testing.assert_close(wq(w), ref, rtol=0, atol=0)
 
 
-def test_ste_helpers_are_value_exact():
-    x = (torch.randn(10000) * 50).requires_grad_(True)
-    assert torch.equal(round_ste(x), torch.round(x))
-    assert torch.equal(grad_scale(x, 0.0123), x)
-    grad_scale(x, 0.5).sum().backward()
-    assert torch.all(x.grad == 0.5)
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from(BITS), symmetric=st.booleans(), per_channel=st.booleans(), seed=st.integers(0, 2**16),
+       factor=st.sampled_from([1.0, 0.037]))
+def test_one_node_fake_quant_equals_torchs_lsq_kernels(bits, symmetric, per_channel, seed, factor):
+    """Value bit for bit and the x gradient exactly as torch's learnable fake-quant kernels (LSQ); the step-size
+    gradient to float rounding (its per-element terms are summed in another order)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3, 4, 5, 5, generator=g) * 3).requires_grad_(True)
+    qmin, qmax = quant_range(bits, symmetric)
+    channels = 4 if per_channel else 1
+    scale = (torch.rand(channels, generator=g) * 0.5 + 0.01).requires_grad_(True)
+    zp = torch.zeros(channels, dtype=torch.int32) if symmetric else \
+        torch.randint(qmin, qmax + 1, (channels,), generator=g, dtype=torch.int32)
+    upstream = torch.randn(x.shape, generator=g)
+    axis = 1 if per_channel else None
+    out = fake_quantize(x, scale, zp, qmin, qmax, axis=axis, grad_factor=factor)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "FakeQuantizeLSQBackward"
+    out.backward(upstream)
+    x_ref, s_ref = x.detach().clone().requires_grad_(True), scale.detach().clone().requires_grad_(True)
+    if per_channel:
+        ref = torch._fake_quantize_learnable_per_channel_affine(x_ref, s_ref, zp.float(), 1, qmin, qmax, factor)
+    else:
+        ref = torch._fake_quantize_learnable_per_tensor_affine(x_ref, s_ref, zp.float(), qmin, qmax, factor)
+    ref.backward(upstream)
+    assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
+    # float32 sums of terms up to |upstream| * (qmax - qmin) in another order: tolerance from that bound
+    bound = factor * upstream.abs().sum().item() * (qmax - qmin) * 1e-6
+    torch.testing.assert_close(scale.grad, s_ref.grad, rtol=0, atol=bound)
+    assert s_ref.grad.abs().sum() > 0
+    with torch.no_grad():  # the same value without autograd
+        assert torch.equal(fake_quantize(x, scale, zp, qmin, qmax, axis=axis), out)
+
+
+def test_one_node_fake_quant_saves_one_float_per_element():
+    x = torch.randn(8, 16, 16, 16, requires_grad=True)
+    scale, zp = torch.tensor(0.05, requires_grad=True), torch.tensor(100, dtype=torch.int32)
+    out = FakeQuantizeLSQ.apply(x, scale, zp, 0, 255, 1.0)
+    assert sum(t.numel() * t.element_size() for t in out.grad_fn.saved_tensors) == x.numel() * 4 + 4
 
 
 # ----- invalid parameters are refused, not clamped into a silently wrong layer -----
