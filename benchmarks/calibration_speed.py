@@ -35,22 +35,32 @@ CONFIGS = {"unet": "configs/digits_w4a8_accuquant.yaml", "dit": "configs/digits_
 WORKTREES = REPO / ".cache" / "calibration_speed"
 
 
-def _peak_rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def _peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
 SHARES = {
-    "convolution (forward + backward)": ("aten::mkldnn_convolution", "aten::convolution_backward"),
+    "convolution (forward + backward)": ("aten::mkldnn_convolution", "aten::convolution_backward",
+                                         "FrozenWeightConv2d", "FrozenWeightConv2dBackward"),
     "attention and linear matmuls": ("aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
                                      "aten::addmm", "aten::mm"),
     "elementwise fake-quant arithmetic, its gradients, casts, copies": (
         "aten::mul", "aten::add", "aten::sub", "aten::where", "aten::ge", "aten::le", "aten::clamp", "aten::round",
         "aten::_to_copy", "aten::copy_", "aten::index", "aten::sum", "aten::pow", "aten::div", "aten::reciprocal",
-        "aten::clamp_min", "aten::neg", "aten::index_put_", "aten::bucketize"),
+        "aten::clamp_min", "aten::neg", "aten::index_put_", "aten::bucketize", "aten::eq", "aten::sum_to_size",
+        "FakeQuantizeLSQ", "FakeQuantizeLSQBackward"),
     "group norm, SiLU, concatenation": ("aten::silu", "aten::native_group_norm", "aten::native_group_norm_backward",
                                         "aten::silu_backward", "aten::cat"),
 }
@@ -77,6 +87,7 @@ def measure_row(config: str, threads: int, unit_iters: int, stage_iters: int, pr
 
     from accuquant_pl.cli import main
 
+    after_imports = _rss_mb()  # torch, Lightning (and what it imports), diffusers: before any model exists
     torch.set_num_threads(threads)
 
     class StepTimes(L.Callback):
@@ -123,7 +134,8 @@ def measure_row(config: str, threads: int, unit_iters: int, stage_iters: int, pr
     stage_steps = steps.times.get(stage, [])[1:]
     return {"threads": threads, "units": stage, "s_per_unit_iter": sum(unit_steps) / max(len(unit_steps), 1),
             "s_per_stage_step": sum(stage_steps) / max(len(stage_steps), 1), "fit_wall_s": wall,
-            "peak_rss_mb": _peak_rss_mb(), **({"profile": steps.profiles} if profile else {})}
+            "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": after_imports,
+            **({"profile": steps.profiles} if profile else {})}
 
 
 def _worktree(commit: str) -> Path:
@@ -147,6 +159,16 @@ def _run_row(code: Path, teacher: str, threads: int, unit_iters: int, stage_iter
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--row", json.dumps(row)], cwd=code,
                          env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def projected_training_s(config: str, row: dict) -> float:
+    """The config's own training time from a row's per-step figures: units x ``iterations_per_unit`` unit iterations
+    plus ``final_stage.iterations`` stage steps (the rows run shortened epochs)."""
+    import yaml
+
+    args = yaml.safe_load((REPO / config).read_text())["model"]["init_args"]
+    stage = (args.get("final_stage") or {}).get("iterations", 0)
+    return row["units"] * args["iterations_per_unit"] * row["s_per_unit_iter"] + stage * row["s_per_stage_step"]
 
 
 def parse_variants(given: Sequence[str]) -> dict[str, list[str]]:
@@ -174,7 +196,9 @@ def main() -> None:
                    help="also profile the middle unit and the final stage (torch.profiler; slows the timed steps)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                    help="also measure the current code with these main.py fit arguments (repeatable), e.g. "
-                        "'kept=--model.init_args.final_stage.recompute=false'")
+                        "'recompute=--model.init_args.final_stage.recompute=true'")
+    p.add_argument("--busy", action="store_true",
+                   help="run every row beside one other CPU-bound process (a Python busy loop): a busy machine")
     p.add_argument("--out", default=None, help="JSON file of the rows")
     args = p.parse_args()
     teachers = args.teachers.split(",")
@@ -187,6 +211,17 @@ def main() -> None:
     if args.baseline:
         runs.append((f"baseline {args.baseline}", _worktree(args.baseline), []))
     rows = []
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        _sweep(args, teachers, runs, rows)
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
+    _report(args, runs, rows)
+
+
+def _sweep(args: argparse.Namespace, teachers: list[str], runs: list, rows: list[dict]) -> None:
     for teacher in teachers:
         for threads in map(int, args.threads.split(",")):
             row = {"teacher": teacher, "threads": threads}
@@ -194,16 +229,25 @@ def main() -> None:
                 row[label] = _run_row(code, teacher, threads, args.unit_iters, args.stage_iters, args.profile, options)
             rows.append(row)
             print(json.dumps(row), flush=True)
+
+
+def _report(args: argparse.Namespace, runs: list, rows: list[dict]) -> None:
     base_label = runs[-1][0] if args.baseline else None
-    print("\n| teacher | threads | code | s / unit iter | s / final-stage step | peak RSS MB | stage vs baseline |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| teacher | threads | code | s / unit iter | s / final-stage step | projected training s | peak RSS MB "
+          "| RSS after imports MB | stage vs baseline | training vs baseline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         base = row[base_label] if base_label else None
         for label, _, _ in runs:
             r = row[label]
-            ratio = f"{base['s_per_stage_step'] / r['s_per_stage_step']:.2f}x" if base and label != base_label else ""
+            train = projected_training_s(CONFIGS[row["teacher"]], r)
+            ratio = train_ratio = ""
+            if base and label != base_label:
+                ratio = f"{base['s_per_stage_step'] / r['s_per_stage_step']:.2f}x"
+                train_ratio = f"{projected_training_s(CONFIGS[row['teacher']], base) / train:.2f}x"
             print(f"| {row['teacher']} | {row['threads']} | {label} | {r['s_per_unit_iter']:.3f} | "
-                  f"{r['s_per_stage_step']:.3f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+                  f"{r['s_per_stage_step']:.3f} | {train:.0f} | {r['peak_rss_mb']:.0f} | "
+                  f"{r.get('rss_after_imports_mb', float('nan')):.0f} | {ratio} | {train_ratio} |")
     for row in rows if args.profile else []:
         print(f"\nprofile, {row['teacher']}, {row['threads']} thread(s): share of the epoch's wall time")
         labels = [label for label, _, _ in runs]

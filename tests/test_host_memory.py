@@ -33,7 +33,8 @@ def test_freed_heap_memory_leaves_the_resident_set():
     before, grown, freed, trimmed = map(int, out[:4])
     assert out[4] == "True"
     assert grown - before >= 250  # 300 MB allocated
-    assert freed - before >= 250  # glibc keeps it after the tensors are freed: the failure this module is for
+    if freed - before < 250:  # the allocator gave it back by itself (e.g. MALLOC_TRIM_THRESHOLD_ set, jemalloc)
+        pytest.skip("this allocator returns freed memory on its own: nothing to show")
     assert trimmed - before <= 50
 
 

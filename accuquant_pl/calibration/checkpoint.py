@@ -134,6 +134,10 @@ DATA_KEYS_WITHOUT_EFFECT = ("cache_dir", "cache_path", "rebuild", "num_workers")
 """Data-module settings that cannot change a calibration's result: where the trajectory cache lives, whether a
 mismatching one is rebuilt, and how batches are loaded."""
 
+MODEL_KEYS_WITHOUT_EFFECT = ("model.init_args.final_stage.recompute",)
+"""Model settings that cannot change a calibration's result: whether the approx rollout recomputes its step graphs
+or keeps them (the same gradient bit for bit, ``rollout_approx``)."""
+
 _PRIVATE_KEYS = ("_instantiator",)  # LightningCLI's bookkeeping in saved hyperparameters
 
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc")
@@ -255,6 +259,9 @@ def settings_differences(checkpoint: dict[str, Any], model: dict[str, Any], data
     saved_model = dict(checkpoint.get("hyper_parameters") or {})
     old = _settings(saved_model.get("_class_path"), saved_model, "model")
     new = _settings(model.get("class_path"), dict(model.get("init_args") or {}), "model")
+    for key in MODEL_KEYS_WITHOUT_EFFECT:
+        old.pop(key, None)
+        new.pop(key, None)
     saved_precision = (checkpoint.get(section) or {}).get("precision")
     if saved_precision is not None:
         old["trainer.precision"], new["trainer.precision"] = saved_precision, unified_precision(precision)

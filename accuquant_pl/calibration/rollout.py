@@ -127,8 +127,9 @@ def rollout_approx(network: Network, phi: Phi | HistoryPhi, x: Tensor, targets: 
 
     ``recompute`` (O(1) activation memory in n): pass 1 runs without a graph and each network output is
     recomputed with one for its backward. ``recompute=False`` keeps pass 1's n step graphs instead: the same
-    values and the same gradient bit for bit (a step's input is the detached state either way), one network
-    forward per step fewer, n steps' activations in memory at once.
+    values and the same gradient bit for bit (each step evaluated on the input the recomputation would use: ``x``,
+    then states computed without a graph), one network forward per step fewer, n steps' activations in memory
+    at once.
     """
     n = targets.shape[0]
     step = _with_history(phi)
@@ -136,7 +137,7 @@ def rollout_approx(network: Network, phi: Phi | HistoryPhi, x: Tensor, targets: 
         states, outputs = simulate(network, phi, x, n)
         graphs = None
     else:
-        states, graphs = [x.detach()], []
+        states, graphs = [x], []
         for j in range(n):
             graphs.append(network(j, states[j]))
             with torch.no_grad():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 OFF_BITS = 16
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, OFF_BITS)
@@ -133,6 +134,7 @@ class FakeQuantizeLSQ(torch.autograd.Function):
         return (q - zp) * s
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         v, zp = ctx.saved_tensors
         level = torch.round(v) + zp

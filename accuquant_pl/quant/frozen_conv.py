@@ -12,6 +12,7 @@ same sum in another order (float rounding); the forward is ``F.conv2d`` itself.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
@@ -27,11 +28,13 @@ class FrozenWeightConv2d(torch.autograd.Function):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         (weight,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.args
-        grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad, stride, padding, dilation, groups) \
-            if ctx.needs_input_grad[0] else None
+        # Under autocast the forward ran in the autocast dtype (the output gradient's); the saved weight did not.
+        grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight.to(grad.dtype), grad, stride, padding, dilation,
+                                            groups) if ctx.needs_input_grad[0] else None
         grad_b = grad.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b, None, None, None, None
 

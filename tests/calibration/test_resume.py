@@ -164,3 +164,22 @@ def test_a_checkpoint_from_before_the_rename_of_the_fp_model_keys_compares_and_r
     monkeypatch.setattr(ckpt, "hub_reference", lambda pretrained: pretrained)
     with pytest.raises(ValueError, match="calibrated from 'acme/tiny@aaaa'.*now resolves to 'acme/tiny@bbbb'"):
         ckpt.saved_progress(saved, "accuquant", "acme/tiny", "acme/tiny@bbbb")
+
+
+def test_recompute_is_no_difference_on_resume_but_the_stage_iterations_are():
+    # Keeping or recomputing the approx step graphs gives the same gradient bit for bit (tests/calibration/
+    # test_rollout.py), so a checkpoint written before the option existed, or under the other value, resumes.
+    from accuquant_pl.calibration import checkpoint as ckpt
+
+    stage = {"iterations": 200, "gradient": "approx", "group_size": 8, "lr_bias": 1e-4}
+    saved = {"hyper_parameters": {"_class_path": "accuquant_pl.calibration.BlockReconstruction",
+                                  "objective": "accuquant", "final_stage": stage}}
+
+    def model(**changes):
+        return {"class_path": "accuquant_pl.calibration.BlockReconstruction",
+                "init_args": {"objective": "accuquant", "final_stage": {**stage, **changes}}}
+
+    assert ckpt.settings_differences(saved, model(recompute=False), None) == []
+    assert ckpt.settings_differences(saved, model(recompute=True), None) == []
+    assert ckpt.settings_differences(saved, model(iterations=100), None) == [
+        "model.init_args.final_stage.iterations: 200 -> 100"]

@@ -290,6 +290,22 @@ def test_accuquant_step_wires_unet_and_ddim_into_the_rollout(mode, qunet):
     loss = accuquant_step(g.unet, g.sched, batch, None, mode, "mean")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     assert_grads_close(flat_grad(params), ref_grad)
+    if mode == "approx":  # the graphs kept: the same, bit for bit, through the same wiring
+        grad = flat_grad(params)
+        zero(params)
+        assert torch.equal(accuquant_step(g.unet, g.sched, batch, None, mode, "mean", recompute=False), loss)
+        assert torch.equal(flat_grad(params), grad)
+
+
+def test_the_final_stage_passes_its_recompute_setting_to_the_rollout(monkeypatch):
+    from accuquant_pl.calibration import BlockReconstruction, FinalStage, objectives
+
+    seen = []
+    monkeypatch.setattr(objectives, "accuquant_step", lambda *a, **k: seen.append(a[-1]) or torch.zeros(()))
+    for recompute in (False, True):
+        settings = BlockReconstruction(final_stage=FinalStage(recompute=recompute)).settings
+        objectives.epoch_objective(settings, None, None, objectives.FINAL_STAGE, None, None, {}, None, 1.0, None)
+    assert seen == [False, True]
 
 
 # --------------------------------------------------------------------------- approx with its graphs kept

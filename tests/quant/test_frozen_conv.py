@@ -16,6 +16,7 @@ CASES = [  # (in, out, kernel, stride, padding, dilation, groups, padding_mode)
     (8, 8, 3, 1, 2, 2, 2, "zeros"),
     (8, 4, 1, 1, 0, 1, 1, "zeros"),
     (8, 8, 3, 1, 1, 1, 1, "reflect"),
+    (8, 8, (3, 1), (2, 1), (1, 0), 1, 1, "zeros"),  # non-square kernel and stride
 ]
 
 
@@ -36,6 +37,26 @@ def test_same_forward_and_input_gradient_bit_for_bit_bias_gradient_to_rounding(c
     out.backward(upstream)
     assert torch.equal(out, ref) and torch.equal(x.grad, ref_x)
     torch.testing.assert_close(conv.bias.grad, ref_b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trained", ["bias only", "input only, no bias"])
+def test_a_bias_alone_or_an_input_without_bias(trained):
+    g = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=trained == "bias only").requires_grad_(False)
+    if conv.bias is not None:
+        conv.bias.requires_grad_(True)
+    x = torch.randn(2, 4, 7, 7, generator=g, requires_grad=trained != "bias only")
+    upstream = torch.randn(2, 6, 7, 7, generator=g)
+    out = frozen_weight_conv2d(conv, x, conv.weight)
+    assert out is not None and torch.equal(out, conv(x))
+    out.backward(upstream)
+    if conv.bias is not None:
+        torch.testing.assert_close(conv.bias.grad, upstream.sum((0, 2, 3)))
+        assert x.grad is None
+    else:
+        x_ref = x.detach().clone().requires_grad_(True)
+        conv(x_ref).backward(upstream)
+        assert torch.equal(x.grad, x_ref.grad)
 
 
 def test_it_saves_the_weight_and_no_input():

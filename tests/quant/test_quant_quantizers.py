@@ -233,30 +233,32 @@ def test_weight_quantizer_matches_torch_per_channel():
 
 
 @settings(max_examples=30, deadline=None)
-@given(bits=st.sampled_from(BITS), symmetric=st.booleans(), per_channel=st.booleans(), seed=st.integers(0, 2**16),
-       factor=st.sampled_from([1.0, 0.037]))
-def test_one_node_fake_quant_equals_torchs_lsq_kernels(bits, symmetric, per_channel, seed, factor):
+@given(bits=st.sampled_from(BITS), symmetric=st.booleans(), layout=st.sampled_from(["tensor", "channel", "sample"]),
+       seed=st.integers(0, 2**16), factor=st.sampled_from([1.0, 0.037]), x_grad=st.booleans())
+def test_one_node_fake_quant_equals_torchs_lsq_kernels(bits, symmetric, layout, seed, factor, x_grad):
     """Value bit for bit and the x gradient exactly as torch's learnable fake-quant kernels (LSQ); the step-size
-    gradient to float rounding (its per-element terms are summed in another order)."""
+    gradient to float rounding (its per-element terms are summed in another order). Layouts: one step size, one
+    per channel, one per sample (timestep groups: a (B, 1, 1, 1) scale)."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(3, 4, 5, 5, generator=g) * 3).requires_grad_(True)
+    x = (torch.randn(3, 4, 5, 5, generator=g) * 3).requires_grad_(x_grad)
     qmin, qmax = quant_range(bits, symmetric)
-    channels = 4 if per_channel else 1
-    scale = (torch.rand(channels, generator=g) * 0.5 + 0.01).requires_grad_(True)
-    zp = torch.zeros(channels, dtype=torch.int32) if symmetric else \
-        torch.randint(qmin, qmax + 1, (channels,), generator=g, dtype=torch.int32)
+    axis = {"tensor": None, "channel": 1, "sample": 0}[layout]
+    n = 1 if axis is None else x.shape[axis]
+    scale = (torch.rand(n, generator=g) * 0.5 + 0.01).requires_grad_(True)
+    zp = torch.zeros(n, dtype=torch.int32) if symmetric else \
+        torch.randint(qmin, qmax + 1, (n,), generator=g, dtype=torch.int32)
     upstream = torch.randn(x.shape, generator=g)
-    axis = 1 if per_channel else None
     out = fake_quantize(x, scale, zp, qmin, qmax, axis=axis, grad_factor=factor)
     assert out.grad_fn is not None and type(out.grad_fn).__name__ == "FakeQuantizeLSQBackward"
     out.backward(upstream)
     x_ref, s_ref = x.detach().clone().requires_grad_(True), scale.detach().clone().requires_grad_(True)
-    if per_channel:
-        ref = torch._fake_quantize_learnable_per_channel_affine(x_ref, s_ref, zp.float(), 1, qmin, qmax, factor)
-    else:
+    if axis is None:
         ref = torch._fake_quantize_learnable_per_tensor_affine(x_ref, s_ref, zp.float(), qmin, qmax, factor)
+    else:
+        ref = torch._fake_quantize_learnable_per_channel_affine(x_ref, s_ref, zp.float(), axis, qmin, qmax, factor)
     ref.backward(upstream)
-    assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(out, ref)
+    assert torch.equal(x.grad, x_ref.grad) if x_grad else x.grad is None
     # float32 sums of terms up to |upstream| * (qmax - qmin) in another order: tolerance from that bound
     bound = factor * upstream.abs().sum().item() * (qmax - qmin) * 1e-6
     torch.testing.assert_close(scale.grad, s_ref.grad, rtol=0, atol=bound)
