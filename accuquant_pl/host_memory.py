@@ -1,10 +1,11 @@
 """Give the heap memory a finished phase freed back to the operating system (glibc's ``malloc_trim``).
 
-glibc keeps freed heap memory mapped for reuse. A phase that frees a lot (the final stage's rollout graphs) and
-is followed by one that allocates differently shaped buffers (sampling, the Inception network's activations)
-then holds both in its resident set: on the digits main job the FID evaluation after the final stage raised
-the peak from 1.1 to 1.8 GB. Trimming at such a boundary costs a few milliseconds. Elsewhere (musl, macOS,
-Windows) there is nothing to trim and the call does only the garbage collection.
+glibc keeps freed heap memory mapped for reuse, so after a phase that frees a lot (the final stage's rollout
+graphs) the resident set stays at that phase's peak, and a next phase that allocates differently shaped buffers
+(sampling, the Inception network's activations) adds to it: on the digits main job the process held 1.06 GB after
+the final stage, and 0.68 GB once trimmed before the FID evaluation (docs/PERFORMANCE.md). Trimming at such a
+boundary costs a few milliseconds. Elsewhere (musl, macOS, Windows) there is nothing to trim and the call does
+only the garbage collection.
 """
 
 from __future__ import annotations
