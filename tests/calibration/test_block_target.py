@@ -36,11 +36,6 @@ START = 2
 UNIT = "down_blocks.1.attentions.0"  # an attention unit in the middle of the network
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def ddim() -> DDIMScheduler:
     sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     sched.set_timesteps(10)

@@ -46,11 +46,6 @@ CASES = {
 MULTISTEP = ("dpmsolver++", "dpmsolver++3", "unipc", "unipc3", "pndm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def make_scheduler(case: str):
     name, overrides = CASES[case]
     sched = SCHEDULERS[name].from_config(DDPMScheduler(num_train_timesteps=1000).config, **overrides)

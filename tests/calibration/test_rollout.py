@@ -34,11 +34,6 @@ START = 2  # the group starts at the third of the 10 DDIM steps
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # tiny tensors; conftest restores the caller's setting
-
-
 # --------------------------------------------------------------------------------------------- helpers
 
 

@@ -45,11 +45,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def make_scheduler(case: str):
     sched = scheduler_from_config(CASES[case][0], DDPMScheduler(num_train_timesteps=1000).config)
     sched.set_timesteps(STEPS)

@@ -32,8 +32,7 @@ SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 100}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_seeded():
-    torch.set_num_threads(1)  # tiny tensors: thread wake-ups cost more than the maths (restored by conftest)
+def _seeded():
     torch.manual_seed(0)  # the same random models whatever ran before (restored by conftest)
 
 

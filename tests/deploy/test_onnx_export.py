@@ -34,11 +34,6 @@ from tests.tiny_models import tiny_dit, tiny_pixart  # noqa: E402
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def calibrated(make, batches, **spec) -> torch.nn.Module:
     """A model as calibration leaves it: random hardened AdaRound rounding, calibrated activations, 4 timestep
     groups (the default spec) over 1000 training timesteps."""

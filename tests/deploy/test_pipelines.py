@@ -34,11 +34,6 @@ STEPS = 5
 SEEDS = [0, 1, 2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def rtn_export(folder: Path, out: Path, record_source: bool = True) -> Path:
     """W8A8 round-to-nearest of the folder's UNet, activation ranges from random inputs over all timesteps."""
     unet = load_denoiser(folder)

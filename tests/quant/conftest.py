@@ -9,14 +9,9 @@ from quant_helpers import make_cond_unet, make_unet
 
 
 @pytest.fixture(autouse=True)
-def _single_thread_seeded():
-    # Tensors here are tiny: intra-op thread wake-ups cost more than the maths (and stall badly on a busy
-    # machine). Restore the caller's settings afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seeded():
+    # One thread comes from tests/conftest.py (TEST_THREADS); the seed is restored by its _restore_torch_state.
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
